@@ -1,0 +1,65 @@
+"""Command line: ``balancerd COMMAND ...``. The only place that calls ``sys.exit``.
+
+Each command lives in ``balancerd/commands/<name>.py`` with ``add_arguments(parser)``
+and ``run(args) -> int``; they are registered explicitly in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from balancerd.errors import BalancerdError, ConfigError
+
+# command name -> (module under balancerd.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run", "run the daemon (scheduler, metrics, migrations)"),
+    "status": ("status", "show hosts, guests and utilization (and the daemon's state)"),
+    "plan": ("plan", "one dry-run cycle: snapshot -> solve -> plan"),
+    "apply": ("apply", "one full cycle: plan, then execute the moves"),
+    "migrate": ("migrate", "migrate one guest to a host with the full engine"),
+    "check-policy": ("check_policy", "validate policy files"),
+    "simulate": ("simulate", "replay a workload trace on a simulated cluster"),
+    "lab": ("lab", "a real multi-host libvirt cluster on this machine"),
+}
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="balancerd", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"balancerd.commands.{module_name}")
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from balancerd.logs import setup_logging
+
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        code = int(args._run(args))
+    except ConfigError as exc:
+        print(f"error:\n{exc}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    except BalancerdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

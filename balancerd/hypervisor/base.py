@@ -1,0 +1,137 @@
+"""The Hypervisor protocol: the only way the rest of balancerd talks to hosts.
+
+Implementations: ``hypervisor.libvirt.LibvirtHypervisor`` (real hosts) and
+``hypervisor.sim.SimHypervisor`` (in memory, for simulation and benchmarks).
+Every method that reaches a host raises ``HypervisorError`` naming host and operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from balancerd.model import HostSample
+
+
+@dataclass(frozen=True)
+class DiskFacts:
+    target: str  # vda, sda, ...
+    path: str  # file or block device path; "" for network disks
+    cache: str  # none | writeback | writethrough | directsync | unsafe | default
+    device: str  # disk | cdrom | floppy
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class InterfaceFacts:
+    kind: str  # network | bridge | direct | user | other
+    source: str  # libvirt network name or bridge name
+
+
+@dataclass(frozen=True)
+class DomainFacts:
+    """What preflight checks need to know about one guest on its source host."""
+
+    name: str
+    uuid: str
+    state: str
+    mem_bytes: int
+    vcpus: int
+    cpu_xml: str  # the <cpu> element, "" when the guest uses the hypervisor default
+    disks: tuple[DiskFacts, ...]
+    interfaces: tuple[InterfaceFacts, ...]
+    persistent: bool
+    in_job: bool
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What preflight checks need to know about a destination (read now, not from a snapshot)."""
+
+    name: str
+    hostname: str
+    host_uuid: str
+    libvirt_version: int
+    hypervisor_version: int
+    mem_free_bytes: int
+    networks: tuple[str, ...]  # active libvirt networks
+    bridges: tuple[str, ...]  # bridge devices the host has
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """One sample of a running (or just finished) migration job on the source."""
+
+    active: bool  # a job is running
+    elapsed_s: float
+    data_total_bytes: int
+    data_processed_bytes: int
+    data_remaining_bytes: int
+    mem_bandwidth_bytes_s: float
+    dirty_rate_pages_s: float
+    page_size_bytes: int
+    iteration: int
+    expected_downtime_ms: float
+    downtime_ms: float | None = None  # set by libvirt once the job completed
+
+    @property
+    def dirty_rate_bytes_s(self) -> float:
+        return self.dirty_rate_pages_s * self.page_size_bytes
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    vm: str
+    src: str
+    dst: str
+    live: bool  # False: cold (guest paused while all memory is sent)
+    bandwidth_mib_s: float
+    max_downtime_ms: int
+    auto_converge: bool
+    copy_storage: bool = False
+
+
+class Hypervisor(Protocol):
+    def host_names(self) -> Sequence[str]: ...
+
+    def sample_all(self) -> tuple[HostSample, ...]:
+        """Read every host in parallel; a host that fails or times out comes back ``up=False``."""
+        ...
+
+    def domain_facts(self, host: str, vm: str) -> DomainFacts: ...
+
+    def host_facts(self, host: str) -> HostFacts: ...
+
+    def cpu_compatible(self, host: str, cpu_xml: str) -> bool:
+        """Whether the guest CPU described by ``cpu_xml`` runs on ``host``."""
+        ...
+
+    def path_visible(self, host: str, path: str) -> bool:
+        """Whether ``host`` sees a storage volume / file at exactly ``path``."""
+        ...
+
+    def migrate(self, req: MigrationRequest) -> None:
+        """Run one migration to completion (blocking). Call from a worker thread;
+        use ``job_stats``/``suspend``/``set_max_downtime``/``abort_job`` meanwhile."""
+        ...
+
+    def job_stats(self, host: str, vm: str) -> JobStats | None: ...
+
+    def set_max_downtime(self, host: str, vm: str, downtime_ms: int) -> None: ...
+
+    def suspend(self, host: str, vm: str) -> None: ...
+
+    def resume(self, host: str, vm: str) -> None: ...
+
+    def abort_job(self, host: str, vm: str) -> None: ...
+
+    def domain_state(self, host: str, vm: str) -> str | None:
+        """running | paused | shutoff | ...; None if the host has no such domain."""
+        ...
+
+    def destroy(self, host: str, vm: str) -> None:
+        """Stop the domain on ``host`` at once and drop its definition there."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,166 @@
+"""Frozen values passed through one cycle: collect -> solve -> plan -> execute.
+
+Units are in the names: ``*_bytes``, ``*_s`` (seconds), ``*_util`` (0..1),
+``*_cores`` (host CPU cores' worth of work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# --- raw samples, as read from a hypervisor (counters, not rates) ---------------------
+
+
+@dataclass(frozen=True)
+class VmSample:
+    """One guest as libvirt reports it at one instant."""
+
+    name: str
+    uuid: str
+    state: str  # running | paused | shutoff | crashed | pmsuspended | blocked | other
+    vcpus: int
+    mem_bytes: int
+    cpu_time_ns: int  # cumulative guest CPU time (counter)
+    dirty_rate_bytes_s: float | None = None  # where libvirt reports one (calc-dirty-rate)
+    in_job: bool = False  # a libvirt job (e.g. migration) is running on this domain
+    incoming: bool = False  # the domain is the paused target of an incoming migration
+
+
+@dataclass(frozen=True)
+class HostSample:
+    """One host at one instant. ``up`` false means every other field may be empty."""
+
+    name: str
+    uri: str
+    up: bool
+    sampled_at_s: float  # monotonic clock of the collector
+    error: str = ""
+    hostname: str = ""
+    host_uuid: str = ""
+    cpus: int = 0
+    cpu_mhz: int = 0
+    mem_total_bytes: int = 0
+    mem_free_bytes: int = 0
+    cpu_busy_ns: int = 0  # node CPU counters summed over all CPUs (counters)
+    cpu_total_ns: int = 0
+    libvirt_version: int = 0  # libvirt's integer encoding: major*1e6 + minor*1e3 + micro
+    hypervisor_version: int = 0
+    vms: tuple[VmSample, ...] = ()
+
+
+# --- the collected snapshot: rates, smoothed ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Vm:
+    name: str
+    uuid: str
+    host: str
+    state: str
+    vcpus: int
+    mem_bytes: int
+    cpu_util: float  # 0..1 of its own vCPUs (smoothed)
+    dirty_rate_bytes_s: float | None = None
+
+    @property
+    def cpu_cores(self) -> float:
+        """CPU demand in host cores (cpu_util x vcpus)."""
+        return self.cpu_util * self.vcpus
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    uri: str
+    up: bool
+    cpus: int = 0
+    cpu_mhz: int = 0
+    mem_bytes: int = 0
+    mem_free_bytes: int = 0
+    cpu_util: float = 0.0  # 0..1 of all host CPUs (smoothed), from node counters
+    error: str = ""
+    hostname: str = ""
+    host_uuid: str = ""
+    libvirt_version: int = 0
+    hypervisor_version: int = 0
+    powered_off: bool = False  # switched off by us (power-save), not failed
+
+    @property
+    def mem_util(self) -> float:
+        if self.mem_bytes <= 0:
+            return 0.0
+        return 1.0 - self.mem_free_bytes / self.mem_bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at_s: float
+    hosts: tuple[Host, ...]
+    vms: tuple[Vm, ...]
+
+    def host(self, name: str) -> Host | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+    def vm(self, name: str) -> Vm | None:
+        return next((v for v in self.vms if v.name == name), None)
+
+    def vms_on(self, host: str) -> tuple[Vm, ...]:
+        return tuple(v for v in self.vms if v.host == host)
+
+    def placement(self) -> Placement:
+        return Placement({v.name: v.host for v in self.vms})
+
+
+# --- decisions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where every guest is (or should be): guest name -> host name."""
+
+    host_of: Mapping[str, str]
+
+    def moved_from(self, current: Placement) -> dict[str, tuple[str, str]]:
+        """Guests whose host differs from ``current``: name -> (from, to)."""
+        return {
+            vm: (current.host_of[vm], host)
+            for vm, host in self.host_of.items()
+            if vm in current.host_of and current.host_of[vm] != host
+        }
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    backend: str  # cbc | highs | greedy | none
+    status: str  # optimal | feasible | time-limit | infeasible | not-run
+    seconds: float
+    objective: float | None
+    bound: float | None
+    gap: float | None  # (objective - bound) / max(|objective|, eps), None if unknown
+
+
+@dataclass(frozen=True)
+class Move:
+    vm: str
+    src: str
+    dst: str
+    mem_bytes: int
+    expected_s: float  # from memory size, bandwidth and dirty rate
+    wave: int = 0  # steps of one wave may run together
+
+
+@dataclass(frozen=True)
+class Plan:
+    policy: str
+    objective: str  # balance | power-save
+    moves: tuple[Move, ...]
+    current: Placement
+    target: Placement
+    solver: SolverReport
+    score_before: float | None = None  # the policy's objective on current / target
+    score_after: float | None = None
+    power_off: tuple[str, ...] = ()  # hosts left empty that power-save may switch off
+    power_on: tuple[str, ...] = ()  # powered-off hosts the target placement needs
+    reason: str = ""  # why nothing moves, when moves is empty
+    notes: tuple[str, ...] = field(default=())

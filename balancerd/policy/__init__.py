@@ -1,0 +1,1 @@
+"""Policy documents: model (frozen values) and load (YAML -> validated Policy)."""

@@ -1,0 +1,116 @@
+"""The policy document as frozen values. Loading and validation live in policy/load.py.
+
+Field names here are the YAML keys under ``spec`` (same nesting), so an error's
+field path is also the path in this structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu_weight: float = 1.0  # spec.resources.cpu.weight
+    memory_weight: float = 1.0  # spec.resources.memory.weight
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_cpu_util: float = 0.85  # a host's CPU demand / capacity must stay at or below
+    max_mem_util: float = 0.90  # a host's guest memory / total memory must stay at or below
+    mem_headroom_bytes: int = 512 * 1024 * 1024  # kept free on each host for the host itself
+    cpu_overcommit: float = 4.0  # allowed vCPUs per host CPU
+
+
+@dataclass(frozen=True)
+class Hysteresis:
+    min_improvement: float = 0.05  # act only if the objective improves by this (absolute util)
+    cooldown_s: float = 600.0  # a guest moved is left alone this long
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_moves: int = 20  # per cycle
+    max_bytes: int = 64 * 1024**3  # guest memory moved per cycle
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """Guests in ``vms`` must / should (not) run on ``hosts``."""
+
+    vms: tuple[str, ...]
+    hosts: tuple[str, ...]
+    kind: str  # must | must_not | should | should_not
+    weight: float = 1.0  # for should / should_not: cost per guest that breaks it
+
+
+@dataclass(frozen=True)
+class Constraints:
+    pin: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # VM -> allowed hosts
+    exclude_vms: tuple[str, ...] = ()  # never moved, still counted on their host
+    exclude_hosts: tuple[str, ...] = ()  # neither source nor target of moves
+    affinity: tuple[tuple[str, ...], ...] = ()  # each group on one host
+    anti_affinity: tuple[tuple[str, ...], ...] = ()  # each group on distinct hosts
+    host_rules: tuple[HostRule, ...] = ()
+    maintenance: tuple[str, ...] = ()  # drain these hosts completely
+
+
+@dataclass(frozen=True)
+class PowerModel:
+    idle_watts: float = 100.0
+    max_watts: float = 250.0
+
+
+@dataclass(frozen=True)
+class Power:
+    min_active_hosts: int = 1
+    reserve_hosts: int = 0  # kept on and empty beyond what the placement needs
+    grace_period_s: float = 300.0  # empty this long before it is powered off
+    min_off_s: float = 900.0  # off at least this long (against flapping)
+    host_models: Mapping[str, PowerModel] = field(default_factory=dict)  # host -> watts
+    default_model: PowerModel = field(default_factory=PowerModel)
+
+
+@dataclass(frozen=True)
+class Migration:
+    bandwidth_mib_s: float = 100.0
+    max_downtime_ms: int = 300
+    max_concurrent: int = 2  # cluster-wide
+    max_concurrent_per_host: int = 1  # in or out of one host
+    on_stall: str = "pause"  # pause | abort
+    # The stall ladder, climbed in order: downtime steps, then auto-converge, then on_stall.
+    downtime_steps_ms: tuple[int, ...] = (500, 1000, 2000)
+    auto_converge: bool = True
+    stall_samples: int = 5  # remaining data not shrinking over this many 1 s samples
+    max_time_s: float = 600.0  # hard cap on one migration
+    allow_cold: bool = True  # cold migration when a live job fails for other reasons
+    allow_backward: bool = False  # destination libvirt/QEMU older than the source
+    copy_storage_vms: tuple[str, ...] = ()  # guests whose disks may be copied
+    unsafe_cache_vms: tuple[str, ...] = ()  # guests accepting disks with cache != none
+    no_pause_vms: tuple[str, ...] = ()  # guests never paused: on a stall they abort
+
+
+@dataclass(frozen=True)
+class Solver:
+    backend: str = "cbc"  # cbc | highs
+    time_limit_s: float = 10.0
+    gap: float = 0.01  # relative gap at which the solver may stop
+    migration_cost: float = 0.01  # objective units per GiB moved
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    objective: str = "balance"  # balance | power-save
+    mode: str = "automatic"  # automatic | recommend
+    resources: Resources = field(default_factory=Resources)
+    limits: Limits = field(default_factory=Limits)
+    hysteresis: Hysteresis = field(default_factory=Hysteresis)
+    budget: Budget = field(default_factory=Budget)
+    constraints: Constraints = field(default_factory=Constraints)
+    power: Power = field(default_factory=Power)
+    migration: Migration = field(default_factory=Migration)
+    solver: Solver = field(default_factory=Solver)
+    source: str = ""  # file it was loaded from

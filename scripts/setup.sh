@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything balancerd and its tests need on Debian 12 (as root). Idempotent.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${BALANCERD_VENV:-$here/.venv}
+
+debs=(libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
+      libsystemd-dev pkg-config busybox-static cpio iproute2 gcc
+      prometheus systemd coinor-cbc)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # Debian's libvirt/prometheus postinst scripts try to start services; there is no
+  # systemd as PID 1 here, so forbid that (we start our own daemons).
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  rm -f /usr/sbin/policy-rc.d
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --upgrade pip
+"$venv/bin/pip" install -q -e "$here[dev]"
+echo "setup: ok (venv: $venv)"
