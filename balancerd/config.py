@@ -35,6 +35,10 @@ class HostConfig:
     uri: str  # e.g. qemu+tcp://10.77.0.11/system or qemu+tls://host1/system
     migration_uri: str = ""  # e.g. tcp://10.77.0.11 (where the migration stream goes)
     power: PowerDriverConfig = field(default_factory=PowerDriverConfig)
+    # Capacity to plan with instead of what the host reports (0 = use the host's).
+    # The lab uses it: its hosts share one machine's CPUs and memory.
+    cpus: int = 0
+    mem_bytes: int = 0
 
 
 @dataclass(frozen=True)
