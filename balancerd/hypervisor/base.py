@@ -113,10 +113,16 @@ class Hypervisor(Protocol):
 
     def migrate(self, req: MigrationRequest) -> None:
         """Run one migration to completion (blocking). Call from a worker thread;
-        use ``job_stats``/``suspend``/``set_max_downtime``/``abort_job`` meanwhile."""
+        use ``job_stats``/``suspend``/``set_max_downtime``/``abort_job`` meanwhile.
+        libvirt takes the maximum downtime only while the job runs: the caller's monitor
+        sets ``req.max_downtime_ms`` with ``set_max_downtime`` on the first active sample.
+        Live migrations are peer-to-peer, defined on the destination, undefined on the source."""
         ...
 
-    def job_stats(self, host: str, vm: str) -> JobStats | None: ...
+    def job_stats(self, host: str, vm: str, completed: bool = False) -> JobStats | None:
+        """The running job on ``host`` (or, with ``completed``, the last finished one;
+        libvirt keeps it on both ends, so the destination has it after ``migrate``)."""
+        ...
 
     def set_max_downtime(self, host: str, vm: str, downtime_ms: int) -> None: ...
 

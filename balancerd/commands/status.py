@@ -1,0 +1,114 @@
+"""``balancerd status``: hosts, guests and utilization now; the daemon's state if it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from balancerd.config import load_config
+from balancerd.daemon_state import read_daemon_status
+from balancerd.model import Snapshot
+from balancerd.wiring import open_hypervisor, sample_snapshot
+
+GIB = 1024**3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="daemon config file (YAML)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--samples", type=int, default=3, help="samples to smooth over (default 3, >= 2)"
+    )
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between samples (default 1)"
+    )
+
+
+def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
+    hosts = []
+    for h in snapshot.hosts:
+        vms = snapshot.vms_on(h.name)
+        hosts.append(
+            {
+                "name": h.name,
+                "uri": h.uri,
+                "up": h.up,
+                "error": h.error or None,
+                "cpus": h.cpus,
+                "cpu_mhz": h.cpu_mhz,
+                "mem_bytes": h.mem_bytes,
+                "mem_free_bytes": h.mem_free_bytes,
+                "cpu_util": round(h.cpu_util, 4),
+                "mem_util": round(h.mem_util, 4),
+                # Guest demand in host terms: what the solver balances.
+                "guest_cpu_util": round(sum(v.cpu_cores for v in vms) / h.cpus, 4)
+                if h.cpus
+                else 0.0,
+                "hostname": h.hostname,
+                "host_uuid": h.host_uuid,
+                "vms": [
+                    {
+                        "name": v.name,
+                        "uuid": v.uuid,
+                        "state": v.state,
+                        "vcpus": v.vcpus,
+                        "mem_bytes": v.mem_bytes,
+                        "cpu_util": round(v.cpu_util, 4),
+                        "cpu_cores": round(v.cpu_cores, 4),
+                    }
+                    for v in vms
+                ],
+            }
+        )
+    return {"hosts": hosts}
+
+
+def render_table(snapshot: Snapshot) -> str:
+    lines = [
+        f"{'HOST':<12} {'UP':<4} {'CPUS':>4} {'CPU%':>6} {'GUEST%':>7} {'MEM GiB':>8} {'MEM%':>6}"
+        f"  GUESTS"
+    ]
+    for h in snapshot.hosts:
+        vms = snapshot.vms_on(h.name)
+        if not h.up:
+            lines.append(f"{h.name:<12} {'no':<4}  ({h.error})")
+            continue
+        guest_pct = 100 * sum(v.cpu_cores for v in vms) / h.cpus if h.cpus else 0.0
+        lines.append(
+            f"{h.name:<12} {'yes':<4} {h.cpus:>4} {100 * h.cpu_util:>5.1f}% {guest_pct:>6.1f}% "
+            f"{h.mem_bytes / GIB:>8.1f} {100 * h.mem_util:>5.1f}%  {len(vms)}"
+        )
+        for v in vms:
+            lines.append(
+                f"  - {v.name:<20} {v.state:<8} {v.vcpus} vCPU {v.mem_bytes / 2**20:>7.0f} MiB "
+                f"cpu {100 * v.cpu_util:5.1f}%"
+            )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    hypervisor = open_hypervisor(config)
+    try:
+        snapshot = sample_snapshot(hypervisor, config, max(2, args.samples), args.interval)
+    finally:
+        hypervisor.close()
+    daemon = read_daemon_status(config.state_dir)
+    if args.json:
+        out = snapshot_json(snapshot)
+        out["daemon"] = daemon
+        print(json.dumps(out, indent=2))
+    else:
+        print(render_table(snapshot))
+        if daemon:
+            print()
+            print(f"daemon: pid {daemon.get('pid')} {daemon.get('state', '')}")
+            print(f"  policy: {daemon.get('policy')} ({daemon.get('objective')}, "
+                  f"{daemon.get('mode')})")
+            print(f"  last cycle: {daemon.get('last_cycle')}")
+            for m in daemon.get("in_flight", []):
+                print(f"  migrating: {m}")
+        else:
+            print("\ndaemon: not running (no live status in the state directory)")
+    return 0 if any(h.up for h in snapshot.hosts) else 1

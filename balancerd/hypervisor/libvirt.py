@@ -1,0 +1,527 @@
+"""The libvirt adapter: the ONLY module that imports libvirt.
+
+One connection per host, opened lazily and reopened with exponential backoff. Every
+call to a host runs on a worker thread with a timeout, so a dead or hung libvirtd costs
+one timeout, never a stalled cycle. ``libvirtError`` becomes ``HypervisorError`` naming
+the host and the operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
+
+import libvirt
+
+from balancerd.config import HostConfig
+from balancerd.errors import HypervisorError
+from balancerd.hypervisor.base import (
+    DiskFacts,
+    DomainFacts,
+    HostFacts,
+    InterfaceFacts,
+    JobStats,
+    MigrationRequest,
+)
+from balancerd.model import HostSample, VmSample
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3
+BACKOFF_MAX_S = 60.0
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "other",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+# A paused domain with one of these reasons is the target end of an incoming migration.
+_INCOMING_PAUSE_REASONS = {
+    libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+    libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+}
+
+_event_loop_started = False
+_event_loop_lock = threading.Lock()
+# Silence libvirt's default handler, which prints every error to stderr; we raise instead.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def _start_event_loop() -> None:
+    """libvirt keepalives need an event loop; run the default one on a daemon thread."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+@dataclass
+class _HostConn:
+    """Connection state of one host (mutable, guarded by LibvirtHypervisor._lock)."""
+
+    cfg: HostConfig
+    conn: Any = None
+    failures: int = 0
+    retry_at_s: float = 0.0  # monotonic; no reconnect attempt before this
+    last_error: str = ""
+    host_uuid: str = ""  # cached from capabilities, per connection
+
+
+class LibvirtHypervisor:
+    def __init__(self, hosts: Sequence[HostConfig], timeout_s: float = 5.0) -> None:
+        _start_event_loop()
+        self._hosts = {h.name: _HostConn(cfg=h) for h in hosts}
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        # Workers for timed calls. A call that hangs past its timeout keeps its thread, so
+        # the pool is generous; the hung connection is dropped and reopened next time.
+        self._pool = ThreadPoolExecutor(max_workers=4 * len(hosts) + 8, thread_name_prefix="lv")
+
+    # --- connections ------------------------------------------------------------------
+
+    def host_names(self) -> Sequence[str]:
+        return list(self._hosts)
+
+    def _state(self, host: str) -> _HostConn:
+        try:
+            return self._hosts[host]
+        except KeyError:
+            raise HypervisorError(host, "lookup", "no such host in the config") from None
+
+    def _connect(self, st: _HostConn) -> Any:
+        """The open connection of a host, opening it if the backoff allows."""
+        with self._lock:
+            if st.conn is not None:
+                return st.conn
+            if time.monotonic() < st.retry_at_s:
+                raise HypervisorError(
+                    st.cfg.name, "connect", f"{st.last_error} (retrying in backoff)"
+                )
+        try:
+            conn = libvirt.open(st.cfg.uri)
+            conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+            caps = ET.fromstring(conn.getCapabilities())
+        except libvirt.libvirtError as exc:
+            self._mark_failed(st, f"connect to {st.cfg.uri}: {exc}")
+            raise HypervisorError(st.cfg.name, "connect", f"{st.cfg.uri}: {exc}") from exc
+        with self._lock:
+            st.conn = conn
+            st.failures = 0
+            st.host_uuid = caps.findtext("host/uuid", default="")
+        log.info("connected host=%s uri=%s", st.cfg.name, st.cfg.uri)
+        return conn
+
+    def _mark_failed(self, st: _HostConn, error: str) -> None:
+        with self._lock:
+            old, st.conn = st.conn, None
+            st.failures += 1
+            st.retry_at_s = time.monotonic() + min(BACKOFF_MAX_S, 2.0 ** (st.failures - 1))
+            st.last_error = error
+        if old is not None:
+            # Closing may block on a hung peer: do it off the caller's thread.
+            self._pool.submit(_close_quietly, old)
+
+    def _call(
+        self, host: str, operation: str, fn: Callable[[Any], T], timeout_s: float | None = None
+    ) -> T:
+        """Run ``fn(conn)`` for ``host`` on a worker with a timeout; map every failure."""
+        st = self._state(host)
+        # Connecting happens on the worker too, so a host that never answers costs one timeout.
+        future = self._pool.submit(lambda: fn(self._connect(st)))
+        try:
+            return future.result(timeout=timeout_s if timeout_s is not None else self._timeout_s)
+        except FutureTimeout:
+            self._mark_failed(st, f"{operation} timed out")
+            raise HypervisorError(
+                host, operation, f"no answer within {self._timeout_s:.1f} s"
+            ) from None
+        except libvirt.libvirtError as exc:
+            if _connection_lost(exc):
+                self._mark_failed(st, f"{operation}: {exc}")
+            raise HypervisorError(host, operation, str(exc)) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [st.conn for st in self._hosts.values() if st.conn is not None]
+            for st in self._hosts.values():
+                st.conn = None
+        for conn in conns:
+            _close_quietly(conn)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- sampling ---------------------------------------------------------------------
+
+    def sample_all(self) -> tuple[HostSample, ...]:
+        """All hosts in parallel; each gets at most the timeout, failures come back down."""
+        futures = {name: self._pool.submit(self.sample_host, name) for name in self._hosts}
+        deadline = time.monotonic() + self._timeout_s + 1.0
+        samples = []
+        for name, future in futures.items():
+            cfg = self._hosts[name].cfg
+            try:
+                samples.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except (HypervisorError, FutureTimeout) as exc:
+                detail = str(exc) or "no answer within the timeout"
+                samples.append(
+                    HostSample(
+                        name=name,
+                        uri=cfg.uri,
+                        up=False,
+                        sampled_at_s=time.monotonic(),
+                        error=detail,
+                    )
+                )
+        return tuple(samples)
+
+    def sample_host(self, host: str) -> HostSample:
+        st = self._state(host)
+        raw = self._call(host, "sample", _read_host)  # connects lazily on the worker
+        return HostSample(
+            name=host,
+            uri=st.cfg.uri,
+            up=True,
+            sampled_at_s=raw["at_s"],
+            hostname=raw["hostname"],
+            host_uuid=st.host_uuid,
+            cpus=raw["cpus"],
+            cpu_mhz=raw["mhz"],
+            mem_total_bytes=raw["mem_total_bytes"],
+            mem_free_bytes=raw["mem_free_bytes"],
+            cpu_busy_ns=raw["cpu_busy_ns"],
+            cpu_total_ns=raw["cpu_total_ns"],
+            libvirt_version=raw["libvirt_version"],
+            hypervisor_version=raw["hypervisor_version"],
+            vms=tuple(raw["vms"]),
+        )
+
+    # --- facts for preflight ----------------------------------------------------------
+
+    def domain_facts(self, host: str, vm: str) -> DomainFacts:
+        def read(conn: Any) -> DomainFacts:
+            dom = conn.lookupByName(vm)
+            state, _reason = dom.state()
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_UPDATE_CPU if dom.isActive() else 0)
+            job_type = dom.jobInfo()[0]
+            return _domain_facts_from_xml(
+                xml,
+                state=_STATE_NAMES.get(state, "other"),
+                persistent=bool(dom.isPersistent()),
+                in_job=job_type not in (libvirt.VIR_DOMAIN_JOB_NONE,),
+            )
+
+        return self._call(host, f"read domain {vm}", read)
+
+    def host_facts(self, host: str) -> HostFacts:
+        st = self._state(host)
+
+        def read(conn: Any) -> HostFacts:
+            mem = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+            free_kib = mem.get("free", 0) + mem.get("buffers", 0) + mem.get("cached", 0)
+            return HostFacts(
+                name=host,
+                hostname=conn.getHostname(),
+                host_uuid=st.host_uuid,
+                libvirt_version=conn.getLibVersion(),
+                hypervisor_version=conn.getVersion(),
+                mem_free_bytes=free_kib * 1024,
+                networks=tuple(sorted(conn.listNetworks())),
+                bridges=_bridges(conn),
+            )
+
+        return self._call(host, "read host facts", read)
+
+    def cpu_compatible(self, host: str, cpu_xml: str) -> bool:
+        if not cpu_xml:
+            return True  # the hypervisor's default CPU model runs everywhere it runs
+
+        def compare(conn: Any) -> bool:
+            result = conn.compareCPU(cpu_xml, 0)
+            return bool(result != libvirt.VIR_CPU_COMPARE_INCOMPATIBLE)
+
+        return self._call(host, "compare CPU", compare)
+
+    def path_visible(self, host: str, path: str) -> bool:
+        """Storage volume lookup by path; where no pool holds the folder, a transient
+        directory pool over it answers the question and is removed again."""
+
+        def look(conn: Any) -> bool:
+            for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+                target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path", default="")
+                if target == str(PurePosixPath(path).parent):
+                    pool.refresh(0)
+            try:
+                conn.storageVolLookupByPath(path)
+                return True
+            except libvirt.libvirtError:
+                pass
+            folder = str(PurePosixPath(path).parent)
+            name = f"balancerd-probe-{abs(hash(folder)) % 10**8}"
+            pool_xml = (
+                f"<pool type='dir'><name>{name}</name>"
+                f"<target><path>{_xml_escape(folder)}</path></target></pool>"
+            )
+            try:
+                pool = conn.storagePoolCreateXML(pool_xml, 0)
+            except libvirt.libvirtError:
+                return False  # the folder itself is not there
+            try:
+                pool.storageVolLookupByName(PurePosixPath(path).name)
+                return True
+            except libvirt.libvirtError:
+                return False
+            finally:
+                pool.destroy()
+
+        return self._call(host, f"look up storage {path}", look)
+
+    # --- migration --------------------------------------------------------------------
+
+    def migrate(self, req: MigrationRequest) -> None:
+        src = self._state(req.src)
+        dst = self._state(req.dst)
+        conn = self._connect(src)
+        flags = (
+            libvirt.VIR_MIGRATE_PEER2PEER
+            | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        )
+        if req.live:
+            flags |= libvirt.VIR_MIGRATE_LIVE
+        if req.auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if req.copy_storage:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        params: dict[str, Any] = {
+            libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: max(1, round(req.bandwidth_mib_s)),
+        }
+        if dst.cfg.migration_uri:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = dst.cfg.migration_uri
+        what = f"{'live' if req.live else 'cold'} migration of {req.vm} {req.src}->{req.dst}"
+        try:
+            dom = conn.lookupByName(req.vm)
+            dom.migrateToURI3(dst.cfg.uri, params, flags)
+        except libvirt.libvirtError as exc:
+            if _connection_lost(exc):
+                self._mark_failed(src, f"migrate: {exc}")
+            raise HypervisorError(req.src, what, str(exc)) from exc
+
+    def job_stats(self, host: str, vm: str, completed: bool = False) -> JobStats | None:
+        flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
+
+        def read(conn: Any) -> JobStats | None:
+            stats = conn.lookupByName(vm).jobStats(flags)
+            job_type = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
+            if job_type == libvirt.VIR_DOMAIN_JOB_NONE:
+                return None
+            return _job_stats(stats, active=not completed)
+
+        return self._call(host, f"read job of {vm}", read)
+
+    def set_max_downtime(self, host: str, vm: str, downtime_ms: int) -> None:
+        self._call(
+            host,
+            f"set max downtime of {vm} to {downtime_ms} ms",
+            lambda conn: conn.lookupByName(vm).migrateSetMaxDowntime(downtime_ms, 0),
+        )
+
+    def suspend(self, host: str, vm: str) -> None:
+        self._call(host, f"suspend {vm}", lambda conn: conn.lookupByName(vm).suspend())
+
+    def resume(self, host: str, vm: str) -> None:
+        self._call(host, f"resume {vm}", lambda conn: conn.lookupByName(vm).resume())
+
+    def abort_job(self, host: str, vm: str) -> None:
+        self._call(host, f"abort job of {vm}", lambda conn: conn.lookupByName(vm).abortJob())
+
+    def domain_state(self, host: str, vm: str) -> str | None:
+        def read(conn: Any) -> str | None:
+            try:
+                dom = conn.lookupByName(vm)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+            return _STATE_NAMES.get(dom.state()[0], "other")
+
+        return self._call(host, f"read state of {vm}", read)
+
+    def destroy(self, host: str, vm: str) -> None:
+        def kill(conn: Any) -> None:
+            dom = conn.lookupByName(vm)
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefine()
+
+        self._call(host, f"destroy {vm}", kill)
+
+
+# --- helpers (run on worker threads) --------------------------------------------------
+
+
+def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
+
+
+def _connection_lost(exc: Any) -> bool:
+    return exc.get_error_code() in (
+        libvirt.VIR_ERR_SYSTEM_ERROR,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_INVALID_CONN,
+    )
+
+
+def _read_host(conn: Any) -> dict[str, Any]:
+    """One consistent read of a host: node counters, memory, and every domain's stats."""
+    info = conn.getInfo()  # [model, memory MiB, cpus, MHz, nodes, sockets, cores, threads]
+    cpu = conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS)
+    mem = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+    at_s = time.monotonic()
+    busy_ns = cpu.get("kernel", 0) + cpu.get("user", 0)
+    total_ns = busy_ns + cpu.get("idle", 0) + cpu.get("iowait", 0)
+    stats = conn.getAllDomainStats(
+        libvirt.VIR_DOMAIN_STATS_STATE
+        | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+        | libvirt.VIR_DOMAIN_STATS_BALLOON
+        | libvirt.VIR_DOMAIN_STATS_VCPU,
+        0,
+    )
+    vms = []
+    for dom, s in stats:
+        state = s.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
+        reason = s.get("state.reason", 0)
+        mem_kib = s.get("balloon.current") or s.get("balloon.maximum") or dom.maxMemory()
+        vms.append(
+            VmSample(
+                name=dom.name(),
+                uuid=dom.UUIDString(),
+                state=_STATE_NAMES.get(state, "other"),
+                vcpus=int(s.get("vcpu.current") or dom.info()[3]),
+                mem_bytes=int(mem_kib) * 1024,
+                cpu_time_ns=int(s.get("cpu.time", 0)),
+                incoming=state == libvirt.VIR_DOMAIN_PAUSED and reason in _INCOMING_PAUSE_REASONS,
+            )
+        )
+    return {
+        "at_s": at_s,
+        "hostname": conn.getHostname(),
+        "cpus": int(info[2]),
+        "mhz": int(info[3]),
+        "mem_total_bytes": int(mem.get("total", info[1] * 1024)) * 1024,
+        "mem_free_bytes": int(mem.get("free", 0) + mem.get("buffers", 0) + mem.get("cached", 0))
+        * 1024,
+        "cpu_busy_ns": int(busy_ns),
+        "cpu_total_ns": int(total_ns),
+        "libvirt_version": int(conn.getLibVersion()),
+        "hypervisor_version": int(conn.getVersion()),
+        "vms": vms,
+    }
+
+
+def _bridges(conn: Any) -> tuple[str, ...]:
+    """Bridge devices on the host, from libvirt's interface driver."""
+    names = set()
+    try:
+        for iface in conn.listAllInterfaces(0):
+            if ET.fromstring(iface.XMLDesc(0)).get("type") == "bridge":
+                names.add(iface.name())
+    except libvirt.libvirtError:
+        pass
+    # Bridges of active libvirt networks count too (guests on type='bridge' may name them).
+    for net in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
+        with contextlib.suppress(libvirt.libvirtError):
+            names.add(net.bridgeName())
+    return tuple(sorted(names))
+
+
+def _job_stats(s: dict[str, Any], active: bool) -> JobStats:
+    downtime = s.get("downtime")
+    return JobStats(
+        active=active,
+        elapsed_s=float(s.get("time_elapsed", 0)) / 1000.0,
+        data_total_bytes=int(s.get("data_total", 0)),
+        data_processed_bytes=int(s.get("data_processed", 0)),
+        data_remaining_bytes=int(s.get("data_remaining", 0)),
+        mem_bandwidth_bytes_s=float(s.get("memory_bps", 0)),
+        dirty_rate_pages_s=float(s.get("memory_dirty_rate", 0)),
+        page_size_bytes=int(s.get("memory_page_size", 4096) or 4096),
+        iteration=int(s.get("memory_iteration", 0)),
+        expected_downtime_ms=float(s.get("downtime", 0) if active else 0),
+        downtime_ms=float(downtime) if (downtime is not None and not active) else None,
+    )
+
+
+def _domain_facts_from_xml(xml: str, state: str, persistent: bool, in_job: bool) -> DomainFacts:
+    root = ET.fromstring(xml)
+    disks = []
+    for disk in root.findall("devices/disk"):
+        source = disk.find("source")
+        path = ""
+        if source is not None:
+            path = source.get("file") or source.get("dev") or ""
+        driver = disk.find("driver")
+        target = disk.find("target")
+        disks.append(
+            DiskFacts(
+                target=target.get("dev", "") if target is not None else "",
+                path=path,
+                cache=(driver.get("cache") if driver is not None else None) or "default",
+                device=disk.get("device", "disk"),
+                readonly=disk.find("readonly") is not None,
+            )
+        )
+    interfaces = []
+    for iface in root.findall("devices/interface"):
+        kind = iface.get("type", "other")
+        source = iface.find("source")
+        name = ""
+        if source is not None:
+            name = source.get("network") or source.get("bridge") or source.get("dev") or ""
+        interfaces.append(InterfaceFacts(kind=kind, source=name))
+    cpu = root.find("cpu")
+    cpu_xml = ""
+    if cpu is not None and (cpu.get("mode") in (None, "custom") and cpu.find("model") is not None):
+        cpu_xml = ET.tostring(cpu, encoding="unicode")
+    mem_kib = int(root.findtext("currentMemory", default=root.findtext("memory", default="0")))
+    return DomainFacts(
+        name=root.findtext("name", default=""),
+        uuid=root.findtext("uuid", default=""),
+        state=state,
+        mem_bytes=mem_kib * 1024,
+        vcpus=int(root.findtext("vcpu", default="1")),
+        cpu_xml=cpu_xml,
+        disks=tuple(disks),
+        interfaces=tuple(interfaces),
+        persistent=persistent,
+        in_job=in_job,
+    )
+
+
+def _xml_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace("'", "&apos;")
