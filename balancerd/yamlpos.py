@@ -132,7 +132,7 @@ def _walk(
                 continue
             key = loader.construct_object(key_node, deep=True)
             key_line = key_node.start_mark.line + 1
-            part = key if isinstance(key, str) else str(key)
+            part = key_part(key)
             if _hashable(key) and key in first_line:
                 problems.append(
                     f"{source}:{key_line}: {format_path((*path, part))}: "
@@ -149,6 +149,17 @@ def _walk(
         for index, item in enumerate(node.value):
             _walk(loader, item, (*path, index), lines, problems, source, active)
         active.discard(id(node))
+
+
+def key_part(key: object) -> str:
+    """How a mapping key appears in a field path (YAML spelling for non-string keys)."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if key is None:
+        return "null"
+    return str(key)
 
 
 def _hashable(value: object) -> bool:

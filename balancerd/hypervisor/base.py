@@ -74,6 +74,7 @@ class JobStats:
     iteration: int
     expected_downtime_ms: float
     downtime_ms: float | None = None  # set by libvirt once the job completed
+    auto_converge_throttle_pct: int = 0  # QEMU's auto-converge vCPU throttle, 0..99
 
     @property
     def dirty_rate_bytes_s(self) -> float:

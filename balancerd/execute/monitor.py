@@ -1,0 +1,166 @@
+"""The thin polling loop around one migration job.
+
+``hv.migrate`` blocks, so it runs on a worker thread; this loop samples ``job_stats`` about
+once a second into a history, feeds the heartbeat, asks ``converge.decide`` what to do and
+does it. No decisions are made here; no recursion; every pass feeds the heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from balancerd.errors import HypervisorError
+from balancerd.execute.converge import Action, Ladder, StallRules, decide
+from balancerd.hypervisor.base import Hypervisor, JobStats, MigrationRequest
+
+log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL_S = 1.0
+# After an abort, how long to wait for libvirt to end the job before giving up on it.
+ABORT_GRACE_S = 60.0
+
+Heartbeat = Callable[[], None]
+# Called for every sample and every ladder action: (stats or None, message).
+Progress = Callable[[JobStats | None, str], None]
+
+
+def _noop_heartbeat() -> None:
+    pass
+
+
+def _noop_progress(_stats: JobStats | None, _msg: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    history: tuple[JobStats, ...]
+    ladder: Ladder
+    error: BaseException | None  # what migrate() raised; None if it returned
+    abort_reason: str  # why we aborted the job ("" if we did not)
+    elapsed_s: float  # start of migrate() to its return
+    paused_for_s: float | None  # we suspended the source: suspend -> migrate() returned
+    returned: bool  # migrate() returned (False: it hung past the abort grace period)
+
+    @property
+    def ok(self) -> bool:
+        return self.returned and self.error is None and not self.abort_reason
+
+
+class _Job:
+    """migrate() on a worker thread, with its outcome and the moment it ended."""
+
+    def __init__(self, hv: Hypervisor, req: MigrationRequest) -> None:
+        self.error: BaseException | None = None
+        self.ended_at_s = 0.0
+        self._hv = hv
+        self._req = req
+        self.thread = threading.Thread(target=self._run, name=f"migrate-{req.vm}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._hv.migrate(self._req)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended_at_s = time.monotonic()
+
+
+def run_migration(
+    hv: Hypervisor,
+    req: MigrationRequest,
+    rules: StallRules,
+    *,
+    heartbeat: Heartbeat = _noop_heartbeat,
+    progress: Progress = _noop_progress,
+    on_pause: Callable[[], None] = lambda: None,
+    interval_s: float = SAMPLE_INTERVAL_S,
+) -> MonitorResult:
+    """Run ``req`` to its end, watching convergence; never raises for the job itself."""
+    what = f"{'live' if req.live else 'cold'} migration of {req.vm} {req.src}->{req.dst}"
+    history: list[JobStats] = []
+    ladder = Ladder(downtime_ms=req.max_downtime_ms)
+    downtime_set = not req.live
+    abort_reason = ""
+    aborted_at_s: float | None = None
+    paused_at_s: float | None = None
+    job = _Job(hv, req)
+    start_s = time.monotonic()
+    job.thread.start()
+    while True:
+        job.thread.join(timeout=interval_s)
+        heartbeat()
+        if not job.thread.is_alive():
+            break
+        now_s = time.monotonic()
+        if aborted_at_s is not None:
+            if now_s - aborted_at_s > ABORT_GRACE_S:
+                log.error("%s: job did not end %.0f s after abort", what, ABORT_GRACE_S)
+                break
+            continue
+        try:
+            stats = hv.job_stats(req.src, req.vm)
+        except HypervisorError as exc:
+            log.debug("%s: no job stats: %s", what, exc)
+            stats = None
+        if stats is not None and stats.active:
+            if not downtime_set:
+                try:
+                    hv.set_max_downtime(req.src, req.vm, req.max_downtime_ms)
+                    downtime_set = True
+                except HypervisorError as exc:
+                    log.warning("%s: could not set max downtime: %s", what, exc)
+            history.append(stats)
+            progress(stats, "")
+        decision = decide(history, ladder, rules, now_s - start_s)
+        if decision.action is Action.WAIT:
+            continue
+        log.info(
+            "%s: %s (%s)",
+            what,
+            decision.action.value,
+            decision.reason,
+            extra={"VM": req.vm, "HOST": req.src},
+        )
+        try:
+            if decision.action is Action.RAISE_DOWNTIME:
+                hv.set_max_downtime(req.src, req.vm, decision.downtime_ms)
+                progress(
+                    None, f"stalled ({decision.reason}): max downtime -> {decision.downtime_ms} ms"
+                )
+            elif decision.action is Action.AUTO_CONVERGE:
+                progress(None, f"stalled ({decision.reason}): waiting for auto-converge")
+            elif decision.action is Action.PAUSE:
+                on_pause()  # journal first: a crash now must know we paused it
+                paused_at_s = time.monotonic()
+                hv.suspend(req.src, req.vm)
+                progress(None, f"stalled ({decision.reason}): paused the guest to complete")
+            elif decision.action is Action.ABORT:
+                abort_reason = f"{what} {decision.reason} after {now_s - start_s:.0f} s"
+                aborted_at_s = now_s
+                progress(None, f"aborting: {decision.reason}")
+                hv.abort_job(req.src, req.vm)
+        except HypervisorError as exc:
+            # The job may have just ended; the thread tells. A failed pause is retried on
+            # the next sample; other rungs are not repeated.
+            log.warning("%s: %s failed: %s", what, decision.action.value, exc)
+            if decision.action is Action.PAUSE:
+                paused_at_s = None
+                continue
+        ladder = decision.ladder
+    returned = not job.thread.is_alive()
+    end_s = job.ended_at_s if returned else time.monotonic()
+    return MonitorResult(
+        history=tuple(history),
+        ladder=ladder,
+        error=job.error if returned else None,
+        abort_reason=abort_reason
+        or ("" if returned else f"{what} did not return (aborted, still hanging)"),
+        elapsed_s=end_s - start_s,
+        paused_for_s=(end_s - paused_at_s) if paused_at_s is not None else None,
+        returned=returned,
+    )

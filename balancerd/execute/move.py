@@ -1,0 +1,309 @@
+"""One move end to end: preflight -> journal intent -> live migration under the monitor ->
+(cold fallback) -> verify -> journal outcome. Never raises: the result says what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from balancerd.errors import HypervisorError
+from balancerd.execute.converge import MIB, Mode, StallRules, mode_of
+from balancerd.execute.journal import Journal
+from balancerd.execute.monitor import MonitorResult, run_migration
+from balancerd.execute.preflight import preflight
+from balancerd.execute.reconcile import settle
+from balancerd.hypervisor.base import Hypervisor, JobStats, MigrationRequest
+from balancerd.model import Move
+from balancerd.policy.model import Migration
+
+log = logging.getLogger(__name__)
+
+MIGRATED, SKIPPED, FAILED = "migrated", "skipped", "failed"
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    vm: str
+    src: str
+    dst: str
+    result: str  # migrated | skipped | failed
+    mode: str  # converge.Mode value; "" when nothing completed
+    reason: str  # why skipped/failed, or notes on a migration
+    seconds: float
+    downtime_ms: float | None = None
+    bytes_sent: int = 0
+    iterations: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "from": self.src,
+            "to": self.dst,
+            "result": self.result,
+            "mode": self.mode,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 3),
+            "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 1),
+            "bytes_sent": self.bytes_sent,
+            "iterations": self.iterations,
+        }
+
+    def line(self) -> str:
+        head = f"{self.vm} {self.src}->{self.dst} {self.result}"
+        if self.result != MIGRATED:
+            return f"{head}: {self.reason}"
+        downtime = "?" if self.downtime_ms is None else f"{self.downtime_ms:.0f} ms"
+        text = (
+            f"{head} ({self.mode}, {self.seconds:.1f} s, downtime {downtime}, "
+            f"{self.bytes_sent / MIB:.0f} MiB sent, {self.iterations} iterations)"
+        )
+        return f"{text}: {self.reason}" if self.reason else text
+
+
+# (move, job sample or None, message) -> None
+MoveProgress = Callable[[Move, JobStats | None, str], None]
+
+
+def _no_progress(_m: Move, _s: JobStats | None, _msg: str) -> None:
+    pass
+
+
+def _no_heartbeat() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Everything one move needs, wired by the daemon/CLI."""
+
+    hv: Hypervisor
+    mig: Migration
+    headroom_bytes: int = 0
+    journal: Journal | None = None
+    heartbeat: Callable[[], None] = field(default=_no_heartbeat)
+    progress: MoveProgress = field(default=_no_progress)
+    sample_interval_s: float = 1.0
+
+
+def _states(hv: Hypervisor, vm: str, *hosts: str) -> dict[str, str | None]:
+    """Domain state per host; "unreachable" when the host does not answer."""
+    out: dict[str, str | None] = {}
+    for h in hosts:
+        try:
+            out[h] = hv.domain_state(h, vm)
+        except HypervisorError:
+            out[h] = "unreachable"
+    return out
+
+
+def _alive(state: str | None) -> bool:
+    return state in ("running", "paused", "blocked")
+
+
+class _Run:
+    """State of one move while it runs (mutable, local to its thread)."""
+
+    def __init__(self, engine: Engine, move: Move) -> None:
+        self.e = engine
+        self.m = move
+        self.t0 = time.monotonic()
+        self.entry: int | None = None
+        self.what = f"{move.vm} {move.src}->{move.dst}"
+
+    def journal(self, fn: Callable[[Journal], None]) -> None:
+        if self.e.journal is not None:
+            try:
+                fn(self.e.journal)
+            except Exception as exc:  # the journal must not take a migration down
+                log.error("journal write failed for %s: %s", self.what, exc)
+
+    def result(self, result: str, mode: str, reason: str, **kw: Any) -> MoveResult:
+        r = MoveResult(
+            self.m.vm,
+            self.m.src,
+            self.m.dst,
+            result,
+            mode,
+            reason,
+            time.monotonic() - self.t0,
+            **kw,
+        )
+        if self.entry is not None:
+            entry = self.entry
+            self.journal(lambda j: j.finish(entry, result, mode, reason))
+        level = logging.INFO if result == MIGRATED else logging.WARNING
+        log.log(level, "%s", r.line(), extra={"VM": self.m.vm, "HOST": self.m.src})
+        return r
+
+
+def run_move(engine: Engine, move: Move) -> MoveResult:
+    """Carry out one move. Never raises."""
+    run = _Run(engine, move)
+    try:
+        return _run_move(run)
+    except Exception as exc:  # a bug or an unexpected error: fail this step only
+        log.exception("%s: unexpected error", run.what)
+        return run.result(FAILED, Mode.NONE, f"unexpected error: {exc!r}")
+
+
+def _run_move(run: _Run) -> MoveResult:
+    e, m = run.e, run.m
+    hv, mig = e.hv, e.mig
+    e.progress(m, None, "preflight")
+    pf = preflight(hv, m, mig, e.headroom_bytes)
+    e.heartbeat()
+    if not pf.ok or pf.facts is None:
+        return run.result(SKIPPED, Mode.NONE, pf.reason)
+    facts = pf.facts
+    if e.journal is not None:
+        run.entry = e.journal.begin(m.vm, facts.uuid, m.src, m.dst, facts.state)
+    entry = run.entry
+    rules = StallRules.for_vm(mig, m.vm)
+    req = MigrationRequest(
+        vm=m.vm,
+        src=m.src,
+        dst=m.dst,
+        live=True,
+        bandwidth_mib_s=mig.bandwidth_mib_s,
+        max_downtime_ms=mig.max_downtime_ms,
+        auto_converge=mig.auto_converge,
+        copy_storage=m.vm in mig.copy_storage_vms,
+    )
+
+    def on_pause() -> None:
+        if entry is not None:
+            run.journal(lambda j: j.phase(entry, "paused"))
+
+    def progress(stats: JobStats | None, msg: str) -> None:
+        e.progress(m, stats, msg)
+
+    if entry is not None:
+        run.journal(lambda j: j.phase(entry, "live"))
+    e.progress(m, None, "live migration started")
+    live = run_migration(
+        hv,
+        req,
+        rules,
+        heartbeat=e.heartbeat,
+        progress=progress,
+        on_pause=on_pause,
+        interval_s=e.sample_interval_s,
+    )
+    if live.ok:
+        return _verified(run, live, mode_of(live.ladder, live.history, live=True), facts.state)
+
+    # The live job did not complete: first make sure the guest runs on exactly one host.
+    live_error = live.abort_reason or f"live migration failed: {live.error}"
+    if not live.returned:
+        return run.result(FAILED, Mode.NONE, f"{live_error}; left for reconcile at next start")
+    try:
+        actions, where = settle(
+            hv, m.vm, m.src, m.dst, was_running=facts.state != "paused", heartbeat=e.heartbeat
+        )
+    except HypervisorError as exc:
+        actions, where = [], f"state unknown ({exc})"
+    states = _states(hv, m.vm, m.src, m.dst)
+    note = "; ".join([*actions, where])
+    if _alive(states[m.dst]) and not _alive(states[m.src]):
+        # The job reported an error, yet the guest made it (e.g. a failure after handover).
+        mode = mode_of(live.ladder, live.history, live=True)
+        return _verified(run, live, mode, facts.state, note=f"{live_error}; {note}")
+    if live.abort_reason:  # the ladder or the time cap chose to abort: no cold retry
+        return run.result(FAILED, Mode.NONE, f"{live_error}; {note}")
+    why_not = ""
+    if not mig.allow_cold:
+        why_not = "allow_cold is off"
+    elif m.vm in mig.no_pause_vms:
+        why_not = f"{m.vm} is in no_pause_vms"
+    elif states[m.dst] == "unreachable":
+        why_not = f"{m.dst} does not answer"
+    elif states[m.dst] is not None:
+        why_not = f"a {states[m.dst]} domain {m.vm} is on {m.dst}"
+    elif not _alive(states[m.src]):
+        why_not = f"guest is {states[m.src]} on {m.src}"
+    if why_not:
+        return run.result(FAILED, Mode.NONE, f"{live_error}; {note}; no cold fallback: {why_not}")
+
+    if entry is not None:
+        run.journal(lambda j: j.phase(entry, "cold"))
+    e.progress(m, None, f"{live_error}; trying a cold migration")
+    cold = run_migration(
+        hv,
+        replace(req, live=False),
+        rules.cold(),
+        heartbeat=e.heartbeat,
+        progress=progress,
+        interval_s=e.sample_interval_s,
+    )
+    if cold.ok:
+        return _verified(run, cold, Mode.OFFLINE, facts.state, note=live_error)
+    cold_error = cold.abort_reason or f"cold migration failed: {cold.error}"
+    if not cold.returned:
+        return run.result(FAILED, Mode.NONE, f"{live_error}; {cold_error}; left for reconcile")
+    try:
+        actions, where = settle(
+            hv, m.vm, m.src, m.dst, was_running=facts.state != "paused", heartbeat=e.heartbeat
+        )
+    except HypervisorError as exc:
+        actions, where = [], f"state unknown ({exc})"
+    return run.result(FAILED, Mode.NONE, "; ".join([live_error, cold_error, *actions, where]))
+
+
+def _verified(
+    run: _Run, mon: MonitorResult, mode: Mode, state_before: str, note: str = ""
+) -> MoveResult:
+    """Check the guest runs on the destination exactly once, then build the result."""
+    e, m = run.e, run.m
+    hv = e.hv
+    hosts = list(dict.fromkeys([m.dst, m.src, *hv.host_names()]))
+    states = _states(hv, m.vm, *hosts)
+    problems = []
+    if states[m.dst] == "paused" and state_before != "paused":
+        # libvirt resumes the guest after a pause-and-complete; make sure it did.
+        try:
+            hv.resume(m.dst, m.vm)
+            states[m.dst] = "running"
+        except HypervisorError as exc:
+            problems.append(f"left paused on {m.dst}: {exc}")
+    if not _alive(states[m.dst]):
+        problems.append(f"not found on {m.dst} after the migration (state {states[m.dst]})")
+    elsewhere = [h for h in hosts if h != m.dst and _alive(states[h])]
+    if elsewhere:
+        problems.append(f"also {', '.join(f'{states[h]} on {h}' for h in elsewhere)}")
+    if problems and m.src in elsewhere and _alive(states[m.dst]):
+        with contextlib.suppress(HypervisorError):
+            actions, where = settle(hv, m.vm, m.src, m.dst, was_running=state_before != "paused")
+            problems.append("; ".join([*actions, where]))
+    completed = _completed_stats(hv, m.dst, m.vm)
+    last = mon.history[-1] if mon.history else None
+    downtime_ms = completed.downtime_ms if completed else None
+    if mode is Mode.OFFLINE:
+        own_ms = mon.elapsed_s * 1000.0  # paused from the start of the job to its end
+    elif mon.paused_for_s is not None:
+        own_ms = mon.paused_for_s * 1000.0
+    else:
+        own_ms = None
+    if own_ms is not None:
+        downtime_ms = max(own_ms, downtime_ms or 0.0)
+    src_stats = completed or last
+    kw: dict[str, Any] = {
+        "downtime_ms": downtime_ms,
+        "bytes_sent": src_stats.data_processed_bytes if src_stats else 0,
+        "iterations": src_stats.iteration if src_stats else 0,
+    }
+    if problems:
+        return run.result(FAILED, str(mode), "verification: " + "; ".join(problems), **kw)
+    return run.result(MIGRATED, str(mode), note, **kw)
+
+
+def _completed_stats(hv: Hypervisor, host: str, vm: str) -> JobStats | None:
+    try:
+        return hv.job_stats(host, vm, completed=True)
+    except HypervisorError as exc:
+        log.debug("no completed job stats for %s on %s: %s", vm, host, exc)
+        return None

@@ -1,0 +1,156 @@
+"""Preflight checks before one move: the live-migration requirements, checked, not assumed.
+
+``check()`` is pure: facts in, the first problem out. ``preflight()`` gathers the facts
+through the Hypervisor protocol (destination facts are read *now*, not from a snapshot).
+A failed check skips the step; nothing is attempted.
+
+Decisions documented here:
+  * cache mode: ``none`` and ``directsync`` pass (both bypass the host page cache, the
+    modes libvirt itself treats as migration-safe). Read-only disks (cdroms, read-only
+    images) are exempt from the cache check: nothing is written through them. They are NOT
+    exempt from the path check: the destination QEMU must open them too. Empty cdrom
+    drives (no path) and network disks (no local path) are not path-checked.
+  * interfaces: ``network`` must be an active libvirt network on the destination,
+    ``bridge`` a bridge device there; ``direct``/``user``/other are not checked (the
+    protocol has no facts for them).
+  * memory: destination free memory now >= guest memory + the policy's per-host headroom.
+  * a guest no longer on the source (moved by an operator) is skipped, never failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from balancerd.errors import HypervisorError
+from balancerd.hypervisor.base import DomainFacts, HostFacts, Hypervisor
+from balancerd.model import Move
+from balancerd.policy.model import Migration
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+SAFE_CACHE_MODES = ("none", "directsync")
+MIGRATABLE_STATES = ("running", "paused")
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    ok: bool
+    reason: str = ""  # why the step is skipped, e.g. "disk /x.qcow2 not found on host2"
+    facts: DomainFacts | None = None  # the guest as found on the source
+
+
+def _version(v: int) -> str:
+    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+
+def check(
+    move: Move,
+    facts: DomainFacts,
+    src: HostFacts,
+    dst: HostFacts,
+    *,
+    mig: Migration,
+    headroom_bytes: int,
+    cpu_ok: bool,
+    path_visible: Mapping[str, bool],
+) -> str | None:
+    """The first failed requirement for ``move``, or None when every check passes."""
+    vm, d = move.vm, move.dst
+    if src.name == dst.name or (src.host_uuid and src.host_uuid == dst.host_uuid):
+        return f"source and destination are the same host ({src.name} uuid {src.host_uuid})"
+    if src.hostname and src.hostname == dst.hostname:
+        return f"{src.name} and {d} report the same host name {src.hostname!r}"
+    if facts.state not in MIGRATABLE_STATES:
+        return f"guest is {facts.state}, not running"
+    if facts.in_job:
+        return "guest is already in a job (another migration or save?)"
+    if not mig.allow_backward:
+        if dst.libvirt_version < src.libvirt_version:
+            return (
+                f"libvirt on {d} ({_version(dst.libvirt_version)}) is older than on "
+                f"{src.name} ({_version(src.libvirt_version)}); allow_backward is off"
+            )
+        if dst.hypervisor_version < src.hypervisor_version:
+            return (
+                f"QEMU on {d} ({_version(dst.hypervisor_version)}) is older than on "
+                f"{src.name} ({_version(src.hypervisor_version)}); allow_backward is off"
+            )
+    if not cpu_ok:
+        return f"guest CPU model is not compatible with {d}"
+    copy_storage = vm in mig.copy_storage_vms
+    for disk in facts.disks:
+        if disk.path and not copy_storage and not path_visible.get(disk.path, False):
+            return f"disk {disk.path} not found on {d}"
+        if (
+            disk.cache not in SAFE_CACHE_MODES
+            and not disk.readonly
+            and vm not in mig.unsafe_cache_vms
+        ):
+            return (
+                f"disk {disk.path or disk.target} has cache='{disk.cache}' (must be 'none'; "
+                f"list the guest in unsafe_cache_vms to accept the risk)"
+            )
+    for iface in facts.interfaces:
+        if iface.kind == "network" and iface.source not in dst.networks:
+            return f"network {iface.source!r} not active on {d}"
+        if iface.kind == "bridge" and iface.source not in dst.bridges:
+            return f"bridge {iface.source!r} not found on {d}"
+    need = facts.mem_bytes + headroom_bytes
+    if dst.mem_free_bytes < need:
+        return (
+            f"{d} has {dst.mem_free_bytes / MIB:.0f} MiB free, needs "
+            f"{facts.mem_bytes / MIB:.0f} MiB + {headroom_bytes / MIB:.0f} MiB headroom"
+        )
+    return None
+
+
+def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -> PreflightResult:
+    """Gather the facts for ``move`` from the hosts and check them."""
+    vm, s, d = move.vm, move.src, move.dst
+    if s == d:
+        return PreflightResult(False, f"source and destination are the same host ({s})")
+    try:
+        dst = hv.host_facts(d)
+    except HypervisorError as exc:
+        return PreflightResult(False, f"destination {d} does not answer: {exc.detail}")
+    try:
+        src_state = hv.domain_state(s, vm)
+    except HypervisorError as exc:
+        return PreflightResult(False, f"source {s} does not answer: {exc.detail}")
+    if src_state is None:
+        where = ""
+        try:
+            if hv.domain_state(d, vm) is not None:
+                where = f" (already on {d})"
+        except HypervisorError:
+            pass
+        return PreflightResult(False, f"guest is no longer on {s}{where}")
+    try:
+        src = hv.host_facts(s)
+        facts = hv.domain_facts(s, vm)
+        cpu_ok = hv.cpu_compatible(d, facts.cpu_xml) if facts.cpu_xml else True
+        if vm in mig.copy_storage_vms:
+            visible: dict[str, bool] = {}
+        else:
+            visible = {k.path: hv.path_visible(d, k.path) for k in facts.disks if k.path}
+        on_dst = hv.domain_state(d, vm)
+    except HypervisorError as exc:
+        return PreflightResult(False, f"could not read facts: {exc}")
+    if on_dst is not None:
+        return PreflightResult(False, f"a domain named {vm} already exists on {d} ({on_dst})")
+    problem = check(
+        move,
+        facts,
+        src,
+        dst,
+        mig=mig,
+        headroom_bytes=headroom_bytes,
+        cpu_ok=cpu_ok,
+        path_visible=visible,
+    )
+    if problem is not None:
+        return PreflightResult(False, problem, facts)
+    return PreflightResult(True, "", facts)

@@ -1,0 +1,183 @@
+"""Start-up settlement: every journal entry without an outcome is settled so the guest runs
+on exactly one host.
+
+A process that died mid-migration leaves one of these behind (peer-to-peer jobs go on
+inside the source libvirtd without their client; the destination meanwhile lists the
+incoming domain as paused). First any job still running on the source is aborted and
+waited for; then the guest's state on source and destination decides:
+
+  source    destination   action
+  running   running       destroy the destination copy (a running source wins)
+  running   paused        destroy the destination copy (leftover incoming domain)
+  paused    running       destroy the source copy (the destination finished)
+  paused    paused        destroy the destination copy, resume the source
+  paused    absent        resume the source (we left it paused)
+  absent    paused        resume the destination, unless it is still an incoming job
+  one running, the other absent: nothing to do.
+
+"Resume" only where the guest was running before we started. Every settlement is
+logged, written to the journal and returned (the daemon counts them in a metric).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from balancerd.errors import HypervisorError
+from balancerd.execute.journal import Journal
+from balancerd.hypervisor.base import Hypervisor
+
+log = logging.getLogger(__name__)
+
+ALIVE_STATES = ("running", "paused", "blocked")
+JOB_END_WAIT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    vm: str
+    src: str
+    dst: str
+    actions: tuple[str, ...]  # what was done; () when the guest was already on one host
+    detail: str  # where the guest runs now, or why it could not be settled
+    settled: bool  # False: a host did not answer; the entry stays open for next time
+    migration_id: int | None = None
+
+
+def _alive(state: str | None) -> str | None:
+    """The state if the domain is there and running or paused; None if absent or off."""
+    return state if state in ALIVE_STATES else None
+
+
+def _end_job(
+    hv: Hypervisor, host: str, vm: str, heartbeat: Callable[[], None], wait_s: float
+) -> list[str]:
+    """Abort a migration job still running on ``host`` and wait for it to end."""
+    stats = hv.job_stats(host, vm)
+    if stats is None or not stats.active:
+        return []
+    actions = []
+    try:
+        hv.abort_job(host, vm)
+        actions.append(f"aborted the orphaned migration job of {vm} on {host}")
+    except HypervisorError as exc:
+        # A job in its completion phase cannot be aborted; it ends by itself.
+        log.info("abort of orphaned job failed (completing?) vm=%s host=%s: %s", vm, host, exc)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        heartbeat()
+        stats = hv.job_stats(host, vm)
+        if stats is None or not stats.active:
+            return actions
+        time.sleep(1.0)
+    raise HypervisorError(
+        host, f"wait for the job of {vm} to end", f"still running after {wait_s:.0f} s"
+    )
+
+
+def settle(
+    hv: Hypervisor,
+    vm: str,
+    src: str,
+    dst: str,
+    *,
+    was_running: bool,
+    heartbeat: Callable[[], None] = lambda: None,
+    wait_s: float = JOB_END_WAIT_S,
+) -> tuple[list[str], str]:
+    """Make ``vm`` run on exactly one of ``src``/``dst``; returns (actions, where it runs)."""
+    actions: list[str] = []
+    if hv.domain_state(src, vm) is not None:
+        actions += _end_job(hv, src, vm, heartbeat, wait_s)
+    s = _alive(hv.domain_state(src, vm))
+    d = _alive(hv.domain_state(dst, vm))
+    if d == "paused" and s is None:
+        # A paused destination without a source: an incoming job must end first.
+        stats = hv.job_stats(dst, vm)
+        if stats is not None and stats.active:
+            return actions, f"{vm} is an incoming migration on {dst} with no source; left alone"
+    if s and d:
+        if s == "paused" and d != "paused":
+            hv.destroy(src, vm)
+            actions.append(f"destroyed the paused copy on {src} ({dst} runs it)")
+            s = None
+        else:
+            hv.destroy(dst, vm)
+            actions.append(f"destroyed the {d} copy on {dst} ({src} keeps it)")
+            d = None
+    if s == "paused" and was_running:
+        hv.resume(src, vm)
+        actions.append(f"resumed on {src}")
+        s = "running"
+    elif d == "paused" and was_running:
+        hv.resume(dst, vm)
+        actions.append(f"resumed on {dst}")
+        d = "running"
+    if s:
+        where = f"{vm} is {s} on {src}"
+    elif d:
+        where = f"{vm} is {d} on {dst}"
+    else:
+        where = f"{vm} found on neither {src} nor {dst}"
+    return actions, where
+
+
+def reconcile(
+    hv: Hypervisor,
+    journal: Journal,
+    *,
+    heartbeat: Callable[[], None] = lambda: None,
+    wait_s: float = JOB_END_WAIT_S,
+) -> list[Reconciliation]:
+    """Settle every open journal entry whose process is gone. Call at start-up."""
+    done: list[Reconciliation] = []
+    for entry in journal.open_entries():
+        if journal.owner_alive(entry):
+            log.info("migration in progress in pid %d, not touched vm=%s", entry.pid, entry.vm)
+            continue
+        was_running = entry.vm_state != "paused"
+        try:
+            actions, where = settle(
+                hv,
+                entry.vm,
+                entry.src,
+                entry.dst,
+                was_running=was_running,
+                heartbeat=heartbeat,
+                wait_s=wait_s,
+            )
+        except HypervisorError as exc:
+            r = Reconciliation(
+                entry.vm, entry.src, entry.dst, (), f"not settled: {exc}", False, entry.id
+            )
+            log.warning(
+                "reconcile: migration %s %s->%s from pid %d not settled: %s",
+                entry.vm,
+                entry.src,
+                entry.dst,
+                entry.pid,
+                exc,
+                extra={"VM": entry.vm},
+            )
+            done.append(r)
+            continue
+        detail = "; ".join([*actions, where])
+        journal.finish(entry.id, "settled", detail=detail)
+        journal.record_reconciliation(entry.id, entry.vm, ", ".join(actions) or "none", where)
+        log.warning(
+            "reconcile: unfinished migration %s %s->%s (phase %s, pid %d): %s",
+            entry.vm,
+            entry.src,
+            entry.dst,
+            entry.phase,
+            entry.pid,
+            detail,
+            extra={"VM": entry.vm},
+        )
+        done.append(
+            Reconciliation(entry.vm, entry.src, entry.dst, tuple(actions), where, True, entry.id)
+        )
+    return done

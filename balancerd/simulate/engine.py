@@ -1,0 +1,388 @@
+"""The simulation loop: demand from the trace, CPU granted up to capacity, migrations with
+a duration, and energy / SLA accounting exactly as CloudSim 3.0.3's ``PowerDatacenter``,
+``HostDynamicWorkload`` and ``VmSchedulerTimeSharedOverSubscription`` do it:
+
+- the cluster is updated at ``k * interval + 0.1`` s (k = 1 .. samples-1) and whenever a
+  migration ends; between two updates every host's state is constant for the SLA metrics,
+  and its energy is the mean of the power at both ends times the time (0 if the host had no
+  CPU load at the start: an idle, empty host is off);
+- a VM's demand at time t is its trace value linearly interpolated between samples;
+- a host grants each VM its demand, capped at one core per vCPU; if the sum exceeds the
+  host, every VM gets the same share (floored); a VM migrating out gets 90 % of that
+  (the 10 % performance degradation PDM measures), a VM migrating in costs its target 10 %
+  of its demand; the host's request still counts the full demand of a VM migrating in
+  (so a migration target is "at 100 %" for SLATAH while it lasts, as in CloudSim);
+- optionally (CloudSim) a VM whose demand is exactly 0 at an update is finished and removed.
+
+Controllers (the THR-MMT baseline, our decide() pipeline) only *describe* migrations; the
+engine performs them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from balancerd.simulate.metrics import SlaAccumulator
+from balancerd.simulate.scenario import Cluster
+from balancerd.simulate.traces import Workload
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+UPDATE_OFFSET_S = 0.1  # CloudSim's datacenter events fall at k * interval + 0.1
+ROLE_NORMAL, ROLE_OUT, ROLE_IN = 0, 1, 2
+
+
+@dataclass
+class State:
+    """Every host and VM at one instant (after all changes at that instant)."""
+
+    t_s: float
+    util_mips: FloatArray  # [host] granted MIPS (a VM migrating out counts its full share)
+    req_mips: FloatArray  # [host] requested MIPS (uncapped, incl. VMs migrating in)
+    avail_mips: FloatArray  # [host] scheduler's free MIPS (0 when over-subscribed)
+    vm_req: FloatArray  # [vm] requested MIPS (0 for absent VMs)
+    vm_alloc: FloatArray  # [vm] granted MIPS on its (source) host
+    vm_present: BoolArray  # [vm] running somewhere (not finished / not placed)
+    vm_in_migration: BoolArray
+    util_frac: FloatArray = field(default_factory=lambda: np.zeros(0))  # [host] 0..1
+
+    def active_hosts(self) -> int:
+        return int(np.count_nonzero(self.util_mips > 0))
+
+
+@dataclass(frozen=True)
+class Migration:
+    vm: int
+    src: int
+    dst: int
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class View:
+    """What a controller sees at one scheduling instant (read-only by convention)."""
+
+    k: int  # update number (1 ..)
+    t_s: float
+    cluster: Cluster
+    state: State
+    vm_host: IntArray  # [vm] host index, -1 if gone
+    host_vms: list[list[int]]  # VMs of each host in arrival order (CloudSim's vmList)
+    history: FloatArray  # [vm, k+1] observed CPU utilization (0..1 of the VM) up to now
+    mem_used_mb: FloatArray | None  # [vm] memory in use now (Bitbrains), None if unknown
+
+
+class Controller(Protocol):
+    name: str
+
+    def initial_placement(self, cluster: Cluster, workload: Workload) -> IntArray: ...
+
+    def decide(self, view: View) -> list[tuple[int, int]]:
+        """Migrations to start now, in order: (vm, destination host)."""
+        ...
+
+
+@dataclass
+class Result:
+    scenario: str
+    controller: str
+    n_hosts: int
+    n_vms: int
+    energy_kwh: float
+    slatah: float  # 0..1
+    pdm: float  # 0..1
+    migrations: int
+    mem_overcommit_events: int  # host-updates with provisioned guest memory > host memory
+    vms_finished: int
+    unplaced_vms: int
+    interval_times_s: list[float]
+    active_hosts: list[int]
+    energy_kwh_per_interval: list[float]
+    migrations_per_interval: list[int]
+    decision_s: list[float]
+    wall_s: float
+
+    @property
+    def slav(self) -> float:
+        return self.slatah * self.pdm
+
+    @property
+    def esv(self) -> float:
+        return self.energy_kwh * self.slav
+
+    def as_json(self) -> dict[str, object]:
+        dec = sorted(self.decision_s) or [0.0]
+        return {
+            "scenario": self.scenario,
+            "policy": self.controller,
+            "hosts": self.n_hosts,
+            "vms": self.n_vms,
+            "energy_kwh": round(self.energy_kwh, 4),
+            "slatah_pct": round(self.slatah * 100, 4),
+            "pdm_pct": round(self.pdm * 100, 5),
+            "slav": self.slav,
+            "esv": self.esv,
+            "migrations": self.migrations,
+            "mem_overcommit_events": self.mem_overcommit_events,
+            "vms_finished": self.vms_finished,
+            "unplaced_vms": self.unplaced_vms,
+            "active_hosts_mean": round(float(np.mean(self.active_hosts)), 2) if self.active_hosts else 0,
+            "active_hosts": self.active_hosts,
+            "decision_s_mean": round(float(np.mean(dec)), 5),
+            "decision_s_p95": round(dec[int(0.95 * (len(dec) - 1))], 5),
+            "decision_s_max": round(dec[-1], 5),
+            "wall_s": round(self.wall_s, 2),
+        }
+
+
+class Simulation:
+    def __init__(self, cluster: Cluster, workload: Workload, *, intervals: int = 0) -> None:
+        self.c = cluster
+        self.w = workload
+        n_samples = workload.n_samples
+        # CloudSim keeps one extra sample (a copy of the last) for interpolation.
+        self.util = np.concatenate([workload.cpu_util, workload.cpu_util[:, -1:]], axis=1)
+        self.n_updates = n_samples - 1 if intervals <= 0 else min(intervals, n_samples - 1)
+        self.interval_s = workload.interval_s
+        self.vm_host = np.full(cluster.n_vms, -1, dtype=np.int64)
+        self.host_vms: list[list[int]] = [[] for _ in range(cluster.n_hosts)]
+        self.in_flight: list[Migration] = []
+        self.sla = SlaAccumulator(cluster.n_hosts, cluster.n_vms)
+        self.energy_j = 0.0
+        self.migrations = 0
+        self.finished = 0
+        self.mem_overcommit = 0
+
+    # --- demand and state ------------------------------------------------------------
+
+    def demand_util(self, t_s: float) -> FloatArray:
+        """UtilizationModelPlanetLabInMemory.getUtilization at ``t_s`` for every VM."""
+        i1 = int(np.floor(t_s / self.interval_s))
+        i1 = min(i1, self.util.shape[1] - 2)
+        u1 = self.util[:, i1]
+        u2 = self.util[:, i1 + 1]
+        delta = (u2 - u1) / self.interval_s
+        return u1 + delta * (t_s - i1 * self.interval_s)
+
+    def state(self, t_s: float) -> State:
+        c = self.c
+        req_v = self.demand_util(t_s) * c.vm_mips
+        present = self.vm_host >= 0
+        in_mig = np.zeros(c.n_vms, dtype=np.bool_)
+        mig_vm = np.array([m.vm for m in self.in_flight], dtype=np.int64)
+        mig_dst = np.array([m.dst for m in self.in_flight], dtype=np.int64)
+        if len(mig_vm):
+            in_mig[mig_vm] = True
+        src_vm = np.flatnonzero(present)
+        ent_vm = np.concatenate([src_vm, mig_vm])
+        ent_host = np.concatenate([self.vm_host[src_vm], mig_dst])
+        role = np.concatenate(
+            [np.where(in_mig[src_vm], ROLE_OUT, ROLE_NORMAL), np.full(len(mig_vm), ROLE_IN)]
+        )
+        pes = c.vm_pes[ent_vm]
+        per_pe = req_v[ent_vm] / pes
+        capped_pe = np.minimum(per_pe, c.host_pe_mips[ent_host])
+        capped = capped_pe * pes
+        weight = np.where(role == ROLE_IN, capped * 0.1, capped)
+        demand = np.bincount(ent_host, weights=weight, minlength=c.n_hosts)
+        over = demand > c.host_cap_mips
+        scale = np.where(over, c.host_cap_mips / np.where(demand > 0, demand, 1.0), 1.0)
+        over_e = over[ent_host]
+        s_e = scale[ent_host]
+        alloc_fit = np.where(
+            role == ROLE_OUT, capped_pe * 0.9, np.where(role == ROLE_IN, capped_pe * 0.1, capped_pe)
+        )
+        alloc_over = np.where(
+            role == ROLE_OUT,
+            np.floor(capped_pe * s_e * 0.9),
+            np.where(role == ROLE_IN, np.floor(capped_pe * 0.1 * s_e), np.floor(capped_pe * s_e)),
+        )
+        alloc = np.where(over_e, alloc_over, alloc_fit) * pes
+        contrib = np.where(role == ROLE_OUT, alloc / 0.9, alloc)
+        util_mips = np.bincount(ent_host, weights=contrib, minlength=c.n_hosts)
+        req_h = np.bincount(ent_host, weights=req_v[ent_vm], minlength=c.n_hosts)
+        avail = np.where(over, 0.0, c.host_cap_mips - demand)
+        vm_alloc = np.zeros(c.n_vms)
+        not_in = role != ROLE_IN
+        vm_alloc[ent_vm[not_in]] = alloc[not_in]
+        frac = util_mips / c.host_cap_mips
+        frac = np.where((frac > 1) & (frac < 1.01), 1.0, frac)
+        return State(
+            t_s=t_s,
+            util_mips=util_mips,
+            req_mips=req_h,
+            avail_mips=avail,
+            vm_req=np.where(present, req_v, 0.0),
+            vm_alloc=vm_alloc,
+            vm_present=present,
+            vm_in_migration=in_mig,
+            util_frac=frac,
+        )
+
+    # --- accounting ------------------------------------------------------------------
+
+    def account(self, prev: State, cur: State) -> float:
+        """Energy (J) and SLA time between two instants; ``cur`` is before its changes."""
+        dt = cur.t_s - prev.t_s
+        if dt <= 0:
+            return 0.0
+        p_prev = self.c.power.power_w(prev.util_frac)
+        p_cur = self.c.power.power_w(cur.util_frac)
+        on = prev.util_frac != 0
+        e = float(np.sum(np.where(on, (p_prev + (p_cur - p_prev) / 2) * dt, 0.0)))
+        self.energy_j += e
+        self.sla.add_segment(prev, dt)
+        return e
+
+    # --- changes ---------------------------------------------------------------------
+
+    def remove_finished(self, st: State) -> int:
+        if not self.c.spec.remove_idle_vms:
+            return 0
+        done = np.flatnonzero(st.vm_present & ~st.vm_in_migration & (st.vm_req == 0))
+        for v in done:
+            h = int(self.vm_host[v])
+            self.host_vms[h].remove(int(v))
+            self.vm_host[v] = -1
+        self.finished += len(done)
+        return len(done)
+
+    def place(self, vm: int, host: int) -> None:
+        self.vm_host[vm] = host
+        self.host_vms[host].append(vm)
+
+    def start(self, moves: list[tuple[int, int]], t_s: float) -> int:
+        started = 0
+        for vm, dst in moves:
+            src = int(self.vm_host[vm])
+            if src < 0 or dst == src or not 0 <= dst < self.c.n_hosts:
+                continue
+            end = t_s + self.c.migration_s(vm)
+            self.in_flight.append(Migration(vm, src, dst, t_s, end))
+            started += 1
+        self.migrations += started
+        return started
+
+    def complete(self, t_s: float) -> None:
+        done = [m for m in self.in_flight if m.end_s <= t_s]
+        self.in_flight = [m for m in self.in_flight if m.end_s > t_s]
+        for m in done:
+            src = int(self.vm_host[m.vm])
+            if src >= 0:
+                self.host_vms[src].remove(m.vm)
+            self.place(m.vm, m.dst)
+
+    def count_overcommit(self) -> None:
+        """Hosts whose guests (incl. ones migrating in) have more memory than the host."""
+        mem = np.bincount(
+            np.concatenate(
+                [self.vm_host[self.vm_host >= 0], np.array([m.dst for m in self.in_flight], dtype=np.int64)]
+            ),
+            weights=np.concatenate(
+                [
+                    self.c.vm_mem_mb[self.vm_host >= 0],
+                    np.array([self.c.vm_mem_mb[m.vm] for m in self.in_flight]),
+                ]
+            ),
+            minlength=self.c.n_hosts,
+        )
+        self.mem_overcommit += int(np.count_nonzero(mem > self.c.host_mem_mb + 1e-6))
+
+    # --- the loop --------------------------------------------------------------------
+
+    def run(
+        self,
+        controller: Controller,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Result:
+        wall0 = time.perf_counter()
+        initial = controller.initial_placement(self.c, self.w)
+        for v, h in enumerate(initial):
+            if h >= 0:
+                self.place(v, int(h))
+        unplaced = int(np.count_nonzero(initial < 0))
+        prev: State | None = None
+        times: list[float] = []
+        active: list[int] = []
+        energy_iv: list[float] = []
+        mig_iv: list[int] = []
+        decision: list[float] = []
+        mem_used = self.w.mem_used_bytes if self.w.mem_used_bytes.size else None
+        for k in range(1, self.n_updates + 1):
+            t = k * self.interval_s + UPDATE_OFFSET_S
+            e_iv = 0.0
+            # migrations that end before this update
+            for te in sorted({m.end_s for m in self.in_flight if m.end_s < t}):
+                pre = self.state(te)
+                if prev is not None:
+                    e_iv += self.account(prev, pre)
+                self.remove_finished(pre)
+                self.complete(te)
+                prev = self.state(te)
+                self.remove_finished(prev)
+            pre = self.state(t)
+            if prev is not None:
+                e_iv += self.account(prev, pre)
+            self.remove_finished(pre)
+            pre = self.state(t)
+            k_hist = min(k, self.w.n_samples - 1)
+            view = View(
+                k=k,
+                t_s=t,
+                cluster=self.c,
+                state=pre,
+                vm_host=self.vm_host.copy(),
+                host_vms=[list(h) for h in self.host_vms],
+                history=self.w.cpu_util[:, : k_hist + 1],
+                mem_used_mb=None if mem_used is None else mem_used[:, k_hist] / 1024**2,
+            )
+            t0 = time.perf_counter()
+            moves = controller.decide(view)
+            decision.append(time.perf_counter() - t0)
+            n = self.start(moves, t)
+            prev = self.state(t) if n else pre
+            self.count_overcommit()
+            times.append(t)
+            active.append(prev.active_hosts())
+            energy_iv.append(e_iv / 3.6e6)
+            mig_iv.append(n)
+            if progress is not None:
+                progress(k, self.n_updates)
+        # migrations started at the last update still end (and use energy) before the cut-off
+        for te in sorted({m.end_s for m in self.in_flight}):
+            pre = self.state(te)
+            if prev is not None:
+                e = self.account(prev, pre)
+                if energy_iv:
+                    energy_iv[-1] += e / 3.6e6
+            self.remove_finished(pre)
+            self.complete(te)
+            prev = self.state(te)
+        return Result(
+            scenario=self.c.spec.name,
+            controller=controller.name,
+            n_hosts=self.c.n_hosts,
+            n_vms=self.c.n_vms,
+            energy_kwh=self.energy_j / 3.6e6,
+            slatah=self.sla.slatah(),
+            pdm=self.sla.pdm(),
+            migrations=self.migrations,
+            mem_overcommit_events=self.mem_overcommit,
+            vms_finished=self.finished,
+            unplaced_vms=unplaced,
+            interval_times_s=times,
+            active_hosts=active,
+            energy_kwh_per_interval=energy_iv,
+            migrations_per_interval=mig_iv,
+            decision_s=decision,
+            wall_s=time.perf_counter() - wall0,
+        )

@@ -1,0 +1,149 @@
+"""Independent re-check of a target placement, straight from the snapshot and the policy.
+
+It shares no code with the solver stages on purpose. A violation that the current
+placement already has, and that the target does not make worse, is *carried* (e.g. a drain
+cut short by the budget): reported, but it does not block the plan. Anything else blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from balancerd.model import Placement, Snapshot
+from balancerd.policy.model import Policy
+from balancerd.solve.problem import HostCapacity
+
+_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str  # capacity | pin | rule | anti-affinity | affinity | maintenance | excluded | host
+    message: str
+    carried: bool = False  # already so in the current placement, not made worse
+
+    def __str__(self) -> str:
+        return self.message + (" (already so today)" if self.carried else "")
+
+
+def verify(
+    snapshot: Snapshot,
+    policy: Policy,
+    target: Placement,
+    *,
+    capacity: Mapping[str, HostCapacity] | None = None,
+    current: Placement | None = None,
+) -> list[Violation]:
+    """Every rule broken by ``target``; ``current`` defaults to the snapshot's placement."""
+    capacity = capacity or {}
+    cur = current if current is not None else snapshot.placement()
+    c = policy.constraints
+    lim = policy.limits
+    out: list[Violation] = []
+    hosts = {h.name: h for h in snapshot.hosts}
+    vms = {v.name: v for v in snapshot.vms}
+
+    def add(kind: str, msg: str, carried: bool = False) -> None:
+        out.append(Violation(kind, msg, carried))
+
+    for name in vms:
+        if name not in target.host_of:
+            add("host", f"guest {name} has no host in the target")
+    moved = {
+        vm for vm, h in target.host_of.items() if vm in cur.host_of and cur.host_of[vm] != h
+    }
+    for vm, h in target.host_of.items():
+        if vm not in vms:
+            add("host", f"target places unknown guest {vm}")
+            continue
+        host = hosts.get(h)
+        if host is None:
+            add("host", f"guest {vm} placed on unknown host {h}")
+            continue
+        if vm in moved:
+            if not host.up:
+                add("host", f"guest {vm} moved to host {h}, which is down")
+            if host.powered_off and policy.objective != "power-save":
+                add("host", f"guest {vm} moved to powered-off host {h}")
+            if h in c.exclude_hosts:
+                add("excluded", f"guest {vm} moved to excluded host {h}")
+            src = cur.host_of[vm]
+            if src in c.exclude_hosts:
+                add("excluded", f"guest {vm} moved off excluded host {src}")
+            if vm in c.exclude_vms:
+                add("excluded", f"excluded guest {vm} moved {src} -> {h}")
+        was_here = cur.host_of.get(vm) == h
+        if h in c.maintenance:
+            add("maintenance", f"guest {vm} on host {h}, which is in maintenance", was_here)
+        allowed = c.pin.get(vm)
+        if allowed is not None and h not in allowed:
+            add("pin", f"guest {vm} pinned to {list(allowed)} but on {h}", was_here)
+        for rule in c.host_rules:
+            if vm not in rule.vms:
+                continue
+            if rule.kind == "must" and h not in rule.hosts:
+                add("rule", f"guest {vm} must run on {list(rule.hosts)} but on {h}", was_here)
+            if rule.kind == "must_not" and h in rule.hosts:
+                add("rule", f"guest {vm} must not run on {h}", was_here)
+
+    # capacity, recomputed from the guests
+    def loads(p: Placement) -> dict[str, tuple[float, float, float]]:
+        acc: dict[str, list[float]] = {h: [0.0, 0.0, 0.0] for h in hosts}
+        for vm, h in p.host_of.items():
+            v = vms.get(vm)
+            if v is None or h not in acc:
+                continue
+            acc[h][0] += v.cpu_util * v.vcpus
+            acc[h][1] += v.mem_bytes
+            acc[h][2] += v.vcpus
+        return {h: (a[0], a[1], a[2]) for h, a in acc.items()}
+
+    after = loads(target)
+    before = loads(cur)
+    gains = {h for vm in moved for h in [target.host_of[vm]]}
+    for name, host in hosts.items():
+        over = capacity.get(name)
+        cpus = over.cpus if over and over.cpus > 0 else float(host.cpus)
+        mem = over.mem_bytes if over and over.mem_bytes > 0 else host.mem_bytes
+        caps = (
+            ("CPU", cpus * lim.max_cpu_util, "cores"),
+            ("memory", min(mem * lim.max_mem_util, mem - lim.mem_headroom_bytes), "bytes"),
+            ("vCPUs", cpus * lim.cpu_overcommit, "vCPUs"),
+        )
+        for k, (what, cap, unit) in enumerate(caps):
+            a = after[name][k]
+            if a <= cap * (1 + _TOL) + _TOL:
+                continue
+            b = before[name][k]
+            carried = b > cap * (1 + _TOL) and a <= b * (1 + _TOL) + _TOL and name not in gains
+            if k == 1:
+                msg = f"host {name}: guest memory {a / 2**30:.2f} GiB > limit {cap / 2**30:.2f} GiB"
+            else:
+                msg = f"host {name}: {what} {a:.2f} {unit} > limit {cap:.2f} {unit}"
+            add("capacity", msg, carried)
+
+    # anti-affinity: no new sharing of a host within a group
+    for grp in c.anti_affinity:
+        per_after: dict[str, list[str]] = {}
+        per_before: dict[str, int] = {}
+        for vm in grp:
+            if vm in target.host_of:
+                per_after.setdefault(target.host_of[vm], []).append(vm)
+            if vm in cur.host_of:
+                per_before[cur.host_of[vm]] = per_before.get(cur.host_of[vm], 0) + 1
+        for h, names in per_after.items():
+            if len(names) > 1:
+                carried = len(names) <= per_before.get(h, 0)
+                add("anti-affinity", f"anti-affinity group {list(grp)}: {names} share host {h}",
+                    carried)
+    for grp in c.affinity:
+        placed = {target.host_of[vm] for vm in grp if vm in target.host_of}
+        if len(placed) > 1:
+            carried = not any(vm in moved for vm in grp)
+            add("affinity", f"affinity group {list(grp)} spread over {sorted(placed)}", carried)
+    return out
+
+
+def blocking(violations: list[Violation]) -> list[Violation]:
+    return [v for v in violations if not v.carried]

@@ -1,0 +1,785 @@
+"""Policy documents: YAML positions, validation messages (file:line), schema, check-policy."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import textwrap
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from balancerd import cli
+from balancerd.commands import check_policy
+from balancerd.errors import PolicyError
+from balancerd.policy import load as policy_load
+from balancerd.policy.load import SCHEMA_PATH, Obj, load_policy, load_policy_text, schema_text
+from balancerd.policy.model import (
+    Budget,
+    Constraints,
+    HostRule,
+    Hysteresis,
+    Limits,
+    Migration,
+    Policy,
+    Power,
+    PowerModel,
+    Resources,
+    Solver,
+)
+from balancerd.yamlpos import YamlError, load_text
+
+REPO = Path(__file__).resolve().parent.parent
+POLICY_FILES = sorted((REPO / "policies").glob("*.yaml"))
+SRC = "t.yaml"
+
+HEAD = """\
+apiVersion: balancerd/v1
+kind: Policy
+metadata:
+  name: t
+"""
+
+
+def doc(spec: str) -> str:
+    """A document with the standard head and ``spec`` (indented under ``spec:``)."""
+    return HEAD + "spec:\n" + textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ") + "\n"
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as info:
+        load_policy_text(text, SRC)
+    assert info.value.problems, "PolicyError without problems"
+    return info.value.problems
+
+
+def line_of(text: str, needle: str, nth: int = 1) -> int:
+    """1-based line of the nth line containing ``needle``."""
+    found = [i for i, line in enumerate(text.splitlines(), 1) if needle in line]
+    assert len(found) >= nth, f"{needle!r} not in text"
+    return found[nth - 1]
+
+
+# ---------------------------------------------------------------------------- yamlpos
+
+
+def test_yamlpos_matches_safe_load_and_records_lines() -> None:
+    text = "a: 1\nb:\n  - x\n  - {y: 2}\nbase: &b {p: 1}\nc:\n  <<: *b\n  q: on\n"
+    parsed = load_text(text, "f.yaml")
+    assert parsed.data == yaml.safe_load(text)
+    assert parsed.line(("b", 1, "y")) == 4
+    assert parsed.line(("c", "q")) == 8
+    # Absent paths answer with the nearest written ancestor.
+    assert parsed.line(("c", "missing", 3)) == 6
+    assert parsed.problem(("b", 0), "m") == "f.yaml:3: b[0]: m"
+
+
+@pytest.mark.parametrize("path", POLICY_FILES, ids=lambda p: p.name)
+def test_yamlpos_data_equals_safe_load_on_shipped_policies(path: Path) -> None:
+    text = path.read_text()
+    assert load_text(text, str(path)).data == yaml.safe_load(text)
+
+
+def test_yamlpos_reports_every_duplicate_key() -> None:
+    with pytest.raises(YamlError) as info:
+        load_text("a: 1\nb:\n  c: 1\n  c: 2\na: 3\n", "d.yaml")
+    assert info.value.problems == [
+        "d.yaml:4: b.c: duplicate key (first written at line 3)",
+        "d.yaml:5: a: duplicate key (first written at line 1)",
+    ]
+
+
+# ------------------------------------------------------------------------ bad documents
+
+# (name, spec text, field path, line needle, message fragment)
+BAD_SPEC = [
+    (
+        "range_cpu_util",
+        "objective: balance\nlimits:\n  max_cpu_util: 1.5\n",
+        "spec.limits.max_cpu_util",
+        "max_cpu_util",
+        "must be a number in (0, 1], got 1.5",
+    ),
+    (
+        "string_for_number",
+        "objective: balance\nlimits:\n  max_mem_util: high\n",
+        "spec.limits.max_mem_util",
+        "max_mem_util",
+        "must be a number in (0, 1], got 'high'",
+    ),
+    (
+        "bool_for_number",
+        "objective: balance\nhysteresis:\n  cooldown_s: true\n",
+        "spec.hysteresis.cooldown_s",
+        "cooldown_s",
+        "must be a number >= 0, got true",
+    ),
+    (
+        "float_for_integer",
+        "objective: balance\nbudget:\n  max_moves: 2.5\n",
+        "spec.budget.max_moves",
+        "max_moves",
+        "must be an integer >= 0, got 2.5",
+    ),
+    (
+        "negative_bandwidth",
+        "objective: balance\nmigration:\n  bandwidth_mib_s: -10\n",
+        "spec.migration.bandwidth_mib_s",
+        "bandwidth_mib_s",
+        "must be a number > 0, got -10",
+    ),
+    (
+        "negative_min_active_hosts",
+        "objective: power-save\npower:\n  min_active_hosts: -1\n",
+        "spec.power.min_active_hosts",
+        "min_active_hosts",
+        "must be an integer >= 0, got -1",
+    ),
+    (
+        "gap_one",
+        "objective: balance\nsolver:\n  gap: 1\n",
+        "spec.solver.gap",
+        "gap",
+        "must be a number in [0, 1), got 1",
+    ),
+    (
+        "zero_concurrency",
+        "objective: balance\nmigration:\n  max_concurrent: 0\n  max_concurrent_per_host: 0\n",
+        "spec.migration.max_concurrent",
+        "max_concurrent:",
+        "must be an integer >= 1, got 0",
+    ),
+    (
+        "bad_enum",
+        "objective: balance\nmigration:\n  on_stall: retry\n",
+        "spec.migration.on_stall",
+        "on_stall",
+        "must be one of pause | abort, got 'retry'",
+    ),
+    (
+        "bad_objective",
+        "objective: balanced\n",
+        "spec.objective",
+        "objective",
+        "must be one of balance | power-save, got 'balanced'",
+    ),
+    (
+        "unknown_key_suggests",
+        "objective: balance\nlimits:\n  max_cpu_utl: 0.5\n",
+        "spec.limits.max_cpu_utl",
+        "max_cpu_utl",
+        "unknown key (did you mean 'max_cpu_util'?)",
+    ),
+    (
+        "unknown_key_misplaced",
+        "objective: balance\nmax_moves: 3\n",
+        "spec.max_moves",
+        "max_moves",
+        "unknown key (it belongs under spec.budget)",
+    ),
+    (
+        "unknown_key_lists_allowed",
+        "objective: balance\nsolver:\n  zzz: 1\n",
+        "spec.solver.zzz",
+        "zzz",
+        "unknown key; allowed: backend, time_limit_s, gap, migration_cost",
+    ),
+    (
+        "yaml_boolean_host_name",
+        "objective: balance\nconstraints:\n  maintenance: [host1, no]\n",
+        "spec.constraints.maintenance[1]",
+        "maintenance",
+        "got false (YAML reads yes/no/on/off/true/false as booleans: quote it)",
+    ),
+    (
+        "list_expected",
+        "objective: balance\nconstraints:\n  exclude_vms: web-1\n",
+        "spec.constraints.exclude_vms",
+        "exclude_vms",
+        "must be a list, got 'web-1'",
+    ),
+    (
+        "listed_twice",
+        "objective: balance\nconstraints:\n  exclude_vms:\n    - a\n    - b\n    - a  # again\n",
+        "spec.constraints.exclude_vms[2]",
+        "again",
+        "'a' is listed twice (also at index 0)",
+    ),
+    (
+        "anti_affinity_group_of_one",
+        "objective: balance\nconstraints:\n  anti_affinity: [[a]]\n",
+        "spec.constraints.anti_affinity[0]",
+        "anti_affinity",
+        "must have at least 2 item(s), got 1",
+    ),
+    (
+        "empty_pin",
+        "objective: balance\nconstraints:\n  pin:\n    db-1: []\n",
+        "spec.constraints.pin.db-1",
+        "db-1",
+        "must have at least 1 item(s), got 0",
+    ),
+    (
+        "null_section",
+        "objective: balance\nlimits:\n",
+        "spec.limits",
+        "limits",
+        "must be a mapping, got null",
+    ),
+    (
+        "host_rule_missing_and_bad",
+        "objective: balance\nconstraints:\n  host_rules:\n    - vms: [a]\n      kind: often\n",
+        "spec.constraints.host_rules[0].hosts",
+        "- vms",
+        "missing required key",
+    ),
+    (
+        "missing_objective",
+        "mode: recommend\n",
+        "spec.objective",
+        "spec:",
+        "missing required key",
+    ),
+    # Cross-field rules.
+    (
+        "pinned_and_excluded",
+        "objective: balance\nconstraints:\n  pin:\n    db-1: [host1]\n  exclude_vms: [db-1]\n",
+        "spec.constraints.exclude_vms[0]",
+        "exclude_vms",
+        "'db-1' is also pinned (line 9)",
+    ),
+    (
+        "affinity_and_anti_affinity",
+        "objective: balance\nconstraints:\n  affinity: [[a, b]]\n  anti_affinity: [[a, b, c]]\n",
+        "spec.constraints.anti_affinity[0]",
+        "anti_affinity",
+        "'a' and 'b' must share a host (affinity) and must not",
+    ),
+    (
+        "affinity_transitive_and_anti_affinity",
+        "objective: balance\nconstraints:\n"
+        "  affinity: [[a, b], [b, c]]\n  anti_affinity: [[x, y], [c, a]]\n",
+        "spec.constraints.anti_affinity[1]",
+        "anti_affinity",
+        "'c' and 'a' must share a host",
+    ),
+    (
+        "pin_to_maintenance",
+        "objective: balance\nconstraints:\n  pin:\n    db-1: [host2]\n  maintenance: [host2]\n",
+        "spec.constraints.pin.db-1",
+        "db-1",
+        "pinned only to host(s) in maintenance (host2)",
+    ),
+    (
+        "maintenance_and_excluded_host",
+        "objective: balance\nconstraints:\n  exclude_hosts: [h1]\n  maintenance: [h0, h1]\n",
+        "spec.constraints.maintenance[1]",
+        "maintenance",
+        "'h1' is also in exclude_hosts",
+    ),
+    (
+        "must_and_must_not",
+        "objective: balance\nconstraints:\n  host_rules:\n"
+        "    - {vms: [a], hosts: [h1], kind: must}\n"
+        "    - {vms: [a, b], hosts: [h1, h2], kind: must_not}\n",
+        "spec.constraints.host_rules[1]",
+        "must_not",
+        "'a' on 'h1' is both must (host_rules[0]) and must_not",
+    ),
+    (
+        "weight_on_hard_rule",
+        "objective: balance\nconstraints:\n  host_rules:\n"
+        "    - vms: [a]\n      hosts: [h1]\n      kind: must_not\n      weight: 3\n",
+        "spec.constraints.host_rules[0].weight",
+        "weight",
+        "weight only applies to kind should / should_not",
+    ),
+    (
+        "idle_above_max_watts",
+        "objective: power-save\npower:\n  host_models:\n"
+        "    h1: {idle_watts: 400, max_watts: 300}\n",
+        "spec.power.host_models.h1.idle_watts",
+        "h1:",
+        "idle_watts 400 is above max_watts 300",
+    ),
+    (
+        "per_host_above_cluster",
+        "objective: balance\nmigration:\n  max_concurrent: 1\n  max_concurrent_per_host: 2\n",
+        "spec.migration.max_concurrent_per_host",
+        "max_concurrent_per_host",
+        "2 is above max_concurrent 1",
+    ),
+    (
+        "downtime_steps_decrease",
+        "objective: balance\nmigration:\n  downtime_steps_ms: [800, 500]\n",
+        "spec.migration.downtime_steps_ms",
+        "downtime_steps_ms",
+        "must increase, got [800, 500]",
+    ),
+    (
+        "downtime_steps_below_max_downtime",
+        "objective: balance\nmigration:\n  max_downtime_ms: 1000\n",
+        "spec.migration.max_downtime_ms",
+        "max_downtime_ms",
+        "the first downtime step (500 ms) must be above max_downtime_ms (1000 ms)",
+    ),
+    (
+        "both_weights_zero",
+        "objective: balance\nresources:\n  cpu: {weight: 0}\n  memory: {weight: 0}\n",
+        "spec.resources",
+        "resources",
+        "at least one of cpu.weight, memory.weight must be > 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "needle", "message"),
+    [case[1:] for case in BAD_SPEC],
+    ids=[case[0] for case in BAD_SPEC],
+)
+def test_bad_spec_reports_file_line_path_message(
+    spec: str, path: str, needle: str, message: str
+) -> None:
+    text = doc(spec)
+    found = problems(text)
+    expected_prefix = f"{SRC}:{line_of(text, needle)}: {path}: "
+    matching = [p for p in found if p.startswith(expected_prefix) and message in p]
+    assert matching, f"want {expected_prefix}...{message}\ngot:\n" + "\n".join(found)
+
+
+# (name, whole document, line, message fragment)
+BAD_DOCUMENTS = [
+    ("empty_file", "# only a comment\n", 1, "the file is empty"),
+    ("not_a_mapping", "- a\n- b\n", 1, "(document): must be a mapping, got a list"),
+    (
+        "yaml_syntax_error",
+        HEAD + "spec:\n  objective: balance\n  limits: {max_cpu_util: 0.5\n",
+        8,
+        "YAML syntax error",
+    ),
+    (
+        "yaml_bad_indent",
+        HEAD + "spec:\n  objective: balance\n   mode: recommend\n",
+        7,
+        "YAML syntax error: mapping values are not allowed here",
+    ),
+    (
+        "duplicate_key",
+        HEAD + "spec:\n  objective: balance\n  mode: automatic\n  mode: recommend\n",
+        8,
+        "spec.mode: duplicate key (first written at line 7)",
+    ),
+    (
+        "wrong_api_version",
+        "apiVersion: balancerd/v2\nkind: Policy\nmetadata: {name: t}\nspec: {objective: balance}\n",
+        1,
+        "apiVersion: must be 'balancerd/v1', got 'balancerd/v2'",
+    ),
+    (
+        "wrong_kind",
+        "apiVersion: balancerd/v1\nkind: policy\nmetadata: {name: t}\nspec: {objective: balance}\n",
+        2,
+        "kind: must be 'Policy', got 'policy'",
+    ),
+    (
+        "missing_api_version",
+        "kind: Policy\nmetadata: {name: t}\nspec: {objective: balance}\n",
+        1,
+        "apiVersion: missing required key",
+    ),
+    (
+        "missing_name",
+        "apiVersion: balancerd/v1\nkind: Policy\nmetadata:\n  description: x\n"
+        "spec: {objective: balance}\n",
+        3,
+        "metadata.name: missing required key",
+    ),
+    (
+        "missing_spec",
+        HEAD,
+        1,
+        "spec: missing required key",
+    ),
+    (
+        "bad_name",
+        "apiVersion: balancerd/v1\nkind: Policy\nmetadata: {name: my policy}\n"
+        "spec: {objective: balance}\n",
+        3,
+        "metadata.name: must be a name (letters, digits, _.:-), got 'my policy'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [case[1:] for case in BAD_DOCUMENTS],
+    ids=[case[0] for case in BAD_DOCUMENTS],
+)
+def test_bad_document(text: str, line: int, message: str) -> None:
+    found = problems(text)
+    assert any(p.startswith(f"{SRC}:{line}: ") and message in p for p in found), "\n".join(found)
+
+
+def test_every_problem_reported_at_once_in_file_order() -> None:
+    text = doc(
+        """
+        objective: balance
+        limits:
+          max_cpu_util: 2
+          max_mem_util: 0.8
+        budget:
+          max_movs: 3
+        constraints:
+          pin:
+            db-1: [host1]
+          exclude_vms: [db-1]
+        migration:
+          bandwidth_mib_s: 0
+          on_stall: stop
+        """
+    )
+    assert problems(text) == [
+        f"{SRC}:{line_of(text, 'max_cpu_util')}: spec.limits.max_cpu_util: "
+        "must be a number in (0, 1], got 2",
+        f"{SRC}:{line_of(text, 'max_movs')}: spec.budget.max_movs: "
+        "unknown key (did you mean 'max_moves'?)",
+        f"{SRC}:{line_of(text, 'exclude_vms')}: spec.constraints.exclude_vms[0]: "
+        f"'db-1' is also pinned (line {line_of(text, 'db-1')}); an excluded VM is never "
+        "moved, so remove it from exclude_vms or from pin",
+        f"{SRC}:{line_of(text, 'bandwidth')}: spec.migration.bandwidth_mib_s: "
+        "must be a number > 0, got 0",
+        f"{SRC}:{line_of(text, 'on_stall')}: spec.migration.on_stall: "
+        "must be one of pause | abort, got 'stop'",
+    ]
+
+
+def test_cross_checks_still_run_when_a_required_key_is_missing() -> None:
+    text = doc(
+        """
+        mode: recommend
+        constraints:
+          affinity: [[a, b]]
+          anti_affinity: [[b, a]]
+        """
+    )
+    found = problems(text)
+    assert len(found) == 2
+    assert found[0].startswith(f"{SRC}:5: spec.objective: missing required key")
+    assert "must share a host" in found[1]
+
+
+# ----------------------------------------------------------------------- good documents
+
+
+FULL = doc(
+    """
+    objective: power-save
+    mode: recommend
+    resources:
+      cpu: {weight: 2}
+      memory: {weight: 0.5}
+    limits:
+      max_cpu_util: 0.7
+      max_mem_util: 1
+      mem_headroom_mib: 1536
+      cpu_overcommit: 2
+    hysteresis: {min_improvement: 0.1, cooldown_s: 60}
+    budget: {max_moves: 7, max_gib: 0.5}
+    constraints:
+      pin: {db-1: [host1, host2]}
+      exclude_vms: [legacy]
+      exclude_hosts: [host9]
+      affinity: [[app-1, cache-1]]
+      anti_affinity: [[db-1, db-2], [db-2, db-3]]
+      host_rules:
+        - {vms: [build-1], hosts: [host3], kind: should, weight: 2.5}
+        - {vms: [build-2], hosts: [host1], kind: must_not}
+      maintenance: [host4]
+    power:
+      min_active_hosts: 0
+      reserve_hosts: 2
+      grace_period_s: 30
+      min_off_s: 60
+      default_model: {idle_watts: 90}
+      host_models: {host1: {idle_watts: 50, max_watts: 200}}
+    migration:
+      bandwidth_mib_s: 250
+      max_downtime_ms: 50
+      max_concurrent: 4
+      max_concurrent_per_host: 2
+      on_stall: abort
+      downtime_steps_ms: [100, 200]
+      auto_converge: false
+      stall_samples: 3
+      max_time_s: 90
+      allow_cold: false
+      allow_backward: true
+      copy_storage_vms: [legacy]
+      unsafe_cache_vms: [build-1]
+      no_pause_vms: [db-1]
+    solver: {backend: highs, time_limit_s: 2, gap: 0, migration_cost: 0.5}
+    """
+)
+
+
+def test_full_document_round_trips_with_unit_conversion() -> None:
+    expected = Policy(
+        name="t",
+        objective="power-save",
+        mode="recommend",
+        resources=Resources(cpu_weight=2.0, memory_weight=0.5),
+        limits=Limits(
+            max_cpu_util=0.7,
+            max_mem_util=1.0,
+            mem_headroom_bytes=1536 * 1024 * 1024,
+            cpu_overcommit=2.0,
+        ),
+        hysteresis=Hysteresis(min_improvement=0.1, cooldown_s=60.0),
+        budget=Budget(max_moves=7, max_bytes=512 * 1024 * 1024),
+        constraints=Constraints(
+            pin={"db-1": ("host1", "host2")},
+            exclude_vms=("legacy",),
+            exclude_hosts=("host9",),
+            affinity=(("app-1", "cache-1"),),
+            anti_affinity=(("db-1", "db-2"), ("db-2", "db-3")),
+            host_rules=(
+                HostRule(vms=("build-1",), hosts=("host3",), kind="should", weight=2.5),
+                HostRule(vms=("build-2",), hosts=("host1",), kind="must_not"),
+            ),
+            maintenance=("host4",),
+        ),
+        power=Power(
+            min_active_hosts=0,
+            reserve_hosts=2,
+            grace_period_s=30.0,
+            min_off_s=60.0,
+            host_models={"host1": PowerModel(idle_watts=50.0, max_watts=200.0)},
+            default_model=PowerModel(idle_watts=90.0),
+        ),
+        migration=Migration(
+            bandwidth_mib_s=250.0,
+            max_downtime_ms=50,
+            max_concurrent=4,
+            max_concurrent_per_host=2,
+            on_stall="abort",
+            downtime_steps_ms=(100, 200),
+            auto_converge=False,
+            stall_samples=3,
+            max_time_s=90.0,
+            allow_cold=False,
+            allow_backward=True,
+            copy_storage_vms=("legacy",),
+            unsafe_cache_vms=("build-1",),
+            no_pause_vms=("db-1",),
+        ),
+        solver=Solver(backend="highs", time_limit_s=2.0, gap=0.0, migration_cost=0.5),
+        source=SRC,
+    )
+    got = load_policy_text(FULL, SRC)
+    assert got == expected
+    assert isinstance(got.limits.mem_headroom_bytes, int)
+    assert isinstance(got.budget.max_bytes, int)
+    assert isinstance(got.migration.max_downtime_ms, int)
+    assert isinstance(got.hysteresis.cooldown_s, float)
+
+
+def test_minimal_document_takes_dataclass_defaults() -> None:
+    got = load_policy_text(doc("objective: balance"), SRC)
+    assert got == Policy(name="t", objective="balance", source=SRC)
+
+
+# Combinations that look suspicious but are allowed.
+VALID_SPECS = [
+    ("vm_in_two_anti_affinity_groups", "constraints:\n  anti_affinity: [[a, b], [b, c]]"),
+    ("abort_with_no_pause_vms", "migration: {on_stall: abort, no_pause_vms: [db-1]}"),
+    (
+        "pin_with_one_host_in_maintenance",
+        "constraints:\n  pin: {db-1: [h1, h2]}\n  maintenance: [h1]",
+    ),
+    (
+        "affinity_and_anti_affinity_disjoint",
+        "constraints: {affinity: [[a, b]], anti_affinity: [[a, c], [b, c]]}",
+    ),
+    (
+        "must_and_should_not_same_pair",
+        "constraints:\n  host_rules:\n"
+        "    - {vms: [a], hosts: [h1], kind: must}\n"
+        "    - {vms: [a], hosts: [h1], kind: should_not, weight: 1}",
+    ),
+    ("zero_moves_budget", "budget: {max_moves: 0, max_gib: 0}"),
+    ("one_weight_zero", "resources: {cpu: {weight: 0}}"),
+    ("idle_equals_max_watts", "power: {default_model: {idle_watts: 250}}"),
+    ("quoted_yaml_boolean_name", "constraints: {maintenance: ['no', 'on']}"),
+]
+
+
+@pytest.mark.parametrize("spec", [c[1] for c in VALID_SPECS], ids=[c[0] for c in VALID_SPECS])
+def test_valid_combinations_load(spec: str) -> None:
+    policy = load_policy_text(doc("objective: balance\n" + spec), SRC)
+    assert policy.name == "t"
+
+
+def test_load_policy_reads_a_file_and_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(doc("objective: power-save"))
+    assert load_policy(path).source == str(path)
+    with pytest.raises(PolicyError) as info:
+        load_policy(tmp_path / "absent.yaml")
+    assert info.value.problems == [
+        f"{tmp_path / 'absent.yaml'}: cannot read: No such file or directory"
+    ]
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+def test_committed_schema_is_the_generated_one() -> None:
+    assert SCHEMA_PATH.read_text() == schema_text(), (
+        "balancerd/policy/schema.json is stale: python -m balancerd.policy.load --write-schema"
+    )
+
+
+def _table_attrs(kind: Obj) -> set[str]:
+    attrs: set[str] = set()
+    for name, field in kind.fields.items():
+        if field.inline:
+            assert isinstance(field.kind, Obj)
+            attrs |= _table_attrs(field.kind)
+        else:
+            attrs.add(field.attr or name)
+    return attrs
+
+
+def test_table_covers_every_dataclass_field() -> None:
+    """A field added to policy/model.py without a key in the table fails here."""
+    spec_attrs = _table_attrs(policy_load.SPEC)
+    assert spec_attrs == {f.name for f in dataclasses.fields(Policy)} - {"name", "source"}
+    for field in policy_load.SPEC.fields.values():
+        kind = field.kind
+        if isinstance(kind, Obj) and kind.cls is not None:
+            assert isinstance(kind.cls, type)
+            assert _table_attrs(kind) == {f.name for f in dataclasses.fields(kind.cls)}
+
+
+def _schema_validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_schema_accepts_shipped_and_full_policies() -> None:
+    validator = _schema_validator()
+    for text in [FULL, *(p.read_text() for p in POLICY_FILES)]:
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(text))]
+        assert errors == []
+
+
+STRUCTURAL_BAD = [
+    "objective: balance\nlimits: {max_cpu_util: 1.5}",
+    "objective: balance\nlimits: {max_cpu_utl: 0.5}",
+    "objective: balance\nbudget: {max_moves: 2.5}",
+    "objective: balance\nmigration: {bandwidth_mib_s: -1}",
+    "objective: balance\nconstraints: {exclude_vms: [a, a]}",
+    "objective: balance\nconstraints: {anti_affinity: [[a]]}",
+    "objective: balance\nconstraints: {host_rules: [{vms: [a], kind: must}]}",
+    "objective: balance\npower: {host_models: {h1: {idle: 3}}}",
+    "objective: eco",
+    "mode: recommend",
+]
+
+
+@pytest.mark.parametrize("spec", STRUCTURAL_BAD)
+def test_schema_and_loader_agree_on_structural_errors(spec: str) -> None:
+    text = doc(spec)
+    assert list(_schema_validator().iter_errors(yaml.safe_load(text)))
+    assert problems(text)
+
+
+def test_write_schema_writes_the_generated_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "schema.json"
+    monkeypatch.setattr(policy_load, "SCHEMA_PATH", target)
+    assert policy_load.main(["--write-schema"]) == 0
+    assert target.read_text() == schema_text()
+    assert policy_load.main(["--check-schema"]) == 0
+    target.write_text("{}\n")
+    assert policy_load.main(["--check-schema"]) == 1
+
+
+# ------------------------------------------------------------------------ check-policy
+
+
+def _run_check(files: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    check_policy.add_arguments(parser)
+    return check_policy.run(parser.parse_args(files))
+
+
+def test_shipped_policies_pass_check_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert len(POLICY_FILES) >= 3
+    assert _run_check([str(p) for p in POLICY_FILES]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for path, line in zip(POLICY_FILES, out, strict=True):
+        policy = load_policy(path)
+        assert line == f"{path}: ok ({policy.name}, {policy.objective})"
+    names = {load_policy(p).name for p in POLICY_FILES}
+    assert {"balance", "power-save", "maintenance-drain"} <= names
+
+
+def test_shipped_policies_objectives_and_drain_host() -> None:
+    by_name = {load_policy(p).name: load_policy(p) for p in POLICY_FILES}
+    assert by_name["balance"].objective == "balance"
+    assert by_name["power-save"].objective == "power-save"
+    assert by_name["maintenance-drain"].constraints.maintenance
+
+
+def test_balance_yaml_mentions_every_key() -> None:
+    """balance.yaml is the operator's reference: every key of the table is written in it."""
+    written = yaml.safe_load((REPO / "policies" / "balance.yaml").read_text())
+
+    def missing(kind: Obj, value: object, path: str) -> list[str]:
+        assert isinstance(value, dict), path
+        out: list[str] = []
+        for name, field in kind.fields.items():
+            if name not in value:
+                out.append(f"{path}.{name}")
+            elif isinstance(field.kind, Obj):
+                out += missing(field.kind, value[name], f"{path}.{name}")
+        return out
+
+    assert missing(policy_load.DOCUMENT, written, "") == []
+
+
+def _cli_exit(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    # Only this command is registered, so the test does not depend on the others.
+    monkeypatch.setattr(cli, "COMMANDS", {"check-policy": cli.COMMANDS["check-policy"]})
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert isinstance(info.value.code, int)
+    return info.value.code
+
+
+def test_cli_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(doc("objective: balance"))
+    bad = tmp_path / "bad.yaml"
+    bad_text = doc("objective: balance\nlimits:\n  max_cpu_util: 1.5\nsolver: {backend: glpk}")
+    bad.write_text(bad_text)
+
+    assert _cli_exit(["check-policy", str(good)], monkeypatch) == 0
+    assert capsys.readouterr().out == f"{good}: ok (t, balance)\n"
+
+    assert _cli_exit(["check-policy", str(good), str(bad)], monkeypatch) == 1
+    captured = capsys.readouterr()
+    assert captured.out == f"{good}: ok (t, balance)\n"
+    assert f"{bad}:{line_of(bad_text, 'max_cpu_util')}: spec.limits.max_cpu_util:" in (captured.err)
+    assert f"{bad}:{line_of(bad_text, 'glpk')}: spec.solver.backend:" in captured.err
+
+    assert _cli_exit(["check-policy", str(tmp_path / "none.yaml")], monkeypatch) == 1
