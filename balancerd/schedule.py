@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from apscheduler.triggers.cron import CronTrigger
-
-from balancerd.config import ScheduleEntry
+from balancerd.config import ScheduleEntry, cron_trigger
 
 
 @dataclass(frozen=True)
@@ -25,7 +23,7 @@ class ActiveSchedule:
 
 def window_open(entry: ScheduleEntry, now: datetime) -> bool:
     """Whether a firing of ``entry.cron`` in (now - duration, now] keeps its window open."""
-    trigger = CronTrigger.from_crontab(entry.cron, timezone=now.tzinfo)
+    trigger = cron_trigger(entry.cron, timezone=now.tzinfo)
     start = now - timedelta(seconds=entry.duration_s)
     # The first firing at or after ``start`` (APScheduler rounds up to whole seconds).
     fire = trigger.get_next_fire_time(None, start + timedelta(microseconds=1))

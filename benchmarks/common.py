@@ -28,8 +28,9 @@ def synthetic_cluster(n_hosts: int, n_guests: int, seed: int) -> Snapshot:
     weight = []
     for i in range(n_hosts):
         cores, gib = HOST_TYPES[i % len(HOST_TYPES)]
-        hosts.append(Host(name=f"h{i:04d}", uri=f"test:///h{i}", up=True, cpus=cores,
-                          mem_bytes=gib * GIB))
+        hosts.append(
+            Host(name=f"h{i:04d}", uri=f"test:///h{i}", up=True, cpus=cores, mem_bytes=gib * GIB)
+        )
         hot = 1.6 if rnd.random() < 0.1 else 1.0
         weight.append(cores * hot * rnd.uniform(0.8, 1.2))
     mem_used = [0.0] * n_hosts
@@ -43,8 +44,17 @@ def synthetic_cluster(n_hosts: int, n_guests: int, seed: int) -> Snapshot:
             if mem_used[h] + mem <= 0.97 * hosts[h].mem_bytes:
                 break
         mem_used[h] += mem
-        vms.append(Vm(name=f"vm{j:05d}", uuid=f"u{j}", host=hosts[h].name, state="running",
-                      vcpus=vcpus, mem_bytes=mem, cpu_util=util))
+        vms.append(
+            Vm(
+                name=f"vm{j:05d}",
+                uuid=f"u{j}",
+                host=hosts[h].name,
+                state="running",
+                vcpus=vcpus,
+                mem_bytes=mem,
+                cpu_util=util,
+            )
+        )
     return Snapshot(taken_at_s=0.0, hosts=tuple(hosts), vms=tuple(vms))
 
 
@@ -54,8 +64,9 @@ def bench_policy(name: str = "bench", **solver: object) -> Policy:
     return Policy(
         name=name,
         objective="balance",
-        limits=Limits(max_cpu_util=1.0, max_mem_util=1.0, mem_headroom_bytes=0,
-                      cpu_overcommit=64.0),
+        limits=Limits(
+            max_cpu_util=1.0, max_mem_util=1.0, mem_headroom_bytes=0, cpu_overcommit=64.0
+        ),
         hysteresis=Hysteresis(min_improvement=0.0, cooldown_s=0.0),
         budget=Budget(max_moves=10**9, max_bytes=10**18),
         solver=replace(Solver(migration_cost=1e-6), **solver),  # type: ignore[arg-type]
@@ -90,7 +101,9 @@ def first_fit_decreasing(p: Problem, cap_c: list[float], cap_m: list[float]) -> 
     anti-affinity are honoured; it knows nothing about moves."""
     order = sorted(
         range(p.n_guests),
-        key=lambda g: -(p.cpu[g] / (p.cpu_total[p.cur[g]] or 1) + p.mem[g] / (p.mem_total[p.cur[g]] or 1)),
+        key=lambda g: (
+            -(p.cpu[g] / (p.cpu_total[p.cur[g]] or 1) + p.mem[g] / (p.mem_total[p.cur[g]] or 1))
+        ),
     )
     cpu = [0.0] * p.n_hosts
     mem = [0.0] * p.n_hosts

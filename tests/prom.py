@@ -209,6 +209,29 @@ class Prometheus:
         )
 
 
+# --- promtool ----------------------------------------------------------------------------
+
+
+def promtool_check(text: bytes | str) -> subprocess.CompletedProcess[str]:
+    """``promtool check metrics`` on an exposition; clean means rc 0 and no output."""
+    return subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=text if isinstance(text, str) else text.decode(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def promtool_problems(url: str) -> str:
+    """Scrape ``url`` once and return promtool's complaints ("" when clean)."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        done = promtool_check(r.read())
+    text = (done.stdout + done.stderr).strip()
+    return text or ("" if done.returncode == 0 else f"promtool exited {done.returncode}")
+
+
 # --- the dashboard ----------------------------------------------------------------------
 
 

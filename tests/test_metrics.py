@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
-from prom import DASHBOARD, Prometheus, panel_queries, panels_without_data, prometheus_binary
+from prom import (
+    DASHBOARD,
+    Prometheus,
+    panel_queries,
+    panels_without_data,
+    prometheus_binary,
+    promtool_check,
+    promtool_problems,
+)
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -279,17 +286,6 @@ def test_summary_is_json_and_lists_in_flight() -> None:
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool absent")
 
 
-def promtool_check(text: bytes) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["promtool", "check", "metrics"],
-        input=text.decode(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @needs_promtool
 @pytest.mark.parametrize("kind", ["empty", "full"])
 def test_promtool_check_metrics_is_clean(kind: str) -> None:
@@ -355,6 +351,7 @@ def test_real_prometheus_finds_data_for_every_dashboard_panel(tmp_path: Path) ->
     try:
         with Prometheus([f"127.0.0.1:{server.port}"], tmp_path / "prom") as prom:
             prom.wait_for_scrapes(3)
+            assert promtool_problems(server.url) == ""
             missing = panels_without_data(prom)
             assert missing == [], "\n".join(missing)
 

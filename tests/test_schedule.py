@@ -9,7 +9,7 @@ import pytest
 from balancerd.config import ScheduleEntry
 from balancerd.schedule import active_schedule
 
-WEEKDAY_DAYTIME = ScheduleEntry(cron="0 7 * * mon-fri", duration_s=12 * 3600, policy="balance.yaml")
+WEEKDAY_DAYTIME = ScheduleEntry(cron="0 7 * * 1-5", duration_s=12 * 3600, policy="balance.yaml")
 NIGHT_FREEZE = ScheduleEntry(cron="0 1 * * *", duration_s=2 * 3600, freeze=True)
 ENTRIES = [WEEKDAY_DAYTIME, NIGHT_FREEZE]
 

@@ -45,7 +45,7 @@ class MoveResult:
             "from": self.src,
             "to": self.dst,
             "result": self.result,
-            "mode": self.mode,
+            "mode": str(self.mode),
             "reason": self.reason,
             "seconds": round(self.seconds, 3),
             "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 1),

@@ -131,7 +131,7 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
     try:
         src = hv.host_facts(s)
         facts = hv.domain_facts(s, vm)
-        cpu_ok = hv.cpu_compatible(d, facts.cpu_xml) if facts.cpu_xml else True
+        cpu_ok = hv.cpu_compatible(d, facts.cpu_xml, facts.virt_type) if facts.cpu_xml else True
         if vm in mig.copy_storage_vms:
             visible: dict[str, bool] = {}
         else:

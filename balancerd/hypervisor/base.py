@@ -43,6 +43,7 @@ class DomainFacts:
     interfaces: tuple[InterfaceFacts, ...]
     persistent: bool
     in_job: bool
+    virt_type: str = "kvm"  # <domain type=...>: kvm | qemu (TCG); CPU checks depend on it
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,9 @@ class Hypervisor(Protocol):
 
     def host_facts(self, host: str) -> HostFacts: ...
 
-    def cpu_compatible(self, host: str, cpu_xml: str) -> bool:
-        """Whether the guest CPU described by ``cpu_xml`` runs on ``host``."""
+    def cpu_compatible(self, host: str, cpu_xml: str, virt_type: str = "kvm") -> bool:
+        """Whether the guest CPU described by ``cpu_xml`` runs on ``host``'s hypervisor
+        (``virt_type`` as in DomainFacts: a TCG guest is not bound to the host CPU)."""
         ...
 
     def path_visible(self, host: str, path: str) -> bool:

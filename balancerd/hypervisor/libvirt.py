@@ -474,6 +474,7 @@ def _job_stats(s: dict[str, Any], active: bool) -> JobStats:
         iteration=int(s.get("memory_iteration", 0)),
         expected_downtime_ms=float(s.get("downtime", 0) if active else 0),
         downtime_ms=float(downtime) if (downtime is not None and not active) else None,
+        auto_converge_throttle_pct=int(s.get("auto_converge_throttle", 0)),
     )
 
 

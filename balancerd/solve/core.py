@@ -150,7 +150,8 @@ def _ilp_scope(
     movable = [i for i, u in enumerate(units) if u.movable]
     all_hosts = list(range(p.n_hosts))
     total = sum(
-        (len(u.allowed) if u.allowed is not None else p.n_hosts) for u in (units[i] for i in movable)
+        (len(u.allowed) if u.allowed is not None else p.n_hosts)
+        for u in (units[i] for i in movable)
     )
     if total <= FULL_ILP_MAX_VARS:
         return movable, {i: hosts_for(units[i], all_hosts) for i in movable}, True
@@ -208,9 +209,7 @@ def solve(
     use_ilp: bool = True,
 ) -> SolveResult:
     t0 = time.perf_counter()
-    p = build_problem(
-        snapshot, policy, capacity=capacity, last_moved_s=last_moved_s, now_s=now_s
-    )
+    p = build_problem(snapshot, policy, capacity=capacity, last_moved_s=last_moved_s, now_s=now_s)
     current = Placement({p.guests[g]: p.hosts[p.cur[g]] for g in range(p.n_guests)})
     before = score(p, p.cur)
     forced = _forced(p)
@@ -237,18 +236,35 @@ def solve(
     else:
         cap_c, cap_m = limit_caps(p)
         base = repair(
-            p, units, unit_of, cap_c, cap_m, max_moves=bud.max_moves,
-            max_bytes=float(bud.max_bytes), partial=True,
+            p,
+            units,
+            unit_of,
+            cap_c,
+            cap_m,
+            max_moves=bud.max_moves,
+            max_bytes=float(bud.max_bytes),
+            partial=True,
         )
         if base is not None:
             cands.append(
-                Candidate(base.host_of, score(p, base.host_of), base.moves, base.moved_bytes,
-                          base.complete, "repair")
+                Candidate(
+                    base.host_of,
+                    score(p, base.host_of),
+                    base.moves,
+                    base.moved_bytes,
+                    base.complete,
+                    "repair",
+                )
             )
             if base.complete:
                 cands.append(
-                    consolidate(p, units, base.host_of, max_moves=bud.max_moves,
-                                max_bytes=float(bud.max_bytes))
+                    consolidate(
+                        p,
+                        units,
+                        base.host_of,
+                        max_moves=bud.max_moves,
+                        max_bytes=float(bud.max_bytes),
+                    )
                 )
     stages.append(f"greedy:{len(cands)} candidates {time.perf_counter() - t0:.2f}s")
     # the current placement is a candidate too (zero moves)
@@ -264,7 +280,11 @@ def solve(
         free, cand_hosts, full = _ilp_scope(p, units, incumbent)
         if free:
             ilp = solve_ilp(
-                p, units, free, cand_hosts, incumbent,
+                p,
+                units,
+                free,
+                cand_hosts,
+                incumbent,
                 backend=policy.solver.backend,
                 time_limit_s=policy.solver.time_limit_s,
                 gap=policy.solver.gap,

@@ -73,13 +73,13 @@ def explain_infeasible(
 
     for grp in p.anti:
         names = [p.guests[g] for g in grp]
-        hs: set[int] = set()
+        reach: set[int] = set()
         for g in grp:
-            hs.update(hosts_for(g))
-        if len(hs) < len(grp):
+            reach.update(hosts_for(g))
+        if len(reach) < len(grp):
             reasons.append(
                 f"anti-affinity group [{', '.join(names)}] needs {len(grp)} hosts; "
-                f"{len(hs)} are usable"
+                f"{len(reach)} are usable"
             )
     anti_pairs = {(a, b) for grp in p.anti for a in grp for b in grp if a != b}
     for grp in p.affinity:

@@ -63,9 +63,9 @@ def build_units(p: Problem) -> tuple[list[Unit], list[int]]:
         cur = next(iter(hosts)) if len(hosts) == 1 else -1
         allowed: frozenset[int] | None = None
         for g in members:
-            a = p.allowed[g]
-            if a is not None:
-                allowed = a if allowed is None else allowed & a
+            ga = p.allowed[g]
+            if ga is not None:
+                allowed = ga if allowed is None else allowed & ga
         fixed_hosts = {p.cur[g] for g in members if not p.movable[g]}
         movable = not fixed_hosts
         if fixed_hosts and cur == -1 and len(fixed_hosts) == 1:
@@ -219,7 +219,7 @@ def repair(
     forced: list[int] = [i for i, u in enumerate(units) if u.must_move and u.movable]
     chosen = set(forced)
     # a second member of an anti-affinity group on one host must leave
-    for gid, grp in enumerate(p.anti):
+    for grp in p.anti:
         seen: set[int] = set()
         for g in sorted(grp, key=lambda g: p.cpu[g] + p.mem[g] / GIB_F):
             h = p.cur[g]
@@ -417,8 +417,12 @@ def limit_caps(p: Problem) -> tuple[list[float], list[float]]:
     """Hard caps; a host already above one keeps its current load as its cap for now
     (it may shed guests, it may not take any: verify checks the same rule)."""
     cpu, mem, _ = p.loads(p.cur)
-    cap_c = [max(p.cpu_cap[h], cpu[h]) if not p.usable[h] else p.cpu_cap[h] for h in range(p.n_hosts)]
-    cap_m = [max(p.mem_cap[h], mem[h]) if not p.usable[h] else p.mem_cap[h] for h in range(p.n_hosts)]
+    cap_c = [
+        max(p.cpu_cap[h], cpu[h]) if not p.usable[h] else p.cpu_cap[h] for h in range(p.n_hosts)
+    ]
+    cap_m = [
+        max(p.mem_cap[h], mem[h]) if not p.usable[h] else p.mem_cap[h] for h in range(p.n_hosts)
+    ]
     return cap_c, cap_m
 
 
@@ -440,18 +444,32 @@ class Candidate:
 
 
 def balance_search(
-    p: Problem, units: list[Unit], unit_of: list[int], *, max_moves: int, max_bytes: float, steps: int = 14
+    p: Problem,
+    units: list[Unit],
+    unit_of: list[int],
+    *,
+    max_moves: int,
+    max_bytes: float,
+    steps: int = 14,
 ) -> list[Candidate]:
     """Repair to the hard limits, then binary-search the lowest target (above the LP
     bound) the greedy repair reaches within the budget. Returns every result found."""
     out: list[Candidate] = []
     cap_c, cap_m = limit_caps(p)
-    base = repair(p, units, unit_of, cap_c, cap_m, max_moves=max_moves, max_bytes=max_bytes, partial=True)
+    base = repair(
+        p, units, unit_of, cap_c, cap_m, max_moves=max_moves, max_bytes=max_bytes, partial=True
+    )
     if base is None:
         return out
     out.append(
-        Candidate(base.host_of, balance_score(p, base.host_of), base.moves, base.moved_bytes,
-                  base.complete, "repair")
+        Candidate(
+            base.host_of,
+            balance_score(p, base.host_of),
+            base.moves,
+            base.moved_bytes,
+            base.complete,
+            "repair",
+        )
     )
     if not base.complete:
         return out
@@ -468,14 +486,22 @@ def balance_search(
         tc = (lb + mid) / wc if wc > 0 else 1e9
         tm = (lb + mid) / wm if wm > 0 else 1e9
         cc, cm = target_caps(p, tc, tm)
-        r = repair(p, units, unit_of, cc, cm, max_moves=max_moves, max_bytes=max_bytes, partial=False)
+        r = repair(
+            p, units, unit_of, cc, cm, max_moves=max_moves, max_bytes=max_bytes, partial=False
+        )
         if r is None:
             lo = mid
         else:
             hi = mid
             out.append(
-                Candidate(r.host_of, balance_score(p, r.host_of), r.moves, r.moved_bytes, True,
-                          f"target+{mid:.4f}")
+                Candidate(
+                    r.host_of,
+                    balance_score(p, r.host_of),
+                    r.moves,
+                    r.moved_bytes,
+                    True,
+                    f"target+{mid:.4f}",
+                )
             )
     return out
 
@@ -495,6 +521,7 @@ def consolidate(
             unit_on[next(iter(hs))].append(i)
     active = {h for h in range(p.n_hosts) if unit_on[h]}
     min_active = p.policy.power.min_active_hosts
+
     def load_frac(h: int) -> float:
         return st.cpu[h] / (p.cpu_total[h] or 1) + st.mem[h] / (p.mem_total[h] or 1)
 
@@ -537,7 +564,7 @@ def consolidate(
             st.drop(u, best)
             placed.append((i, best))
         if not ok:
-            for i, d in placed:
+            for i, _ in placed:
                 st.lift(units[i])
             for i in us:
                 if all(st.host_of[g] == -1 for g in units[i].members):
@@ -549,4 +576,6 @@ def consolidate(
         active.discard(h)
         closed.add(h)
         moves, moved_bytes = _moves(p, st.host_of)
-    return Candidate(st.host_of, power_score(p, st.host_of), moves, moved_bytes, True, "consolidate")
+    return Candidate(
+        st.host_of, power_score(p, st.host_of), moves, moved_bytes, True, "consolidate"
+    )

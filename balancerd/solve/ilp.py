@@ -11,11 +11,14 @@ must leave may stay only at a penalty, so a drain bigger than the budget still p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pulp
@@ -264,7 +267,7 @@ def _run_cbc(prob: pulp.LpProblem, time_limit_s: float, gap: float) -> _Run:
     try:
         solver = pulp.PULP_CBC_CMD(
             msg=False,
-            timeLimit=max(1, int(math.ceil(time_limit_s))),
+            timeLimit=max(1, math.ceil(time_limit_s)),
             gapRel=gap,
             warmStart=True,
             logPath=log_path,
@@ -305,10 +308,25 @@ def _run_cbc(prob: pulp.LpProblem, time_limit_s: float, gap: float) -> _Run:
     return _Run(status, has_solution, objective, bound, _gap(objective, bound), result_text)
 
 
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _run_highs(prob: pulp.LpProblem, time_limit_s: float, gap: float) -> _Run:
     solver = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
     try:
-        prob.solve(solver)
+        with _quiet_stdout():  # HiGHS prints a banner before output_flag takes effect
+            prob.solve(solver)
     except pulp.PulpSolverError as e:
         return _Run("error", False, None, None, None, str(e))
     h = prob.solverModel

@@ -184,12 +184,12 @@ def build_problem(
 
     must_move = [False] * n
     for g in range(n):
-        h = cur[g]
+        hi = cur[g]
         a = allowed[g]
-        if hosts[h] in maint or (a is not None and h not in a):
+        if hosts[hi] in maint or (a is not None and hi not in a):
             must_move[g] = True
         name = guests[g]
-        if name in excl_vms or hosts[h] in excl_hosts or not snapshot.hosts[h].up:
+        if name in excl_vms or hosts[hi] in excl_hosts or not snapshot.hosts[hi].up:
             movable[g] = False
         elif not must_move[g]:
             t = last_moved_s.get(name)

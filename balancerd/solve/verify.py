@@ -47,12 +47,10 @@ def verify(
     def add(kind: str, msg: str, carried: bool = False) -> None:
         out.append(Violation(kind, msg, carried))
 
-    for name in vms:
+    for name in cur.host_of:
         if name not in target.host_of:
             add("host", f"guest {name} has no host in the target")
-    moved = {
-        vm for vm, h in target.host_of.items() if vm in cur.host_of and cur.host_of[vm] != h
-    }
+    moved = {vm for vm, h in target.host_of.items() if vm in cur.host_of and cur.host_of[vm] != h}
     for vm, h in target.host_of.items():
         if vm not in vms:
             add("host", f"target places unknown guest {vm}")
@@ -135,8 +133,11 @@ def verify(
         for h, names in per_after.items():
             if len(names) > 1:
                 carried = len(names) <= per_before.get(h, 0)
-                add("anti-affinity", f"anti-affinity group {list(grp)}: {names} share host {h}",
-                    carried)
+                add(
+                    "anti-affinity",
+                    f"anti-affinity group {list(grp)}: {names} share host {h}",
+                    carried,
+                )
     for grp in c.affinity:
         placed = {target.host_of[vm] for vm in grp if vm in target.host_of}
         if len(placed) > 1:
