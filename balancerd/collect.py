@@ -160,7 +160,5 @@ class SampleHistory:
 def capacity_from_config(hosts: Sequence[HostConfig]) -> dict[str, Capacity]:
     """Capacity overrides from the daemon config's host entries."""
     return {
-        h.name: Capacity(cpus=h.cpus, mem_bytes=h.mem_bytes)
-        for h in hosts
-        if h.cpus or h.mem_bytes
+        h.name: Capacity(cpus=h.cpus, mem_bytes=h.mem_bytes) for h in hosts if h.cpus or h.mem_bytes
     }

@@ -37,9 +37,8 @@ from balancerd.model import Move, Plan, Snapshot
 from balancerd.notify import Notifier
 from balancerd.policy.load import load_policy
 from balancerd.policy.model import Policy
+from balancerd.power import PowerTracker, apply_power, decide_power, drivers_for
 from balancerd.power.base import PowerDriver
-from balancerd.power.manager import PowerTracker, apply_power, decide_power
-from balancerd.power.registry import drivers_from_config
 from balancerd.schedule import ActiveSchedule, active_schedule
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ class Daemon:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(state_dir / JOURNAL_FILE)
         self.power = _load_tracker(state_dir / POWER_FILE)
-        self.drivers: dict[str, PowerDriver] = drivers_from_config(loaded.config.hosts)
+        self.drivers: dict[str, PowerDriver] = drivers_for(loaded.config.hosts)
         self.scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
         )
@@ -201,7 +200,7 @@ class Daemon:
             self.notifier.stopping()
             self.scheduler.shutdown(wait=False)
             if server is not None:
-                server.shutdown()
+                server.close()
             self.rt.hypervisor.close()
             self.journal.close()
             log.info("stopped")
@@ -227,11 +226,17 @@ class Daemon:
     def _schedule_jobs(self) -> None:
         c = self.config
         self.scheduler.add_job(
-            self.collect_job, "interval", seconds=c.collect_interval_s, id="collect",
+            self.collect_job,
+            "interval",
+            seconds=c.collect_interval_s,
+            id="collect",
             next_run_time=datetime.now().astimezone(),
         )
         self.scheduler.add_job(
-            self.cycle_job, "interval", seconds=c.cycle_interval_s, id="cycle",
+            self.cycle_job,
+            "interval",
+            seconds=c.cycle_interval_s,
+            id="cycle",
         )
 
     def _reschedule(self) -> None:
@@ -255,11 +260,14 @@ class Daemon:
         with self._lock:
             old = self.rt.loaded.config
             self.rt.loaded = loaded
-            if old.hosts != loaded.config.hosts or old.host_timeout_s != loaded.config.host_timeout_s:
+            if (
+                old.hosts != loaded.config.hosts
+                or old.host_timeout_s != loaded.config.host_timeout_s
+            ):
                 self.rt.hypervisor.close()
                 self.rt.hypervisor = self._hypervisor_factory(loaded.config)
                 self.rt.history = SampleHistory(loaded.config.smoothing_window)
-                self.drivers = drivers_from_config(loaded.config.hosts)
+                self.drivers = drivers_for(loaded.config.hosts)
             elif old.smoothing_window != loaded.config.smoothing_window:
                 self.rt.history = SampleHistory(loaded.config.smoothing_window)
         if self.scheduler.running:
@@ -291,7 +299,8 @@ class Daemon:
             log.error("reconcile at start failed: %s", exc)
             return
         for r in done:
-            self.stats.record_reconciliation(r.outcome)
+            outcome = ("settled" if r.actions else "cleaned") if r.settled else "unknown"
+            self.stats.record_reconciliation(outcome)
 
     def collect_job(self) -> None:
         try:
@@ -311,6 +320,7 @@ class Daemon:
             self.stats.set_snapshot(snapshot)
             for h in snapshot.hosts:
                 self.stats.set_host_power(h.name, h.name not in self.power.powered_off())
+            self.heartbeat()
             up = sum(h.up for h in snapshot.hosts)
             if not self._ready_sent and up and len(history) >= 2:
                 self._ready_sent = True
@@ -415,7 +425,13 @@ class Daemon:
                 self.stats.migration_finished(r.vm, r.mode or "live", "failed")
             log.info(
                 "move vm=%s %s->%s result=%s mode=%s seconds=%.1f reason=%s",
-                r.vm, r.src, r.dst, r.result, r.mode, r.seconds, r.reason,
+                r.vm,
+                r.src,
+                r.dst,
+                r.result,
+                r.mode,
+                r.seconds,
+                r.reason,
                 extra={"VM": r.vm, "HOST": r.dst, "POLICY": policy.name},
             )
         return results
@@ -455,7 +471,7 @@ class Daemon:
                     "mode": policy.mode,
                     "frozen": active.frozen,
                     "last_cycle": self.rt.last_cycle,
-                    "in_flight": self.stats.in_flight_names(),
+                    "in_flight": self.stats.summary().get("in_flight", []),
                     "powered_off": list(self.power.powered_off()),
                 },
             )
@@ -467,13 +483,25 @@ def _log_plan(plan: Plan, policy: Policy) -> None:
     log.info(
         "plan policy=%s objective=%s moves=%d score_before=%s score_after=%s solver=%s/%s "
         "reason=%s",
-        policy.name, plan.objective, len(plan.moves), plan.score_before, plan.score_after,
-        plan.solver.backend, plan.solver.status, plan.reason or "-",
+        policy.name,
+        plan.objective,
+        len(plan.moves),
+        plan.score_before,
+        plan.score_after,
+        plan.solver.backend,
+        plan.solver.status,
+        plan.reason or "-",
         extra={"POLICY": policy.name},
     )
     for m in plan.moves:
-        log.info("planned move vm=%s %s->%s wave=%d", m.vm, m.src, m.dst, m.wave,
-                 extra={"VM": m.vm, "POLICY": policy.name})
+        log.info(
+            "planned move vm=%s %s->%s wave=%d",
+            m.vm,
+            m.src,
+            m.dst,
+            m.wave,
+            extra={"VM": m.vm, "POLICY": policy.name},
+        )
 
 
 def _load_tracker(path: Path) -> PowerTracker:

@@ -111,6 +111,26 @@ class Snapshot:
     def placement(self) -> Placement:
         return Placement({v.name: v.host for v in self.vms})
 
+    def host_usage(self, placement: Placement | None = None) -> dict[str, tuple[float, float]]:
+        """Guest demand per up host as (cpu, mem) fractions of its capacity, with guests
+        where ``placement`` puts them (default: where they are)."""
+        host_of = (placement or self.placement()).host_of
+        cpu_cores: dict[str, float] = {h.name: 0.0 for h in self.hosts if h.up}
+        mem_bytes: dict[str, int] = {h.name: 0 for h in self.hosts if h.up}
+        for v in self.vms:
+            host = host_of.get(v.name, v.host)
+            if host in cpu_cores:
+                cpu_cores[host] += v.cpu_cores
+                mem_bytes[host] += v.mem_bytes
+        return {
+            h.name: (
+                cpu_cores[h.name] / h.cpus if h.cpus else 0.0,
+                mem_bytes[h.name] / h.mem_bytes if h.mem_bytes else 0.0,
+            )
+            for h in self.hosts
+            if h.up
+        }
+
 
 # --- decisions ------------------------------------------------------------------------
 

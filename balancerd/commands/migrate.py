@@ -122,9 +122,7 @@ def run(args: argparse.Namespace) -> int:
         move = Move(vm=args.vm, src=src, dst=args.host, mem_bytes=0, expected_s=0.0)
         engine = build_engine(config, policy, hv, journal, progress_printer(sys.stderr))
         if src == args.host:
-            results = [
-                MoveResult(args.vm, src, args.host, "skipped", "", f"already on {src}", 0.0)
-            ]
+            results = [MoveResult(args.vm, src, args.host, "skipped", "", f"already on {src}", 0.0)]
         else:
             results = execute([move], engine)
         print_results(results, args.json, sys.stdout)

@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
     hosts = []
+    usage = snapshot.host_usage()
     for h in snapshot.hosts:
         vms = snapshot.vms_on(h.name)
         hosts.append(
@@ -42,9 +43,7 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
                 "cpu_util": round(h.cpu_util, 4),
                 "mem_util": round(h.mem_util, 4),
                 # Guest demand in host terms: what the solver balances.
-                "guest_cpu_util": round(sum(v.cpu_cores for v in vms) / h.cpus, 4)
-                if h.cpus
-                else 0.0,
+                "guest_cpu_util": round(usage.get(h.name, (0.0, 0.0))[0], 4),
                 "hostname": h.hostname,
                 "host_uuid": h.host_uuid,
                 "vms": [
@@ -69,12 +68,13 @@ def render_table(snapshot: Snapshot) -> str:
         f"{'HOST':<12} {'UP':<4} {'CPUS':>4} {'CPU%':>6} {'GUEST%':>7} {'MEM GiB':>8} {'MEM%':>6}"
         f"  GUESTS"
     ]
+    usage = snapshot.host_usage()
     for h in snapshot.hosts:
         vms = snapshot.vms_on(h.name)
         if not h.up:
             lines.append(f"{h.name:<12} {'no':<4}  ({h.error})")
             continue
-        guest_pct = 100 * sum(v.cpu_cores for v in vms) / h.cpus if h.cpus else 0.0
+        guest_pct = 100 * usage[h.name][0]
         lines.append(
             f"{h.name:<12} {'yes':<4} {h.cpus:>4} {100 * h.cpu_util:>5.1f}% {guest_pct:>6.1f}% "
             f"{h.mem_bytes / GIB:>8.1f} {100 * h.mem_util:>5.1f}%  {len(vms)}"
@@ -104,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
         if daemon:
             print()
             print(f"daemon: pid {daemon.get('pid')} {daemon.get('state', '')}")
-            print(f"  policy: {daemon.get('policy')} ({daemon.get('objective')}, "
-                  f"{daemon.get('mode')})")
+            print(
+                f"  policy: {daemon.get('policy')} ({daemon.get('objective')}, "
+                f"{daemon.get('mode')})"
+            )
             print(f"  last cycle: {daemon.get('last_cycle')}")
             for m in daemon.get("in_flight", []):
                 print(f"  migrating: {m}")

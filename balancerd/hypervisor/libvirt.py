@@ -151,14 +151,17 @@ class LibvirtHypervisor:
         """Run ``fn(conn)`` for ``host`` on a worker with a timeout; map every failure."""
         st = self._state(host)
         # Connecting happens on the worker too, so a host that never answers costs one timeout.
+        # A first connection gets three: a freshly started libvirtd probes QEMU's
+        # capabilities on its first getCapabilities (3-5 s seen in the lab).
+        limit_s = timeout_s if timeout_s is not None else self._timeout_s
+        if st.conn is None:
+            limit_s *= 3
         future = self._pool.submit(lambda: fn(self._connect(st)))
         try:
-            return future.result(timeout=timeout_s if timeout_s is not None else self._timeout_s)
+            return future.result(timeout=limit_s)
         except FutureTimeout:
             self._mark_failed(st, f"{operation} timed out")
-            raise HypervisorError(
-                host, operation, f"no answer within {self._timeout_s:.1f} s"
-            ) from None
+            raise HypervisorError(host, operation, f"no answer within {limit_s:.1f} s") from None
         except libvirt.libvirtError as exc:
             if _connection_lost(exc):
                 self._mark_failed(st, f"{operation}: {exc}")
@@ -178,7 +181,8 @@ class LibvirtHypervisor:
     def sample_all(self) -> tuple[HostSample, ...]:
         """All hosts in parallel; each gets at most the timeout, failures come back down."""
         futures = {name: self._pool.submit(self.sample_host, name) for name in self._hosts}
-        deadline = time.monotonic() + self._timeout_s + 1.0
+        first = any(st.conn is None for st in self._hosts.values())
+        deadline = time.monotonic() + self._timeout_s * (3 if first else 1) + 1.0
         samples = []
         for name, future in futures.items():
             cfg = self._hosts[name].cfg
@@ -254,12 +258,14 @@ class LibvirtHypervisor:
 
         return self._call(host, "read host facts", read)
 
-    def cpu_compatible(self, host: str, cpu_xml: str) -> bool:
+    def cpu_compatible(self, host: str, cpu_xml: str, virt_type: str = "kvm") -> bool:
         if not cpu_xml:
             return True  # the hypervisor's default CPU model runs everywhere it runs
 
         def compare(conn: Any) -> bool:
-            result = conn.compareCPU(cpu_xml, 0)
+            # Compare against what the destination's hypervisor can provide for this virt
+            # type (for TCG that is not the physical CPU), not against the host CPU itself.
+            result = conn.compareHypervisorCPU(None, None, None, virt_type, cpu_xml, 0)
             return bool(result != libvirt.VIR_CPU_COMPARE_INCOMPATIBLE)
 
         return self._call(host, "compare CPU", compare)
@@ -511,6 +517,7 @@ def _domain_facts_from_xml(xml: str, state: str, persistent: bool, in_job: bool)
         cpu_xml = ET.tostring(cpu, encoding="unicode")
     mem_kib = int(root.findtext("currentMemory", default=root.findtext("memory", default="0")))
     return DomainFacts(
+        virt_type=root.get("type", "kvm"),
         name=root.findtext("name", default=""),
         uuid=root.findtext("uuid", default=""),
         state=state,

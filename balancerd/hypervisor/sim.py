@@ -94,8 +94,15 @@ class SimHypervisor:
         out = []
         for h in self.hosts.values():
             if not h.up:
-                out.append(HostSample(name=h.name, uri=f"sim:///{h.name}", up=False,
-                                      sampled_at_s=self.clock_s, error="powered off"))
+                out.append(
+                    HostSample(
+                        name=h.name,
+                        uri=f"sim:///{h.name}",
+                        up=False,
+                        sampled_at_s=self.clock_s,
+                        error="powered off",
+                    )
+                )
                 continue
             used = sum(v.mem_bytes for v in h.vms.values())
             out.append(
@@ -113,8 +120,14 @@ class SimHypervisor:
                     cpu_busy_ns=h.cpu_busy_ns,
                     cpu_total_ns=h.cpu_total_ns,
                     vms=tuple(
-                        VmSample(name=v.name, uuid=v.name, state=v.state, vcpus=v.vcpus,
-                                 mem_bytes=v.mem_bytes, cpu_time_ns=v.cpu_time_ns)
+                        VmSample(
+                            name=v.name,
+                            uuid=v.name,
+                            state=v.state,
+                            vcpus=v.vcpus,
+                            mem_bytes=v.mem_bytes,
+                            cpu_time_ns=v.cpu_time_ns,
+                        )
                         for v in h.vms.values()
                     ),
                 )
@@ -123,16 +136,32 @@ class SimHypervisor:
 
     def domain_facts(self, host: str, vm: str) -> DomainFacts:
         v = self._vm(host, vm, "domain facts")
-        return DomainFacts(name=v.name, uuid=v.name, state=v.state, mem_bytes=v.mem_bytes,
-                           vcpus=v.vcpus, cpu_xml="", disks=(), interfaces=(),
-                           persistent=True, in_job=False)
+        return DomainFacts(
+            name=v.name,
+            uuid=v.name,
+            state=v.state,
+            mem_bytes=v.mem_bytes,
+            vcpus=v.vcpus,
+            cpu_xml="",
+            disks=(),
+            interfaces=(),
+            persistent=True,
+            in_job=False,
+        )
 
     def host_facts(self, host: str) -> HostFacts:
         h = self._host(host, "host facts")
         used = sum(v.mem_bytes for v in h.vms.values())
-        return HostFacts(name=h.name, hostname=h.name, host_uuid=h.name, libvirt_version=0,
-                         hypervisor_version=0, mem_free_bytes=max(0, h.mem_bytes - used),
-                         networks=(), bridges=())
+        return HostFacts(
+            name=h.name,
+            hostname=h.name,
+            host_uuid=h.name,
+            libvirt_version=0,
+            hypervisor_version=0,
+            mem_free_bytes=max(0, h.mem_bytes - used),
+            networks=(),
+            bridges=(),
+        )
 
     def cpu_compatible(self, host: str, cpu_xml: str, virt_type: str = "kvm") -> bool:
         self._host(host, "cpu compare")

@@ -148,7 +148,9 @@ class ThrMmt:
         excl_under = excluded_over | off
         excl_place = excluded_over | off
         while not excl_under.all():
-            cand = np.where(excl_under | (w.util_snap <= 0) | (w.util_snap >= 1), np.inf, w.util_snap)
+            cand = np.where(
+                excl_under | (w.util_snap <= 0) | (w.util_snap >= 1), np.inf, w.util_snap
+            )
             u = int(np.argmin(cand))
             if not np.isfinite(cand[u]):
                 break

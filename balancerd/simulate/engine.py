@@ -73,6 +73,7 @@ class View:
 
     k: int  # update number (1 ..)
     t_s: float
+    interval_s: float
     cluster: Cluster
     state: State
     vm_host: IntArray  # [vm] host index, -1 if gone
@@ -135,7 +136,9 @@ class Result:
             "mem_overcommit_events": self.mem_overcommit_events,
             "vms_finished": self.vms_finished,
             "unplaced_vms": self.unplaced_vms,
-            "active_hosts_mean": round(float(np.mean(self.active_hosts)), 2) if self.active_hosts else 0,
+            "active_hosts_mean": round(float(np.mean(self.active_hosts)), 2)
+            if self.active_hosts
+            else 0,
             "active_hosts": self.active_hosts,
             "decision_s_mean": round(float(np.mean(dec)), 5),
             "decision_s_p95": round(dec[int(0.95 * (len(dec) - 1))], 5),
@@ -285,7 +288,10 @@ class Simulation:
         """Hosts whose guests (incl. ones migrating in) have more memory than the host."""
         mem = np.bincount(
             np.concatenate(
-                [self.vm_host[self.vm_host >= 0], np.array([m.dst for m in self.in_flight], dtype=np.int64)]
+                [
+                    self.vm_host[self.vm_host >= 0],
+                    np.array([m.dst for m in self.in_flight], dtype=np.int64),
+                ]
             ),
             weights=np.concatenate(
                 [
@@ -338,6 +344,7 @@ class Simulation:
             view = View(
                 k=k,
                 t_s=t,
+                interval_s=self.interval_s,
                 cluster=self.c,
                 state=pre,
                 vm_host=self.vm_host.copy(),

@@ -53,7 +53,9 @@ class PowerTable:
         self.table = np.array([m.watts for m in models], dtype=np.float64)  # [model, 11]
         self.model_of_host = np.asarray(model_of_host, dtype=np.int64)
 
-    def power_w(self, cpu_util: FloatArray, hosts: npt.NDArray[np.int64] | None = None) -> FloatArray:
+    def power_w(
+        self, cpu_util: FloatArray, hosts: npt.NDArray[np.int64] | None = None
+    ) -> FloatArray:
         """Watts of ``hosts`` (all hosts when None) at ``cpu_util`` (clipped to 0..1)."""
         model = self.model_of_host if hosts is None else self.model_of_host[hosts]
         u = np.clip(cpu_util, 0.0, 1.0)

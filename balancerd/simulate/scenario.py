@@ -125,7 +125,9 @@ def _hosts(spec: ClusterSpec, counts: list[int]) -> list[int]:
     return [t for t, c in enumerate(counts) for _ in range(c)]
 
 
-def build_cluster(spec: ClusterSpec, workload: Workload, host_counts: list[int] | None = None) -> Cluster:
+def build_cluster(
+    spec: ClusterSpec, workload: Workload, host_counts: list[int] | None = None
+) -> Cluster:
     counts = host_counts or [ht.count for ht in spec.host_types]
     types = _hosts(spec, counts)
     hts = spec.host_types
@@ -166,7 +168,9 @@ def bitbrains_cluster(workload: Workload, *, mem_fill: float = 0.9) -> ClusterSp
     """Enough hosts for all provisioned VM memory at ``mem_fill``, plus two spare hosts:
     memory binds (CPU demand of the trace needs far fewer hosts)."""
     ht = BITBRAINS_HOST
-    vm_core_max = max((m / c for m, c in zip(workload.vm_cpu_mhz, workload.vm_cores, strict=True)), default=0.0)
+    vm_core_max = max(
+        (m / c for m, c in zip(workload.vm_cpu_mhz, workload.vm_cores, strict=True)), default=0.0
+    )
     core_mhz = max(ht.core_mips, math.ceil(vm_core_max))
     cores = max(ht.cores, max(workload.vm_cores, default=1))
     total_mb = sum(workload.vm_mem_bytes) / MIB
@@ -199,15 +203,15 @@ def _get(doc: dict[str, Any], key: str, where: str, problems: list[str], kind: t
 def load_cluster_spec(path: str | os.PathLike[str]) -> ClusterSpec:
     """A YAML cluster description::
 
-        name: my-cluster
-        interleave: false
-        bandwidth_mbit_s: 10000
-        migration_share: 0.5
-        host_types:
-          - {name: r640, count: 20, cores: 32, core_mips: 2600, mem_mb: 262144,
-             power_w: [58, 98, 109, 118, 128, 140, 153, 170, 189, 205, 222]}
-        vm_types:   # PlanetLab traces only
-          - {mips: 2500, cores: 1, mem_mb: 870}
+    name: my-cluster
+    interleave: false
+    bandwidth_mbit_s: 10000
+    migration_share: 0.5
+    host_types:
+      - {name: r640, count: 20, cores: 32, core_mips: 2600, mem_mb: 262144,
+         power_w: [58, 98, 109, 118, 128, 140, 153, 170, 189, 205, 222]}
+    vm_types:   # PlanetLab traces only
+      - {mips: 2500, cores: 1, mem_mb: 870}
     """
     p = Path(path)
     try:
@@ -238,7 +242,11 @@ def load_cluster_spec(path: str | os.PathLike[str]) -> ClusterSpec:
             continue
         if None in (name, count, cores, mips, mem):
             continue
-        hts.append(HostType(name, count, cores, mips, mem, SpecPowerModel(name, tuple(float(w) for w in watts))))
+        hts.append(
+            HostType(
+                name, count, cores, mips, mem, SpecPowerModel(name, tuple(float(w) for w in watts))
+            )
+        )
     vts: list[VmType] = []
     for i, v in enumerate(doc.get("vm_types") or []):
         where = f"{p}: vm_types[{i}]"

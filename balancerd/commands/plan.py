@@ -1,0 +1,111 @@
+"""``balancerd plan``: one dry-run cycle on the live hosts: snapshot -> solve -> plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from balancerd.config import Config, load_config
+from balancerd.decide import decide
+from balancerd.model import Plan, Snapshot
+from balancerd.policy.load import load_policy
+from balancerd.policy.model import Policy
+from balancerd.wiring import open_hypervisor, sample_snapshot
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="daemon config file (YAML)")
+    parser.add_argument("--policy", help="policy file (default: the config's policy)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--samples", type=int, default=3, help="samples to smooth over (>= 2)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[Config, Policy]:
+    config = load_config(args.config)
+    policy = load_policy(args.policy or config.policy_path())
+    return config, policy
+
+
+def plan_json(plan: Plan, snapshot: Snapshot, policy: Policy) -> dict[str, Any]:
+    before = snapshot.host_usage()
+    after = snapshot.host_usage(plan.target)
+    active_after = sorted(
+        {plan.target.host_of.get(v.name, v.host) for v in snapshot.vms} | set(plan.power_on)
+    )
+    s = plan.solver
+    return {
+        "policy": policy.name,
+        "objective": policy.objective,
+        "mode": policy.mode,
+        "moves": [
+            {
+                "vm": m.vm,
+                "from": m.src,
+                "to": m.dst,
+                "wave": m.wave,
+                "mem_bytes": m.mem_bytes,
+                "expected_s": round(m.expected_s, 2),
+            }
+            for m in plan.moves
+        ],
+        "hosts_before": {
+            h: {"cpu": round(c, 4), "mem": round(m, 4)} for h, (c, m) in before.items()
+        },
+        "hosts_after": {h: {"cpu": round(c, 4), "mem": round(m, 4)} for h, (c, m) in after.items()},
+        "active_hosts_after": len(active_after),
+        "power_on": list(plan.power_on),
+        "power_off": list(plan.power_off),
+        "score_before": plan.score_before,
+        "score_after": plan.score_after,
+        "reason": plan.reason,
+        "notes": list(plan.notes),
+        "solver": {
+            "backend": s.backend,
+            "status": s.status,
+            "seconds": round(s.seconds, 3),
+            "objective": s.objective,
+            "bound": s.bound,
+            "gap": s.gap,
+        },
+    }
+
+
+def render_plan(out: dict[str, Any]) -> str:
+    lines = [f"policy {out['policy']} ({out['objective']}, {out['mode']})", ""]
+    lines.append(f"{'HOST':<12} {'CPU before':>10} {'after':>7} {'MEM before':>11} {'after':>7}")
+    for host, b in out["hosts_before"].items():
+        a = out["hosts_after"].get(host, {"cpu": 0.0, "mem": 0.0})
+        lines.append(
+            f"{host:<12} {100 * b['cpu']:>9.1f}% {100 * a['cpu']:>6.1f}% "
+            f"{100 * b['mem']:>10.1f}% {100 * a['mem']:>6.1f}%"
+        )
+    lines.append("")
+    if out["moves"]:
+        lines.append(f"{len(out['moves'])} moves:")
+        for m in out["moves"]:
+            lines.append(
+                f"  wave {m['wave']}: {m['vm']} {m['from']} -> {m['to']} (~{m['expected_s']} s)"
+            )
+    else:
+        lines.append(f"no moves: {out['reason'] or 'placement is already good'}")
+    s = out["solver"]
+    lines.append(
+        f"solver {s['backend']} {s['status']} in {s['seconds']} s; objective {s['objective']}, "
+        f"bound {s['bound']}, gap {s['gap']}"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    config, policy = load_inputs(args)
+    hypervisor = open_hypervisor(config)
+    try:
+        snapshot = sample_snapshot(hypervisor, config, max(2, args.samples), args.interval)
+    finally:
+        hypervisor.close()
+    plan = decide(snapshot, policy)
+    out = plan_json(plan, snapshot, policy)
+    print(json.dumps(out, indent=2) if args.json else render_plan(out))
+    return 0

@@ -1,0 +1,177 @@
+"""Our policy in the simulator: the daemon's own pipeline, fed from a simulated cluster.
+
+Each interval: the engine's granted CPU advances the counters of a ``SimHypervisor``;
+``sample_all()`` -> ``collect.build_snapshot`` (the real collect path) gives each guest's
+utilization over the last interval; a per-guest forecast replaces it as the planning demand;
+``decide(snapshot, policy)`` returns a Plan whose moves the engine performs.
+
+The forecast lives here, on the policy-input side: the planner sees a demand that covers
+what the guest is likely to need until the next cycle (a high quantile of its recent
+history, never below its latest reading), so a packed host rarely tips over 100 %.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from balancerd.collect import SampleHistory, build_snapshot
+from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
+from balancerd.model import Plan, Snapshot
+from balancerd.policy.model import Policy
+from balancerd.simulate.cloudsim import pabfd_initial
+from balancerd.simulate.engine import View
+from balancerd.simulate.scenario import MIB, Cluster
+from balancerd.simulate.traces import Workload
+
+IntArray = npt.NDArray[np.int64]
+
+# The snapshot counts CPU in "cores"; a simulated host of 2 x 1860 MIPS becomes 372 CPUs
+# of 10 MIPS, a 2500 MIPS guest 250 vCPUs, so heterogeneous MIPS plan correctly.
+CPU_UNIT_MIPS = 10.0
+
+DecideFn = Callable[..., Plan]
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Planning demand of one guest: max(latest, quantile q of the last ``window`` readings)
+    plus ``margin`` (absolute utilization), capped at 1."""
+
+    window: int = 12  # readings (1 h at 300 s)
+    quantile: float = 0.9
+    margin: float = 0.0
+
+    def __call__(self, readings: npt.NDArray[np.float64]) -> float:
+        if readings.size == 0:
+            return 0.0
+        q = float(np.quantile(readings[-self.window :], self.quantile))
+        return min(1.0, max(q, float(readings[-1])) + self.margin)
+
+
+def default_decide() -> DecideFn:
+    """``balancerd.decide.decide``: the daemon's collect -> solve -> plan pipeline."""
+    module = importlib.import_module("balancerd.decide")
+    fn: DecideFn = module.decide
+    return fn
+
+
+class PolicyController:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        decide: DecideFn | None = None,
+        forecast: Forecast | None = None,
+        decide_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.name = f"policy:{policy.name}"
+        self._decide = decide
+        self.forecast = forecast or Forecast()
+        self.decide_kwargs = decide_kwargs or {}
+        self.hv: SimHypervisor | None = None
+        self.samples = SampleHistory(window=1)
+        self.readings: dict[str, deque[float]] = {}
+        self.last_moved_s: dict[str, float] = {}
+        self.host_index: dict[str, int] = {}
+        self.vm_index: dict[str, int] = {}
+        self.where: dict[str, str] = {}  # vm -> host as the sim hypervisor has it
+        self.plans: list[Plan] = []
+        self.keep_plans = False
+
+    def initial_placement(self, cluster: Cluster, workload: Workload) -> IntArray:
+        """The same start as the baseline (CloudSim's creation-time placement)."""
+        host_of = pabfd_initial(cluster)
+        hosts = [
+            SimHost(
+                name=cluster.host_names[h],
+                cpus=int(round(cluster.host_cap_mips[h] / CPU_UNIT_MIPS)),
+                cpu_mhz=int(cluster.host_pe_mips[h]),
+                mem_bytes=int(cluster.host_mem_mb[h] * MIB),
+            )
+            for h in range(cluster.n_hosts)
+        ]
+        self.hv = SimHypervisor(hosts)
+        self.host_index = {n: i for i, n in enumerate(cluster.host_names)}
+        self.vm_index = {n: i for i, n in enumerate(cluster.vm_names)}
+        for v, h in enumerate(host_of):
+            if h >= 0:
+                name = cluster.vm_names[v]
+                self.hv.add_vm(cluster.host_names[h], self._sim_vm(cluster, v))
+                self.where[name] = cluster.host_names[h]
+        return host_of
+
+    @staticmethod
+    def _sim_vm(cluster: Cluster, v: int) -> SimVm:
+        return SimVm(
+            name=cluster.vm_names[v],
+            vcpus=int(round(cluster.vm_mips[v] / CPU_UNIT_MIPS)),
+            mem_bytes=int(cluster.vm_mem_mb[v] * MIB),
+        )
+
+    def _sync(self, view: View) -> None:
+        """Mirror the engine's placement (finished guests, completed migrations)."""
+        assert self.hv is not None
+        c = view.cluster
+        for v, name in enumerate(c.vm_names):
+            h = int(view.vm_host[v])
+            have = self.where.get(name)
+            want = c.host_names[h] if h >= 0 else None
+            if have == want:
+                continue
+            vm = self.hv.hosts[have].vms.pop(name) if have is not None else self._sim_vm(c, v)
+            if want is None:
+                del self.where[name]
+                continue
+            self.hv.hosts[want].vms[name] = vm
+            self.where[name] = want
+
+    def observe(self, view: View) -> Snapshot:
+        """Advance the counters by one interval of granted CPU and collect a snapshot."""
+        assert self.hv is not None
+        self._sync(view)
+        c = view.cluster
+        st = view.state
+        busy = {
+            c.vm_names[v]: float(st.vm_alloc[v]) / CPU_UNIT_MIPS
+            for v in np.flatnonzero(st.vm_present)
+        }
+        if len(self.samples) == 0:
+            self.samples.add(self.hv.sample_all())
+        self.hv.advance(view.interval_s, busy)
+        self.samples.add(self.hv.sample_all())
+        return build_snapshot(self.samples.samples(), window=1)
+
+    def plan_input(self, snap: Snapshot) -> Snapshot:
+        """The snapshot with each guest's CPU replaced by its forecast."""
+        vms = []
+        for vm in snap.vms:
+            hist = self.readings.setdefault(vm.name, deque(maxlen=self.forecast.window))
+            hist.append(vm.cpu_util)
+            vms.append(replace(vm, cpu_util=self.forecast(np.fromiter(hist, dtype=np.float64))))
+        return replace(snap, vms=tuple(vms))
+
+    def decide(self, view: View) -> list[tuple[int, int]]:
+        snap = self.plan_input(self.observe(view))
+        fn = self._decide or default_decide()
+        plan = fn(
+            snap, self.policy, last_moved_s=self.last_moved_s, now_s=view.t_s, **self.decide_kwargs
+        )
+        if self.keep_plans:
+            self.plans.append(plan)
+        moves = []
+        for mv in plan.moves:
+            v = self.vm_index.get(mv.vm)
+            h = self.host_index.get(mv.dst)
+            if v is None or h is None:
+                continue
+            moves.append((v, h))
+            self.last_moved_s[mv.vm] = view.t_s
+        return moves
