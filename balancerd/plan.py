@@ -71,7 +71,7 @@ def order_moves(
             occupied[gid][p.cur[g]] = occupied[gid].get(p.cur[g], 0) + 1
 
     pending: list[_Step] = []
-    for vm, (_, dst) in current.moved_from(target).items():
+    for vm, (_, dst) in target.moved_from(current).items():
         gi = p.guest_index.get(vm)
         if gi is None or dst not in p.host_index:
             notes.append(f"{vm}: unknown guest or host; left out")

@@ -5,7 +5,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${BALANCERD_VENV:-$here/.venv}
 
 debs=(libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
-      libsystemd-dev pkg-config busybox-static cpio iproute2 gcc
+      libsystemd-dev pkg-config busybox-static cpio iproute2 gcc libc6-dev
       prometheus systemd coinor-cbc)
 missing=()
 for p in "${debs[@]}"; do
@@ -27,4 +27,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q -e "$here[dev]"
+# balancerd lab: guest kernel (Debian's linux-image-cloud-amd64) + initramfs, built once into
+# ${BALANCERD_LAB_CACHE:-/var/cache/balancerd-lab}; resolving the kernel package needs apt lists.
+if ! ls "${BALANCERD_LAB_CACHE:-/var/cache/balancerd-lab}"/vmlinuz-* >/dev/null 2>&1; then
+  apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -qq
+fi
+"$venv/bin/python" -c 'from balancerd.lab.images import ensure_images; i = ensure_images(); print(f"setup: lab images {i.kernel} {i.initrd}")'
 echo "setup: ok (venv: $venv)"

@@ -137,6 +137,8 @@ class Lab:
         cache_dir: Path | None = None,
     ) -> None:
         self.root = Path(root).absolute()
+        if any(c.isspace() for c in str(self.root)):
+            raise LabError(f"lab dir {str(self.root)!r}: no whitespace allowed")
         self.state_file = self.root / "lab.json"
         self.config_path = self.root / "balancerd.yaml"
         self.cache_dir = cache_dir
@@ -230,10 +232,13 @@ class Lab:
             host.start_holder()
         for host in hosts:
             host.start_daemons()
-        existing = {g.name for g in self.guests()}
+        existing = {g.name: g for g in self.guests()}
         for guest in spec.guests:
-            if guest.name not in existing:
+            found = existing.get(guest.name)
+            if found is None:
                 self.start_guest(guest)
+            elif found.state == "shut off" and self._host(found.host).is_powered():
+                self._virsh(self._host(found.host), "start", guest.name)
         self._write_config(spec)
         return self.config_path
 
@@ -320,6 +325,7 @@ class Lab:
         )
         xml = domain_xml(
             lab_name=self.name,
+            lab_dir=self.root,
             name=g.name,
             mem_mib=g.mem_mib,
             vcpus=g.vcpus,
@@ -448,9 +454,11 @@ class Lab:
                     hosts[f"host{index}"] = LabHost(self.name, self.root, index, self.subnet)
         return list(hosts.values())
 
-    def _our_pids(self) -> list[int]:
+    def processes(self) -> list[int]:
+        """Pids of this lab's processes found by command line (holders, daemons, QEMUs),
+        even if their network namespace is gone."""
         pids = pids_with_cmdline(f"{self.root}/hosts/")
-        pids += pids_with_cmdline(f"{self.root}/consoles/")
+        pids += pids_with_cmdline(f"bd.lab={self.root} ")  # QEMU: in the kernel command line
         return sorted(set(pids))
 
     def down(self) -> None:
@@ -461,7 +469,7 @@ class Lab:
         hosts = self._known_hosts()
         for host in hosts:
             host.destroy()
-        kill_and_wait(self._our_pids(), grace_s=0.0)
+        kill_and_wait(self.processes(), grace_s=0.0)
         if run(["ip", "link", "show", self.bridge], check=False).returncode == 0:
             run(["ip", "link", "del", self.bridge])
         if self.root.exists():
@@ -484,7 +492,7 @@ class Lab:
                 found.append(f"link {host.veth}")
         if run(["ip", "link", "show", self.bridge], check=False).returncode == 0:
             found.append(f"bridge {self.bridge}")
-        pids = self._our_pids()
+        pids = self.processes()
         if pids:
             found.append(f"processes {pids}")
         if self.root.exists():

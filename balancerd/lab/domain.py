@@ -35,6 +35,7 @@ def guest_mac(lab_name: str, guest: str) -> str:
 def domain_xml(
     *,
     lab_name: str,
+    lab_dir: Path,
     name: str,
     mem_mib: int,
     vcpus: int,
@@ -43,7 +44,11 @@ def domain_xml(
     devices: GuestDevices,
 ) -> str:
     # TCG (type='qemu'): nested KVM is unreliable on these machines (see LAB-NOTES).
-    cmdline = f"console=ttyS0 quiet bd.name={name} bd.burn={burn_pct} bd.dirty={dirty_mib}"
+    # bd.lab names the lab dir in QEMU's command line, so leftovers can be found by it;
+    cmdline = (
+        f"console=ttyS0 quiet bd.lab={lab_dir} bd.name={name}"
+        f" bd.burn={burn_pct} bd.dirty={dirty_mib}"
+    )
     disk = ""
     if devices.disk_path:
         disk = (
@@ -74,7 +79,7 @@ def domain_xml(
         "    <type arch='x86_64' machine='pc'>hvm</type>\n"
         f"    <kernel>{escape(str(devices.kernel))}</kernel>\n"
         f"    <initrd>{escape(str(devices.initrd))}</initrd>\n"
-        f"    <cmdline>{cmdline}</cmdline>\n"
+        f"    <cmdline>{escape(cmdline)}</cmdline>\n"
         "  </os>\n"
         "  <features>\n"
         "    <acpi/>\n"

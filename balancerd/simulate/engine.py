@@ -21,7 +21,7 @@ engine performs them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -87,8 +87,8 @@ class Controller(Protocol):
 
     def initial_placement(self, cluster: Cluster, workload: Workload) -> IntArray: ...
 
-    def decide(self, view: View) -> list[tuple[int, int]]:
-        """Migrations to start now, in order: (vm, destination host)."""
+    def decide(self, view: View) -> Sequence[tuple[int, ...]]:
+        """Migrations to start, in order: (vm, destination host) or (vm, host, wave)."""
         ...
 
 
@@ -164,6 +164,7 @@ class Simulation:
         self.migrations = 0
         self.finished = 0
         self.mem_overcommit = 0
+        self._now = 0.0
 
     # --- demand and state ------------------------------------------------------------
 
@@ -181,8 +182,9 @@ class Simulation:
         req_v = self.demand_util(t_s) * c.vm_mips
         present = self.vm_host >= 0
         in_mig = np.zeros(c.n_vms, dtype=np.bool_)
-        mig_vm = np.array([m.vm for m in self.in_flight], dtype=np.int64)
-        mig_dst = np.array([m.dst for m in self.in_flight], dtype=np.int64)
+        running = [m for m in self.in_flight if m.start_s <= t_s and self.vm_host[m.vm] >= 0]
+        mig_vm = np.array([m.vm for m in running], dtype=np.int64)
+        mig_dst = np.array([m.dst for m in running], dtype=np.int64)
         if len(mig_vm):
             in_mig[mig_vm] = True
         src_vm = np.flatnonzero(present)
@@ -263,15 +265,29 @@ class Simulation:
         self.vm_host[vm] = host
         self.host_vms[host].append(vm)
 
-    def start(self, moves: list[tuple[int, int]], t_s: float) -> int:
-        started = 0
-        for vm, dst in moves:
+    def start(self, moves: Sequence[tuple[int, ...]], t_s: float) -> int:
+        """Start ``(vm, dst)`` moves now, or ``(vm, dst, wave)``: wave w starts when the
+        longest migration of wave w-1 ends (the plan's capacity-safe order)."""
+        by_wave: dict[int, list[tuple[int, int]]] = {}
+        for mv in moves:
+            vm, dst = int(mv[0]), int(mv[1])
+            wave = int(mv[2]) if len(mv) > 2 else 0
             src = int(self.vm_host[vm])
             if src < 0 or dst == src or not 0 <= dst < self.c.n_hosts:
                 continue
-            end = t_s + self.c.migration_s(vm)
-            self.in_flight.append(Migration(vm, src, dst, t_s, end))
-            started += 1
+            if any(m.vm == vm for m in self.in_flight):
+                continue  # already moving: CloudSim never selects such a VM either
+            by_wave.setdefault(wave, []).append((vm, dst))
+        started = 0
+        at = t_s
+        for wave in sorted(by_wave):
+            longest = 0.0
+            for vm, dst in by_wave[wave]:
+                dur = self.c.migration_s(vm)
+                self.in_flight.append(Migration(vm, int(self.vm_host[vm]), dst, at, at + dur))
+                longest = max(longest, dur)
+                started += 1
+            at += longest
         self.migrations += started
         return started
 
@@ -280,9 +296,16 @@ class Simulation:
         self.in_flight = [m for m in self.in_flight if m.end_s > t_s]
         for m in done:
             src = int(self.vm_host[m.vm])
-            if src >= 0:
-                self.host_vms[src].remove(m.vm)
+            if src < 0:
+                continue  # finished while waiting for its wave
+            self.host_vms[src].remove(m.vm)
             self.place(m.vm, m.dst)
+
+    def _event_times(self, before: float) -> list[float]:
+        """Ends of migrations and starts of later waves, before ``before``."""
+        times = {m.end_s for m in self.in_flight} | {m.start_s for m in self.in_flight}
+        now = self._now
+        return sorted(x for x in times if now < x < before)
 
     def count_overcommit(self) -> None:
         """Hosts whose guests (incl. ones migrating in) have more memory than the host."""
@@ -327,12 +350,13 @@ class Simulation:
             t = k * self.interval_s + UPDATE_OFFSET_S
             e_iv = 0.0
             # migrations that end before this update
-            for te in sorted({m.end_s for m in self.in_flight if m.end_s < t}):
+            for te in self._event_times(before=t):
                 pre = self.state(te)
                 if prev is not None:
                     e_iv += self.account(prev, pre)
                 self.remove_finished(pre)
                 self.complete(te)
+                self._now = te
                 prev = self.state(te)
                 self.remove_finished(prev)
             pre = self.state(t)
@@ -356,6 +380,7 @@ class Simulation:
             moves = controller.decide(view)
             decision.append(time.perf_counter() - t0)
             n = self.start(moves, t)
+            self._now = t
             prev = self.state(t) if n else pre
             self.count_overcommit()
             times.append(t)
@@ -365,7 +390,7 @@ class Simulation:
             if progress is not None:
                 progress(k, self.n_updates)
         # migrations started at the last update still end (and use energy) before the cut-off
-        for te in sorted({m.end_s for m in self.in_flight}):
+        for te in self._event_times(before=float("inf")):
             pre = self.state(te)
             if prev is not None:
                 e = self.account(prev, pre)
@@ -373,6 +398,7 @@ class Simulation:
                     energy_iv[-1] += e / 3.6e6
             self.remove_finished(pre)
             self.complete(te)
+            self._now = te
             prev = self.state(te)
         return Result(
             scenario=self.c.spec.name,

@@ -36,6 +36,8 @@ IntArray = npt.NDArray[np.int64]
 # of 10 MIPS, a 2500 MIPS guest 250 vCPUs, so heterogeneous MIPS plan correctly.
 CPU_UNIT_MIPS = 10.0
 
+UNENFORCED_MEM_SCALE = 100.0  # scenario without memory limits: hosts look this much bigger
+
 DecideFn = Callable[..., Plan]
 
 
@@ -158,7 +160,7 @@ class PolicyController:
             vms.append(replace(vm, cpu_util=self.forecast(np.fromiter(hist, dtype=np.float64))))
         return replace(snap, vms=tuple(vms))
 
-    def decide(self, view: View) -> list[tuple[int, int]]:
+    def decide(self, view: View) -> list[tuple[int, int, int]]:
         snap = self.plan_input(self.observe(view))
         fn = self._decide or default_decide()
         plan = fn(
@@ -172,6 +174,6 @@ class PolicyController:
             h = self.host_index.get(mv.dst)
             if v is None or h is None:
                 continue
-            moves.append((v, h))
+            moves.append((v, h, mv.wave))
             self.last_moved_s[mv.vm] = view.t_s
         return moves

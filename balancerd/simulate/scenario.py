@@ -55,6 +55,10 @@ class ClusterSpec:
     vm_bw_kbit_s: float = 100_000.0  # CloudSim VM_BW, binds only at VM creation
     host_bw_kbit_s: float = 1_000_000.0
     remove_idle_vms: bool = True  # CloudSim drops a VM whose demand is exactly 0
+    # CloudSim's PlanetLab cloudlets request no RAM after creation (UtilizationModelNull), so
+    # its policies overcommit memory freely. False: our planner is told the same (host memory
+    # shown 100x larger); overcommit events are still counted against the real memory.
+    enforce_memory: bool = True
 
 
 CLOUDSIM_PLANETLAB = ClusterSpec(
@@ -64,6 +68,7 @@ CLOUDSIM_PLANETLAB = ClusterSpec(
         HostType("hp-ml110-g5", 400, 2, 2660.0, 4096, HP_ML110_G5),
     ),
     interleave=True,
+    enforce_memory=False,
     vm_types=(
         VmType(2500.0, 1, 870),
         VmType(2000.0, 1, 1740),
@@ -268,5 +273,6 @@ def load_cluster_spec(path: str | os.PathLike[str]) -> ClusterSpec:
         bandwidth_mbit_s=float(doc.get("bandwidth_mbit_s", 1000.0)),
         migration_share=float(doc.get("migration_share", 0.5)),
         remove_idle_vms=bool(doc.get("remove_idle_vms", False)),
+        enforce_memory=bool(doc.get("enforce_memory", True)),
         vm_bw_kbit_s=0.0,
     )

@@ -229,11 +229,16 @@ def read_bitbrains(
     )
 
 
+def is_bitbrains(directory: str | os.PathLike[str]) -> bool:
+    root = Path(directory)
+    return root.is_dir() and any(".csv" in p.name for p in root.iterdir())
+
+
 def read_trace(directory: str | os.PathLike[str], *, max_samples: int = 0) -> Workload:
     """Detect the format from the files: ``*.csv[.gz]`` is Bitbrains, else PlanetLab."""
     root = Path(directory)
     if not root.is_dir():
         raise ConfigError([f"{root}: trace directory does not exist"])
-    if any(".csv" in p.name for p in root.iterdir()):
+    if is_bitbrains(root):
         return read_bitbrains(root, max_samples=max_samples)
     return read_planetlab(root, max_samples=max_samples)

@@ -81,6 +81,12 @@ def objective_value(p: Problem, host_of: list[int]) -> float:
         if w and h in bad:
             total += w
     total += mc * moved_bytes / GIB
+    # hard group rules broken (only ever carried from today): each costs like a forced move
+    for grp in p.affinity:
+        if len({host_of[g] for g in grp}) > 1:
+            total += PENALTY
+    for grp in p.anti:
+        total += PENALTY * (len(grp) - len({host_of[g] for g in grp}))
     if p.objective == "power-save":
         used = set(host_of)
         for h in used:

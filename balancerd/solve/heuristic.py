@@ -33,6 +33,7 @@ class Unit:
     must_move: bool
     allowed: frozenset[int] | None
     anti: list[tuple[int, int]]  # (anti-affinity group id, members of this unit in it)
+    avoid: frozenset[int] = frozenset()  # hosts a soft (should / should_not) rule dislikes
 
 
 def build_units(p: Problem) -> tuple[list[Unit], list[int]]:
@@ -88,6 +89,7 @@ def build_units(p: Problem) -> tuple[list[Unit], list[int]]:
                 must_move=cur == -1 or any(p.must_move[g] for g in members),
                 allowed=allowed,
                 anti=sorted(anti_count.items()),
+                avoid=frozenset().union(*(p.soft[g][0] for g in members if p.soft[g][1] > 0)),
             )
         )
         for g in members:
@@ -337,12 +339,20 @@ class _Placer:
         bisect.insort(self.sorted, (self.key[h], h))
 
     def place(self, u: Unit, avoid: int = -1) -> int:
+        """A host for u, one a soft rule dislikes only when no other fits."""
+        if u.avoid:
+            h = self._place(u, avoid, u.avoid)
+            if h >= 0:
+                return h
+        return self._place(u, avoid, frozenset())
+
+    def _place(self, u: Unit, avoid: int, skip: frozenset[int]) -> int:
         st = self.st
         if u.allowed is not None and len(u.allowed) <= 64:
             best = -1
             best_key = float("inf")
             for h in u.allowed:
-                if h != avoid and st.fits(u, h, self.cap_c, self.cap_m):
+                if h != avoid and h not in skip and st.fits(u, h, self.cap_c, self.cap_m):
                     r = self.key[h]
                     key = r if self.best_fit else -r
                     if key < best_key:
@@ -352,13 +362,13 @@ class _Placer:
             need = max(u.cpu / self.max_c, u.mem / self.max_m) - 1e-12
             i = bisect.bisect_left(self.sorted, (need, -1))
             for _, h in itertools.islice(self.sorted, i, None):
-                if h != avoid and st.fits(u, h, self.cap_c, self.cap_m):
+                if h != avoid and h not in skip and st.fits(u, h, self.cap_c, self.cap_m):
                     return h
             return -1
         for _, h in reversed(self.sorted):
             if self.key[h] < 0:
                 break
-            if h != avoid and st.fits(u, h, self.cap_c, self.cap_m):
+            if h != avoid and h not in skip and st.fits(u, h, self.cap_c, self.cap_m):
                 return h
         return -1
 

@@ -86,7 +86,7 @@ def solve_ilp(
         u = units[i]
         row = []
         for h in cands[i]:
-            v = pulp.LpVariable(f"x_{i}_{h}", cat="Binary")
+            v = _var(prob, f"x_{i}_{h}", cat="Binary")
             x[i, h] = v
             row.append(v)
             on_host.setdefault(h, []).append((i, v))
@@ -114,7 +114,7 @@ def solve_ilp(
         for h in involved:
             if fc[h] > 0 or fm[h] > 0 or fv[h] > 0:
                 continue  # already on: constant
-            a = pulp.LpVariable(f"a_{h}", cat="Binary")
+            a = _var(prob, f"a_{h}", cat="Binary")
             active[h] = a
             w = power_weight(p, h) + (POWER_ON_COST if p.powered_off[h] else 0.0)
             objective_terms.append((a, w))
@@ -124,7 +124,7 @@ def solve_ilp(
             pulp.lpSum(active.values()) >= p.policy.power.min_active_hosts - len(const_on),
             "min_active",
         )
-    z = pulp.LpVariable("z", lowBound=0)
+    z = _var(prob, "z", low=0.0)
     if not power:
         objective_terms.append((z, 1.0))
         z_const = 0.0
@@ -149,7 +149,7 @@ def solve_ilp(
             ("m", lm, fm[h], cap_m, p.mem_total[h], cur_m[h]),
         ):
             if cur > cap + 1e-9:
-                o = pulp.LpVariable(f"o{name}_{h}", lowBound=0, upBound=cur - cap)
+                o = _var(prob, f"o{name}_{h}", low=0.0, up=cur - cap)
                 penalty_terms.append((o, PENALTY / (total or 1.0)))
                 prob += load + fixed <= cap + o, f"cap{name}_{h}"
             elif isinstance(scale_c, pulp.LpVariable):
@@ -219,6 +219,20 @@ def solve_ilp(
     )
 
 
+def _var(
+    prob: pulp.LpProblem,
+    name: str,
+    *,
+    low: float | None = None,
+    up: float | None = None,
+    cat: str = "Continuous",
+) -> pulp.LpVariable:
+    add = getattr(prob, "add_variable", None)  # PuLP >= 3.3; LpVariable() before
+    if add is not None:
+        return add(name, low, up, cat)
+    return pulp.LpVariable(name, low, up, cat)
+
+
 _UNIT_CACHE: dict[int, dict[int, int]] = {}
 
 
@@ -265,7 +279,9 @@ def _run_cbc(prob: pulp.LpProblem, time_limit_s: float, gap: float) -> _Run:
     fd, log_path = tempfile.mkstemp(prefix="balancerd-cbc-", suffix=".log")
     os.close(fd)
     try:
-        solver = pulp.PULP_CBC_CMD(
+        # Debian's cbc when present (PuLP 4 drops its bundled one), else PuLP's
+        cmd = pulp.COIN_CMD if pulp.COIN_CMD().available() else pulp.PULP_CBC_CMD
+        solver = cmd(
             msg=False,
             timeLimit=max(1, math.ceil(time_limit_s)),
             gapRel=gap,
