@@ -115,6 +115,7 @@ class Daemon:
         notifier: Notifier | None = None,
         registry: CollectorRegistry | None = None,
         serve_metrics: bool = True,
+        max_cycles: int = 0,
     ) -> None:
         self.config_path = config_path
         self._hypervisor_factory = hypervisor_factory or _libvirt_hypervisor
@@ -122,6 +123,8 @@ class Daemon:
         self.registry = registry or CollectorRegistry()
         self.stats = DaemonStats()
         self._serve_metrics = serve_metrics
+        self._max_cycles = max_cycles  # stop after this many cycles (0 = run until signalled)
+        self.cycles_done = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -343,6 +346,9 @@ class Daemon:
             self.stats.record_cycle(time.monotonic() - started_s, ok=True)
         finally:
             self.heartbeat()
+            self.cycles_done += 1
+            if self._max_cycles and self.cycles_done >= self._max_cycles:
+                self.request_stop()
 
     def _cycle(self) -> None:
         with self._lock:

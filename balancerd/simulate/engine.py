@@ -309,17 +309,18 @@ class Simulation:
 
     def count_overcommit(self) -> None:
         """Hosts whose guests (incl. ones migrating in) have more memory than the host."""
+        running = [m for m in self.in_flight if m.start_s <= self._now and self.vm_host[m.vm] >= 0]
         mem = np.bincount(
             np.concatenate(
                 [
                     self.vm_host[self.vm_host >= 0],
-                    np.array([m.dst for m in self.in_flight], dtype=np.int64),
+                    np.array([m.dst for m in running], dtype=np.int64),
                 ]
             ),
             weights=np.concatenate(
                 [
                     self.c.vm_mem_mb[self.vm_host >= 0],
-                    np.array([self.c.vm_mem_mb[m.vm] for m in self.in_flight]),
+                    np.array([self.c.vm_mem_mb[m.vm] for m in running]),
                 ]
             ),
             minlength=self.c.n_hosts,
@@ -359,6 +360,7 @@ class Simulation:
                 self._now = te
                 prev = self.state(te)
                 self.remove_finished(prev)
+                self.count_overcommit()
             pre = self.state(t)
             if prev is not None:
                 e_iv += self.account(prev, pre)
