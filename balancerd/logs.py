@@ -40,3 +40,5 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+    # APScheduler logs every job run at INFO; keep its warnings (missed runs) only.
+    logging.getLogger("apscheduler").setLevel(max(level, logging.WARNING))

@@ -13,8 +13,6 @@ placement needs to bring every host to the utilization the method reached.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import resource
 import sys
 import time
 from dataclasses import replace
@@ -23,32 +21,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
-    bench_policy,
-    command_line,
-    first_fit_decreasing,
-    print_table,
-    synthetic_cluster,
-)
-
-from balancerd.decide import decide  # noqa: E402
-from balancerd.model import Placement, Snapshot  # noqa: E402
-from balancerd.policy.model import Policy  # noqa: E402
-from balancerd.solve.heuristic import build_units, target_caps  # noqa: E402
-from balancerd.solve.ilp import solve_ilp  # noqa: E402
-from balancerd.solve.problem import (  # noqa: E402
+from balancerd.decide import decide
+from balancerd.model import Placement, Snapshot
+from balancerd.policy.model import Policy
+from balancerd.solve.heuristic import build_units, target_caps
+from balancerd.solve.ilp import solve_ilp
+from balancerd.solve.problem import (
     balance_lower_bound,
     build_problem,
     max_utils,
     move_lower_bound,
 )
-from balancerd.solve.verify import blocking, verify  # noqa: E402
-
-
-def _peak_mib() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) / 1024.0
+from balancerd.solve.verify import blocking, verify
+from benchmarks.common import (
+    bench_policy,
+    command_line,
+    first_fit_decreasing,
+    isolated,
+    print_table,
+    synthetic_cluster,
+)
 
 
 def _quality(snapshot: Snapshot, pol: Policy, host_of: dict[str, str]) -> dict[str, Any]:
@@ -70,8 +62,12 @@ def run_ours(snapshot: Snapshot, pol: Policy) -> dict[str, Any]:
     plan = decide(snapshot, pol)
     seconds = time.perf_counter() - t0
     q = _quality(snapshot, pol, dict(plan.target.host_of))
-    q.update(seconds=seconds, status=f"{plan.solver.backend}/{plan.solver.status}",
-             steps=len(plan.moves), waves=len({m.wave for m in plan.moves}))
+    q.update(
+        seconds=seconds,
+        status=f"{plan.solver.backend}/{plan.solver.status}",
+        steps=len(plan.moves),
+        waves=len({m.wave for m in plan.moves}),
+    )
     return q
 
 
@@ -100,9 +96,18 @@ def run_naive(snapshot: Snapshot, pol: Policy, time_limit_s: float) -> dict[str,
     units, _ = build_units(p)
     free = [i for i, u in enumerate(units) if u.movable]
     cands = {i: [h for h in range(p.n_hosts) if p.usable[h]] for i in free}
-    res = solve_ilp(p, units, free, cands, list(p.cur), backend="cbc",
-                    time_limit_s=time_limit_s, gap=pol.solver.gap, max_moves=10**9,
-                    max_bytes=1e18)
+    res = solve_ilp(
+        p,
+        units,
+        free,
+        cands,
+        list(p.cur),
+        backend="cbc",
+        time_limit_s=time_limit_s,
+        gap=pol.solver.gap,
+        max_moves=10**9,
+        max_bytes=1e18,
+    )
     seconds = time.perf_counter() - t0
     if res.host_of is None:
         return {"seconds": seconds, "status": f"cbc/{res.status} (no solution)"}
@@ -111,30 +116,19 @@ def run_naive(snapshot: Snapshot, pol: Policy, time_limit_s: float) -> dict[str,
     return q
 
 
-def _child(conn: Any, fn: Any, args: tuple[Any, ...]) -> None:
-    try:
-        out = fn(*args)
-    except Exception as e:  # reported in the table, not hidden
-        out = {"status": f"error: {e!r}"}
-    out["peak_mib"] = _peak_mib()
-    conn.send(out)
-    conn.close()
-
-
-def isolated(fn: Any, *args: Any) -> dict[str, Any]:
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args))
-    proc.start()
-    out: dict[str, Any] = parent.recv()
-    proc.join()
-    return out
-
-
 def row(name: str, r: dict[str, Any]) -> list[str]:
     if "util" not in r:
-        return [name, f"{r.get('seconds', 0):.2f}", "-", "-", "-", "-", "-",
-                f"{r.get('peak_mib', 0):.0f}", r.get("status", "")]
+        return [
+            name,
+            f"{r.get('seconds', 0):.2f}",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            f"{r.get('peak_mib', 0):.0f}",
+            r.get("status", ""),
+        ]
     return [
         name,
         f"{r['seconds']:.2f}",
@@ -163,15 +157,39 @@ def main() -> int:
         rows = [row("ours (decide)", isolated(run_ours, snapshot, pol))]
         rows.append(row("greedy FFD", isolated(run_ffd, snapshot, pol)))
         if n_guests <= args.naive_max_guests:
-            rows.append(row(f"naive ILP ({args.naive_time_limit:.0f}s limit)",
-                            isolated(run_naive, snapshot, replace(pol), args.naive_time_limit)))
+            rows.append(
+                row(
+                    f"naive ILP ({args.naive_time_limit:.0f}s limit)",
+                    isolated(run_naive, snapshot, replace(pol), args.naive_time_limit),
+                )
+            )
         else:
-            rows.append(["naive ILP", "-", "-", "-", "-", "-", "-", "-",
-                         f"not run: {n_guests * n_hosts:,} binaries"])
+            rows.append(
+                [
+                    "naive ILP",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    f"not run: {n_guests * n_hosts:,} binaries",
+                ]
+            )
         print_table(
             f"balance {n_hosts} hosts / {n_guests} guests (seed {args.seed})",
-            ["method", "time_s", "max_util", "bound", "+pts", "moves", "move_lb", "peak_MiB",
-             "result"],
+            [
+                "method",
+                "time_s",
+                "max_util",
+                "bound",
+                "+pts",
+                "moves",
+                "move_lb",
+                "peak_MiB",
+                "result",
+            ],
             rows,
         )
     print(f"\ncommand: {command_line()}")

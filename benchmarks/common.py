@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import random
+import resource
 import shlex
 import sys
 import time
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from balancerd.model import Host, Snapshot, Vm
 from balancerd.policy.model import Budget, Hysteresis, Limits, Policy, Solver
@@ -160,3 +162,31 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 def command_line() -> str:
     return "cd /work/main && .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def peak_mib() -> float:
+    """Peak RSS of this process or of its largest finished child (a solver), in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024.0
+
+
+def _child(conn: Any, fn: Any, args: tuple[Any, ...]) -> None:
+    try:
+        out = fn(*args)
+    except Exception as e:  # reported in the table, not hidden
+        out = {"status": f"error: {e!r}"}
+    out["peak_mib"] = peak_mib()
+    conn.send(out)
+    conn.close()
+
+
+def isolated(fn: Any, *args: Any) -> dict[str, Any]:
+    """Run fn(*args) in a forked process so its peak memory is its own."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args))
+    proc.start()
+    out: dict[str, Any] = parent.recv()
+    proc.join()
+    return out

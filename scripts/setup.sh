@@ -5,7 +5,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${BALANCERD_VENV:-$here/.venv}
 
 debs=(libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
-      libsystemd-dev pkg-config busybox-static cpio iproute2 gcc libc6-dev
+      libsystemd-dev pkg-config busybox-static cpio iproute2 gcc libc6-dev bindfs
       prometheus systemd coinor-cbc)
 missing=()
 for p in "${debs[@]}"; do

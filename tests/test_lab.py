@@ -99,6 +99,19 @@ def test_guests_boot_on_their_hosts(lab: Lab) -> None:
 
 
 @pytest.mark.lab
+def test_up_again_changes_nothing(lab: Lab) -> None:
+    before = lab.status()
+    assert before.healthy
+    assert lab.up(SPEC) == lab.config_path
+    after = lab.status()
+    assert [(h.libvirtd_pid, h.guests) for h in after.hosts] == [
+        (h.libvirtd_pid, h.guests) for h in before.hosts
+    ]
+    with pytest.raises(LabError, match="already has 2 hosts"):
+        lab.up(LabSpec(hosts=3))
+
+
+@pytest.mark.lab
 def test_each_host_answers_over_tcp_with_its_own_identity(lab: Lab) -> None:
     seen = {}
     for host in lab.host_names():
@@ -176,10 +189,11 @@ def test_burn_guest_uses_about_half_a_cpu(lab: Lab) -> None:
     burn_cpu, burn_wait = _rates(lab, "burn50")
     idle_cpu, idle_wait = _rates(lab, "idle")
     print(f"cpu s/s: burn50={burn_cpu:.2f} (+{burn_wait:.2f} waiting) idle={idle_cpu:.2f}")
-    # The burner is runnable 50% of the time: on an idle machine it gets ~0.5 s/s of CPU;
+    # The burner wants half a vCPU: on a quiet machine it gets ~0.5 s/s (0.48-0.51 seen);
     # on a busy one (the machine is shared) part of that becomes waiting for a CPU.
-    assert 0.35 <= burn_cpu + burn_wait <= 0.8
-    assert burn_cpu >= 0.1
+    assert burn_cpu <= 0.75  # a duty cycle, not a spinning vCPU
+    assert burn_cpu + burn_wait >= 0.35
+    assert burn_cpu >= idle_cpu + 0.1
     assert idle_cpu < 0.15
     assert idle_cpu + idle_wait < 0.2
 
@@ -204,16 +218,14 @@ def test_killed_libvirtd_stops_answering_and_restarts_finding_its_guest(lab: Lab
         conn.close()
 
 
-@pytest.mark.lab
-def test_live_migration_between_lab_hosts(lab: Lab) -> None:
+def _migrate(lab: Lab, guest: str, dst: str) -> None:
+    """Peer-to-peer live migration, persist on the destination, undefine the source."""
     libvirt = pytest.importorskip("libvirt")
-    src = lab.guest_host("burn50")
-    assert src is not None
-    dst = next(h for h in lab.host_names() if h != src)
-    lab.wait_booted("burn50")
+    src = lab.guest_host(guest)
+    assert src is not None and src != dst
     conn = libvirt.open(lab.host_uri(src))
     try:
-        dom = conn.lookupByName("burn50")
+        dom = conn.lookupByName(guest)
         flags = (
             libvirt.VIR_MIGRATE_LIVE
             | libvirt.VIR_MIGRATE_PEER2PEER
@@ -224,10 +236,17 @@ def test_live_migration_between_lab_hosts(lab: Lab) -> None:
         dom.migrateToURI3(lab.host_uri(dst), params, flags)
     finally:
         conn.close()
+
+
+@pytest.mark.lab
+def test_live_migration_between_lab_hosts(lab: Lab) -> None:
+    src = lab.guest_host("burn50")
+    assert src is not None
+    dst = next(h for h in lab.host_names() if h != src)
+    lab.wait_booted("burn50")
+    _migrate(lab, "burn50", dst)
+    # running on dst only, and defined there only (persist-dest + undefine-source)
     assert [(g.host, g.state) for g in lab.guests() if g.name == "burn50"] == [(dst, "running")]
-    # the guest keeps running (and logging to the same console file) on its new host
-    size = lab.console_log("burn50").stat().st_size
-    assert size > 0
     assert lab.guest_host("burn50") == dst
 
 
@@ -264,6 +283,9 @@ def test_start_and_destroy_guest_with_disks_and_nic(lab: Lab) -> None:
     assert (lab.root / "shared" / "extra.qcow2").is_file()
     with pytest.raises(LabError, match="already exists"):
         lab.start_guest(guest)
+    # shared storage + the per-host guest bridge: it can live-migrate
+    _migrate(lab, "extra", "host2")
+    assert lab.guest_host("extra") == "host2"
     lab.destroy_guest("extra")
     assert lab.guest_host("extra") is None
     local = GuestSpec("localdisk", "host2", mem_mib=96, disk="local")

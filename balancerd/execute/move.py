@@ -90,6 +90,8 @@ class Engine:
     heartbeat: Callable[[], None] = field(default=_no_heartbeat)
     progress: MoveProgress = field(default=_no_progress)
     sample_interval_s: float = 1.0
+    # False: no live attempt, migrate cold at once (benchmarks; guests known not to converge)
+    live: bool = True
 
 
 def _states(hv: Hypervisor, vm: str, *hosts: str) -> dict[str, str | None]:
@@ -184,6 +186,8 @@ def _run_move(run: _Run) -> MoveResult:
     def progress(stats: JobStats | None, msg: str) -> None:
         e.progress(m, stats, msg)
 
+    if not e.live:
+        return _cold(run, req, rules, facts.state, "cold requested", progress)
     if entry is not None:
         run.journal(lambda j: j.phase(entry, "live"))
     e.progress(m, None, "live migration started")
@@ -231,11 +235,25 @@ def _run_move(run: _Run) -> MoveResult:
     if why_not:
         return run.result(FAILED, Mode.NONE, f"{live_error}; {note}; no cold fallback: {why_not}")
 
+    e.progress(m, None, f"{live_error}; trying a cold migration")
+    return _cold(run, req, rules, facts.state, live_error, progress)
+
+
+def _cold(
+    run: _Run,
+    req: MigrationRequest,
+    rules: StallRules,
+    state_before: str,
+    why: str,
+    progress: Callable[[JobStats | None, str], None],
+) -> MoveResult:
+    """A cold (non-live) migration: the guest is paused while all memory is sent."""
+    e, m = run.e, run.m
+    entry = run.entry
     if entry is not None:
         run.journal(lambda j: j.phase(entry, "cold"))
-    e.progress(m, None, f"{live_error}; trying a cold migration")
     cold = run_migration(
-        hv,
+        e.hv,
         replace(req, live=False),
         rules.cold(),
         heartbeat=e.heartbeat,
@@ -243,17 +261,17 @@ def _run_move(run: _Run) -> MoveResult:
         interval_s=e.sample_interval_s,
     )
     if cold.ok:
-        return _verified(run, cold, Mode.OFFLINE, facts.state, note=live_error)
+        return _verified(run, cold, Mode.OFFLINE, state_before, note=why)
     cold_error = cold.abort_reason or f"cold migration failed: {cold.error}"
     if not cold.returned:
-        return run.result(FAILED, Mode.NONE, f"{live_error}; {cold_error}; left for reconcile")
+        return run.result(FAILED, Mode.NONE, f"{why}; {cold_error}; left for reconcile")
     try:
         actions, where = settle(
-            hv, m.vm, m.src, m.dst, was_running=facts.state != "paused", heartbeat=e.heartbeat
+            e.hv, m.vm, m.src, m.dst, was_running=state_before != "paused", heartbeat=e.heartbeat
         )
     except HypervisorError as exc:
         actions, where = [], f"state unknown ({exc})"
-    return run.result(FAILED, Mode.NONE, "; ".join([live_error, cold_error, *actions, where]))
+    return run.result(FAILED, Mode.NONE, "; ".join([why, cold_error, *actions, where]))
 
 
 def _verified(

@@ -10,7 +10,12 @@ Layout of ROOT (everything the lab owns; ``down`` removes it all)::
     lab.json            name, subnet, host count, capacities (read back by Lab(ROOT))
     balancerd.yaml      daemon config for this lab
     state/              the daemon's state_dir
-    shared/             "shared storage": same path on every host (disk="shared")
+    shared/             "shared storage": same path on every host (disk="shared"); a FUSE
+                        mount (bindfs of shared-store/) typed fuse.glusterfs, so libvirt
+                        treats it as a shared filesystem and allows live migration of guests
+                        whose disks are there with cache=none (a plain local folder would be
+                        refused: "Migration without shared storage is unsafe")
+    shared-store/       what shared/ shows
     consoles/NAME.log   guests' serial consoles (append='on': survives migrations)
     domains/NAME.xml    the XML each guest was defined from
     hosts/hostN/        per-host libvirt folders, pidfiles, holder script and log
@@ -25,6 +30,7 @@ import json
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,7 @@ SUBNET_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
 DISK_KINDS = ("", "shared", "local")
 DISK_SIZE = "64M"
 VIRSH_TIMEOUT_S = 30.0
+GUEST_START_WORKERS = 3
 
 
 @dataclass(frozen=True)
@@ -221,11 +228,12 @@ class Lab:
                 f"run `balancerd lab down --dir {self.root}` first"
             )
         images = ensure_images(self.cache_dir)
-        for folder in ("state", "shared", "consoles", "domains", "hosts"):
+        for folder in ("state", "shared", "shared-store", "consoles", "domains", "hosts"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._write_state(spec, images.kernel, images.initrd)
         self._create_bridge()
         hosts = self._hosts()
+        self._mount_shared(any(h.holder_pid() is not None for h in hosts))
         for host in hosts:
             host.write_files(hosts)
             host.create_network(self.bridge)
@@ -233,12 +241,20 @@ class Lab:
         for host in hosts:
             host.start_daemons()
         existing = {g.name: g for g in self.guests()}
-        for guest in spec.guests:
-            found = existing.get(guest.name)
-            if found is None:
-                self.start_guest(guest)
-            elif found.state == "shut off" and self._host(found.host).is_powered():
-                self._virsh(self._host(found.host), "start", guest.name)
+        to_create = [g for g in spec.guests if g.name not in existing]
+        to_start = [
+            g
+            for g in existing.values()
+            if g.name in {s.name for s in spec.guests}
+            and g.state == "shut off"
+            and self._host(g.host).is_powered()
+        ]
+        # a few at a time: starting a QEMU costs ~1-2 s, mostly waiting
+        with ThreadPoolExecutor(max_workers=GUEST_START_WORKERS) as pool:
+            futures = [pool.submit(self._start_new_guest, g) for g in to_create]
+            futures += [pool.submit(self._start_defined_guest, g) for g in to_start]
+            for future in futures:
+                future.result()
         self._write_config(spec)
         return self.config_path
 
@@ -263,6 +279,33 @@ class Lab:
         if f"inet {self.subnet}.1/" not in addrs:
             run(["ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge])
         run(["ip", "link", "set", self.bridge, "up"])
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.root / "shared"
+
+    def _shared_mounted(self) -> bool:
+        target = str(self.shared_dir)
+        with open("/proc/self/mounts") as mounts:
+            return any(line.split()[1] == target for line in mounts if len(line.split()) > 2)
+
+    def _mount_shared(self, holders_running: bool) -> None:
+        """Mount shared/ before the hosts' mount namespaces are made: they copy it."""
+        if self._shared_mounted():
+            return
+        if holders_running:
+            raise LabError(
+                f"{self.shared_dir} is not mounted but the lab hosts are running; "
+                f"run `balancerd lab down --dir {self.root}` and up again"
+            )
+        store = self.root / "shared-store"
+        run(["bindfs", "-o", "subtype=glusterfs,direct_io", str(store), str(self.shared_dir)])
+
+    def _unmount_shared(self) -> None:
+        if self._shared_mounted():
+            proc = run(["fusermount", "-u", str(self.shared_dir)], check=False)
+            if proc.returncode != 0:
+                run(["umount", "-l", str(self.shared_dir)])
 
     def _write_config(self, spec: LabSpec) -> None:
         policy = spec.policy or str(REPO_POLICY)
@@ -297,12 +340,18 @@ class Lab:
         """Define g persistent on its host and start it (returns once QEMU runs; use
         wait_booted to wait for its /init)."""
         _validate_guest(g, self.host_names())
-        host = self._host(g.host)
-        if not host.is_powered():
+        if not self._host(g.host).is_powered():
             raise LabError(f"cannot start {g.name}: {g.host} is powered off")
         where = self.guest_host(g.name)
         if where is not None:
             raise LabError(f"guest {g.name} already exists on {where}")
+        self._start_new_guest(g)
+
+    def _start_defined_guest(self, g: GuestStatus) -> None:
+        self._virsh(self._host(g.host), "start", g.name)
+
+    def _start_new_guest(self, g: GuestSpec) -> None:
+        host = self._host(g.host)
         state = self._read_state() or {}
         disk_path = ""
         if g.disk == "shared":
@@ -458,6 +507,7 @@ class Lab:
         """Pids of this lab's processes found by command line (holders, daemons, QEMUs),
         even if their network namespace is gone."""
         pids = pids_with_cmdline(f"{self.root}/hosts/")
+        pids += pids_with_cmdline(f"{self.root}/shared-store ")  # bindfs
         pids += pids_with_cmdline(f"bd.lab={self.root} ")  # QEMU: in the kernel command line
         return sorted(set(pids))
 
@@ -469,6 +519,7 @@ class Lab:
         hosts = self._known_hosts()
         for host in hosts:
             host.destroy()
+        self._unmount_shared()
         kill_and_wait(self.processes(), grace_s=0.0)
         if run(["ip", "link", "show", self.bridge], check=False).returncode == 0:
             run(["ip", "link", "del", self.bridge])
@@ -495,6 +546,8 @@ class Lab:
         pids = self.processes()
         if pids:
             found.append(f"processes {pids}")
+        if self._shared_mounted():
+            found.append(f"mount {self.shared_dir}")
         if self.root.exists():
             found.append(f"directory {self.root}")
         return found

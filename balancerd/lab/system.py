@@ -31,6 +31,8 @@ REQUIRED_COMMANDS: dict[str, str] = {
     "gzip": "gzip",
     "gcc": "gcc",
     "dpkg-query": "dpkg",
+    "bindfs": "bindfs",
+    "fusermount": "fuse",
 }
 # Packages whose files the lab uses directly (not only through a command on PATH).
 REQUIRED_PACKAGES = ("busybox-static", "libc6-dev")

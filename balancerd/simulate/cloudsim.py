@@ -104,6 +104,32 @@ def pabfd_initial(c: Cluster, threshold: float = 1.0) -> IntArray:
     return host_of
 
 
+def spread_initial(c: Cluster, workload: Workload) -> IntArray:
+    """A neutral start for traces without creation semantics (Bitbrains): guests by
+    decreasing memory in use, each on the host with the most free memory where its CPU
+    demand still fits (any host with the most free memory if none)."""
+    host_of = np.full(c.n_vms, -1, dtype=np.int64)
+    mem = workload.mem_used_bytes[:, 0] / 1024**2 if workload.mem_used_bytes.size else c.vm_mem_mb
+    cpu = workload.cpu_util[:, 0] * c.vm_mips
+    mem_free = c.host_mem_mb.copy()
+    cpu_free = c.host_cap_mips.copy()
+    for v in np.argsort(-mem, kind="stable"):
+        fits = cpu_free >= cpu[v]
+        score = np.where(fits, mem_free, mem_free - 1e12)
+        h = int(np.argmax(score))
+        host_of[v] = h
+        mem_free[h] -= mem[v]
+        cpu_free[h] -= cpu[v]
+    return host_of
+
+
+def initial_for(c: Cluster, workload: Workload, threshold: float = 1.0) -> IntArray:
+    """CloudSim's creation-time placement for PlanetLab, a spread for Bitbrains."""
+    if workload.kind == "bitbrains":
+        return spread_initial(c, workload)
+    return pabfd_initial(c, threshold)
+
+
 class ThrMmt:
     """Static-threshold over-load detection + minimum-migration-time VM selection."""
 
@@ -112,7 +138,7 @@ class ThrMmt:
         self.name = f"thr-mmt-{threshold:g}"
 
     def initial_placement(self, cluster: Cluster, workload: Workload) -> IntArray:
-        return pabfd_initial(cluster, self.threshold)
+        return initial_for(cluster, workload, self.threshold)
 
     def _over(self, w: _WhatIf, host: int) -> bool:
         total = 0.0

@@ -164,6 +164,9 @@ class Simulation:
         self.migrations = 0
         self.finished = 0
         self.mem_overcommit = 0
+        # memory each guest holds now (MB): provisioned, or its usage per sample (Bitbrains)
+        self.use_mem_usage = cluster.spec.mem_from_usage and workload.mem_used_bytes.size > 0
+        self.vm_mem_now = cluster.vm_mem_mb.copy()
         self._now = 0.0
 
     # --- demand and state ------------------------------------------------------------
@@ -283,7 +286,7 @@ class Simulation:
         for wave in sorted(by_wave):
             longest = 0.0
             for vm, dst in by_wave[wave]:
-                dur = self.c.migration_s(vm)
+                dur = self.c.migration_s(vm, float(self.vm_mem_now[vm]))
                 self.in_flight.append(Migration(vm, int(self.vm_host[vm]), dst, at, at + dur))
                 longest = max(longest, dur)
                 started += 1
@@ -319,8 +322,8 @@ class Simulation:
             ),
             weights=np.concatenate(
                 [
-                    self.c.vm_mem_mb[self.vm_host >= 0],
-                    np.array([self.c.vm_mem_mb[m.vm] for m in running]),
+                    self.vm_mem_now[self.vm_host >= 0],
+                    np.array([self.vm_mem_now[m.vm] for m in running]),
                 ]
             ),
             minlength=self.c.n_hosts,
@@ -361,6 +364,9 @@ class Simulation:
                 prev = self.state(te)
                 self.remove_finished(prev)
                 self.count_overcommit()
+            if self.use_mem_usage:
+                col = min(k, self.w.n_samples - 1)
+                self.vm_mem_now = self.w.mem_used_bytes[:, col] / 1024**2
             pre = self.state(t)
             if prev is not None:
                 e_iv += self.account(prev, pre)
@@ -376,7 +382,7 @@ class Simulation:
                 vm_host=self.vm_host.copy(),
                 host_vms=[list(h) for h in self.host_vms],
                 history=self.w.cpu_util[:, : k_hist + 1],
-                mem_used_mb=None if mem_used is None else mem_used[:, k_hist] / 1024**2,
+                mem_used_mb=self.vm_mem_now.copy() if self.use_mem_usage else None,
             )
             t0 = time.perf_counter()
             moves = controller.decide(view)

@@ -25,7 +25,7 @@ from balancerd.collect import SampleHistory, build_snapshot
 from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
 from balancerd.model import Plan, Snapshot
 from balancerd.policy.model import Policy
-from balancerd.simulate.cloudsim import pabfd_initial
+from balancerd.simulate.cloudsim import initial_for
 from balancerd.simulate.engine import View
 from balancerd.simulate.scenario import MIB, Cluster
 from balancerd.simulate.traces import Workload
@@ -81,6 +81,7 @@ class PolicyController:
         self.hv: SimHypervisor | None = None
         self.samples = SampleHistory(window=1)
         self.readings: dict[str, deque[float]] = {}
+        self.mem_readings: dict[str, deque[int]] = {}
         self.last_moved_s: dict[str, float] = {}
         self.host_index: dict[str, int] = {}
         self.vm_index: dict[str, int] = {}
@@ -90,13 +91,14 @@ class PolicyController:
 
     def initial_placement(self, cluster: Cluster, workload: Workload) -> IntArray:
         """The same start as the baseline (CloudSim's creation-time placement)."""
-        host_of = pabfd_initial(cluster)
+        host_of = initial_for(cluster, workload)
+        mem_scale = 1.0 if cluster.spec.enforce_memory else UNENFORCED_MEM_SCALE
         hosts = [
             SimHost(
                 name=cluster.host_names[h],
                 cpus=int(round(cluster.host_cap_mips[h] / CPU_UNIT_MIPS)),
                 cpu_mhz=int(cluster.host_pe_mips[h]),
-                mem_bytes=int(cluster.host_mem_mb[h] * MIB),
+                mem_bytes=int(cluster.host_mem_mb[h] * MIB * mem_scale),
             )
             for h in range(cluster.n_hosts)
         ]
@@ -145,6 +147,13 @@ class PolicyController:
             c.vm_names[v]: float(st.vm_alloc[v]) / CPU_UNIT_MIPS
             for v in np.flatnonzero(st.vm_present)
         }
+        if view.mem_used_mb is not None:
+            # the guest's resident memory, as the hypervisor would report it
+            for v in np.flatnonzero(st.vm_present):
+                name = c.vm_names[v]
+                host = self.where.get(name)
+                if host is not None:
+                    self.hv.hosts[host].vms[name].mem_bytes = int(view.mem_used_mb[v] * MIB)
         if len(self.samples) == 0:
             self.samples.add(self.hv.sample_all())
         self.hv.advance(view.interval_s, busy)
@@ -157,7 +166,15 @@ class PolicyController:
         for vm in snap.vms:
             hist = self.readings.setdefault(vm.name, deque(maxlen=self.forecast.window))
             hist.append(vm.cpu_util)
-            vms.append(replace(vm, cpu_util=self.forecast(np.fromiter(hist, dtype=np.float64))))
+            mem = self.mem_readings.setdefault(vm.name, deque(maxlen=self.forecast.window))
+            mem.append(vm.mem_bytes)
+            vms.append(
+                replace(
+                    vm,
+                    cpu_util=self.forecast(np.fromiter(hist, dtype=np.float64)),
+                    mem_bytes=max(mem),  # memory in use can come back: plan for the recent peak
+                )
+            )
         return replace(snap, vms=tuple(vms))
 
     def decide(self, view: View) -> list[tuple[int, int, int]]:

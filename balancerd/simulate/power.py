@@ -63,3 +63,11 @@ class PowerTable:
         p_lo = self.table[model, lo]
         p_hi = self.table[model, lo + 1]
         return p_lo + (p_hi - p_lo) / 10 * (u - lo / 10) * 100
+
+
+# CloudSim 3.0.3 PowerModelSpecPowerIbmX3550XeonX5675 (IBM x3550 M3, 2 x Xeon X5675, 12 cores
+# at 3067 MHz): the host of the built-in Bitbrains cluster.
+IBM_X3550_X5675 = SpecPowerModel(
+    "IBM System x3550 M3 (2 x Xeon X5675)",
+    (58.4, 98.0, 109.0, 118.0, 128.0, 140.0, 153.0, 170.0, 189.0, 205.0, 222.0),
+)

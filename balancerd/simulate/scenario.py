@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,13 @@ import numpy.typing as npt
 import yaml
 
 from balancerd.errors import ConfigError
-from balancerd.simulate.power import HP_ML110_G4, HP_ML110_G5, PowerTable, SpecPowerModel
+from balancerd.simulate.power import (
+    HP_ML110_G4,
+    HP_ML110_G5,
+    IBM_X3550_X5675,
+    PowerTable,
+    SpecPowerModel,
+)
 from balancerd.simulate.traces import Workload
 
 MIB = 1024**2
@@ -59,6 +65,9 @@ class ClusterSpec:
     # its policies overcommit memory freely. False: our planner is told the same (host memory
     # shown 100x larger); overcommit events are still counted against the real memory.
     enforce_memory: bool = True
+    # Memory a guest holds = its memory *usage* per sample (Bitbrains), not its provisioned
+    # size: overcommit events and migration times use it, the planner sees it.
+    mem_from_usage: bool = False
 
 
 CLOUDSIM_PLANETLAB = ClusterSpec(
@@ -77,10 +86,9 @@ CLOUDSIM_PLANETLAB = ClusterSpec(
     ),
 )
 
-# Bitbrains: 8-core 2.9 GHz hosts with 64 GiB, sized from the trace so that memory, not CPU,
-# decides how many hosts are needed (see ``bitbrains_cluster``). Power: the G5 table scaled
-# to an 8-core box is NOT a measured machine; we reuse the G5 shape (documented as such).
-BITBRAINS_HOST = HostType("bitbrains-8c-64g", 0, 8, 2900.0, 65536, HP_ML110_G5)
+# Bitbrains: IBM x3550 M3 hosts (12 x 3067 MHz, CloudSim's X5675 SPECpower table) with
+# 32 GiB: the trace's guests use far more memory per GHz than that, so memory binds.
+BITBRAINS_HOST = HostType("ibm-x3550-m3", 0, 12, 3067.0, 32768, IBM_X3550_X5675)
 
 BUILTIN = {"cloudsim-planetlab": CLOUDSIM_PLANETLAB}
 
@@ -110,10 +118,10 @@ class Cluster:
     def n_vms(self) -> int:
         return len(self.vm_names)
 
-    def migration_s(self, vm: int) -> float:
+    def migration_s(self, vm: int, mem_mb: float | None = None) -> float:
         """CloudSim: RAM / (bandwidth / 2); 870 MB over 1 Gbit/s -> 13.92 s."""
         bw_mb_s = self.spec.bandwidth_mbit_s * self.spec.migration_share / 8.0
-        return float(self.vm_mem_mb[vm]) / bw_mb_s
+        return (float(self.vm_mem_mb[vm]) if mem_mb is None else mem_mb) / bw_mb_s
 
 
 def _hosts(spec: ClusterSpec, counts: list[int]) -> list[int]:
@@ -139,8 +147,9 @@ def build_cluster(
     models = [ht.power for ht in hts]
     n = workload.n_vms
     if workload.kind == "bitbrains":
-        vm_mips = np.array(workload.vm_cpu_mhz, dtype=np.float64)
-        vm_pes = np.array(workload.vm_cores, dtype=np.int64)
+        # a VM provisioned with nothing (off for the whole trace) still needs a size
+        vm_mips = np.maximum(1.0, np.array(workload.vm_cpu_mhz, dtype=np.float64))
+        vm_pes = np.maximum(1, np.array(workload.vm_cores, dtype=np.int64))
         vm_mem = np.array(workload.vm_mem_bytes, dtype=np.float64) / MIB
     else:
         if not spec.vm_types:
@@ -169,25 +178,24 @@ def build_cluster(
     )
 
 
-def bitbrains_cluster(workload: Workload, *, mem_fill: float = 0.9) -> ClusterSpec:
-    """Enough hosts for all provisioned VM memory at ``mem_fill``, plus two spare hosts:
-    memory binds (CPU demand of the trace needs far fewer hosts)."""
+def bitbrains_cluster(workload: Workload, *, headroom: float = 2.0) -> ClusterSpec:
+    """IBM x3550 M3 hosts, as many as ``headroom`` x the peak memory in use (and never fewer
+    than the peak CPU demand needs): memory, not CPU, decides how many are needed."""
     ht = BITBRAINS_HOST
-    vm_core_max = max(
-        (m / c for m, c in zip(workload.vm_cpu_mhz, workload.vm_cores, strict=True)), default=0.0
-    )
-    core_mhz = max(ht.core_mips, math.ceil(vm_core_max))
-    cores = max(ht.cores, max(workload.vm_cores, default=1))
-    total_mb = sum(workload.vm_mem_bytes) / MIB
-    biggest = max(workload.vm_mem_bytes, default=0) / MIB
-    mem_mb = int(max(ht.mem_mb, 2 ** math.ceil(math.log2(max(1.0, biggest / mem_fill)))))
-    count = math.ceil(total_mb / (mem_mb * mem_fill)) + 2
+    host_mem = ht.mem_mb * MIB
+    host_cpu = ht.cores * ht.core_mips
+    mem_peak = float(workload.mem_used_bytes.sum(axis=0).max()) if workload.n_samples else 0.0
+    cpu_mhz = np.asarray(workload.vm_cpu_mhz)[:, None] * workload.cpu_util
+    cpu_peak = float(cpu_mhz.sum(axis=0).max()) if workload.n_samples else 0.0
+    count = max(math.ceil(headroom * mem_peak / host_mem), math.ceil(headroom * cpu_peak / host_cpu), 2)
     return ClusterSpec(
         name="bitbrains",
-        host_types=(HostType(ht.name, count, cores, core_mhz, mem_mb, ht.power),),
+        host_types=(replace(ht, count=count),),
         interleave=False,
         vm_types=(),
         remove_idle_vms=False,
+        enforce_memory=True,
+        mem_from_usage=True,
         vm_bw_kbit_s=0.0,
     )
 

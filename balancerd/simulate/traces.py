@@ -127,7 +127,9 @@ class BitbrainsVm:
     mem_usage_kb: list[float]
 
 
-def read_bitbrains_file(path: Path, problems: list[str]) -> BitbrainsVm | None:
+def read_bitbrains_file(
+    path: Path, problems: list[str], max_rows: int = 0
+) -> BitbrainsVm | None:
     """One Bitbrains VM: a header line, then ``;``+tab separated rows of 11 columns."""
     opener = gzip.open if path.name.endswith(".gz") else open
     n_before = len(problems)
@@ -163,9 +165,7 @@ def read_bitbrains_file(path: Path, problems: list[str]) -> BitbrainsVm | None:
                 if not all(math.isfinite(v) for v in vals) or min(vals) < 0 or c < 0:
                     _problem(problems, f"{path}:{lineno}", "negative or non-finite value")
                     continue
-                if c == 0 or vals[0] <= 0:
-                    _problem(problems, f"{path}:{lineno}", "no CPU cores / capacity provisioned")
-                    continue
+                # c == 0 / capacity 0: the VM was not provisioned then (uses nothing)
                 if ts and t <= ts[-1]:
                     _problem(problems, f"{path}:{lineno}", f"timestamp {t} not after {ts[-1]}")
                     continue
@@ -175,6 +175,8 @@ def read_bitbrains_file(path: Path, problems: list[str]) -> BitbrainsVm | None:
                 usage.append(vals[1])
                 mem_cap_kb = max(mem_cap_kb, vals[3])
                 mem.append(vals[4])
+                if max_rows and len(ts) >= max_rows:
+                    break
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         _problem(problems, str(path), f"cannot read: {exc}")
         return None
@@ -205,18 +207,21 @@ def read_bitbrains(
     if not files:
         raise ConfigError([f"{root}: no *.csv or *.csv.gz trace files"])
     problems: list[str] = []
-    vms = [read_bitbrains_file(p, problems) for p in files]
+    vms = [read_bitbrains_file(p, problems, max_samples) for p in files]
     if problems:
         raise ConfigError(problems)
     good = [v for v in vms if v is not None]
-    n = min(len(v.timestamps_s) for v in good)
+    # Samples align by position (all 300 s); a VM whose trace is shorter uses nothing after it.
+    n = max(len(v.timestamps_s) for v in good)
     if max_samples:
         n = min(n, max_samples)
     cpu = np.zeros((len(good), n))
     mem = np.zeros((len(good), n))
     for i, v in enumerate(good):
-        cpu[i] = np.minimum(1.0, np.array(v.cpu_usage_mhz[:n]) / v.cpu_capacity_mhz)
-        mem[i] = np.array(v.mem_usage_kb[:n]) * 1024.0
+        m = min(n, len(v.cpu_usage_mhz))
+        if v.cpu_capacity_mhz > 0:
+            cpu[i, :m] = np.minimum(1.0, np.array(v.cpu_usage_mhz[:m]) / v.cpu_capacity_mhz)
+        mem[i, :m] = np.array(v.mem_usage_kb[:m]) * 1024.0
     return Workload(
         kind="bitbrains",
         names=tuple(v.name for v in good),

@@ -9,8 +9,10 @@ Stages, each pure:
 4. The ILP over the *free* units: all of them on small clusters (the exact problem), else
    the units around the hot spots and the hosts with the most room, warm-started from the
    incumbent, time-limited. Its status and bound are read from the solver itself.
-5. The best placement by one objective function computed here (not the solver's word),
-   re-checked by ``verify``; a placement with a blocking violation is never returned.
+5. The best placement by one objective function computed here (not the solver's word);
+   those within ``solver.gap`` (relative, on the score) of the best count as equally good
+   and the one with the fewest moves wins. It is re-checked by ``verify``; a placement
+   with a blocking violation is never returned.
 """
 
 from __future__ import annotations
@@ -205,6 +207,21 @@ def _ilp_scope(
     return free, cands, False
 
 
+def _prefer_fewer_moves(
+    p: Problem, ranked: list[tuple[float, str, list[int]]]
+) -> list[tuple[float, str, list[int]]]:
+    """Placements within the policy's relative gap (solver.gap, on the score) of the best
+    one are equally good: among them the fewest moves go first."""
+    if not ranked:
+        return ranked
+    best_obj = ranked[0][0]
+    tol = p.policy.solver.gap * max(score(p, ranked[0][2]), 1e-9)
+    near = [t for t in ranked if t[0] <= best_obj + tol]
+    rest = [t for t in ranked if t[0] > best_obj + tol]
+    near.sort(key=lambda t: (_moves(p, t[2])[0], t[0]))
+    return near + rest
+
+
 def solve(
     snapshot: Snapshot,
     policy: Policy,
@@ -236,8 +253,18 @@ def solve(
     stages: list[str] = []
     cands: list[Candidate] = []
     if p.objective == "balance":
+        # when one more move of the smallest guest costs more than the whole gap between
+        # today and the bound, no balancing target can pay for itself: repair only
+        lb = balance_lower_bound(p)
+        movable_mem = [p.mem[g] for g in range(p.n_guests) if p.movable[g]]
+        cheapest = policy.solver.migration_cost * min(movable_mem, default=0.0) / GIB
         cands = balance_search(
-            p, units, unit_of, max_moves=bud.max_moves, max_bytes=float(bud.max_bytes)
+            p,
+            units,
+            unit_of,
+            max_moves=bud.max_moves,
+            max_bytes=float(bud.max_bytes),
+            search=cheapest < max(before - lb, 0.0),
         )
     else:
         cap_c, cap_m = limit_caps(p)
@@ -305,6 +332,7 @@ def solve(
                 ranked.append((objective_value(p, ilp.host_of), "ilp", ilp.host_of))
                 ranked.sort(key=lambda t: (t[0], t[1] != "ilp"))
 
+    ranked = _prefer_fewer_moves(p, ranked)
     # verify, best first; never return a placement with a blocking violation
     chosen: tuple[float, str, list[int]] | None = None
     carried: list[Violation] = []
@@ -341,6 +369,8 @@ def solve(
         bound = max(bound, ilp.bound) if bound is not None else ilp.bound
     if label == "ilp" and ilp is not None:
         backend, status = ilp.backend, ilp.status
+        if not full and status == "optimal":
+            status = "feasible"  # optimal only for the units it was free to move
     else:
         backend = "greedy"
         status = "feasible"

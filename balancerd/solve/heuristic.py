@@ -175,6 +175,7 @@ def _pick_evictions(
     left = list(cands)
     tc = p.cpu_total[h] or 1.0
     tm = p.mem_total[h] or 1.0
+    need_c, need_m = ec, em
     while (ec > EPS or em > 0.5) and left:
         best = -1
         best_size = float("inf")
@@ -195,6 +196,32 @@ def _pick_evictions(
         left.remove(best)
         ec -= units[best].cpu
         em -= units[best].mem
+
+    # same count, less volume: swap a chosen unit for a smaller one while still covering
+    # (less to fit elsewhere, so tighter targets pack)
+    def size(i: int) -> float:
+        return units[i].cpu / tc + units[i].mem / tm
+
+    got_c = sum(units[i].cpu for i in chosen)
+    got_m = sum(units[i].mem for i in chosen)
+    for _ in range(2):
+        improved = False
+        for pos in sorted(range(len(chosen)), key=lambda k: -size(chosen[k])):
+            i = chosen[pos]
+            for j in sorted(left, key=size):
+                if size(j) >= size(i):
+                    break
+                c2 = got_c - units[i].cpu + units[j].cpu
+                m2 = got_m - units[i].mem + units[j].mem
+                if c2 >= need_c - EPS and m2 >= need_m - 0.5:
+                    chosen[pos] = j
+                    left.remove(j)
+                    left.append(i)
+                    got_c, got_m = c2, m2
+                    improved = True
+                    break
+        if not improved:
+            break
     return chosen
 
 
@@ -278,7 +305,7 @@ def repair(
         if h >= 0:
             st.drop(u, h)
             placer.touched(h)
-        elif (partial or misses < max(20, len(kept) // 20)) and placer.make_room(
+        elif (partial or misses < max(20, len(kept) // 8)) and placer.make_room(
             u, units, unit_on
         ) >= 0:
             misses += 1
@@ -309,6 +336,9 @@ def _avg(xs: list[float]) -> float:
     return (sum(xs) / len(xs)) if xs and sum(xs) > 0 else 1.0
 
 
+WALK = 256  # hosts tried per placement before giving up on it
+
+
 class _Placer:
     """Picks a destination: least room that fits (best fit, packs tight targets) or most
     room first (worst fit). Hosts are kept sorted by their normalized room."""
@@ -317,6 +347,9 @@ class _Placer:
         self, p: Problem, st: State, cap_c: list[float], cap_m: list[float], best_fit: bool
     ) -> None:
         self.p, self.st, self.cap_c, self.cap_m, self.best_fit = p, st, cap_c, cap_m, best_fit
+        # best fit is exact on the scarcer resource: its absolute room (cores or bytes)
+        lbc, lbm = util_lower_bounds(p)
+        self.by_cpu = p.w_cpu * lbc >= p.w_mem * lbm
         self.key = [self.room(h) for h in range(p.n_hosts)]
         self.sorted = sorted((self.key[h], h) for h in range(p.n_hosts) if p.usable[h])
         self.max_c = max(p.cpu_total) if p.cpu_total else 1.0
@@ -324,6 +357,8 @@ class _Placer:
 
     def room(self, h: int) -> float:
         p, st = self.p, self.st
+        if self.best_fit:
+            return self.cap_c[h] - st.cpu[h] if self.by_cpu else self.cap_m[h] - st.mem[h]
         return min(
             (self.cap_c[h] - st.cpu[h]) / (p.cpu_total[h] or 1.0),
             (self.cap_m[h] - st.mem[h]) / (p.mem_total[h] or 1.0),
@@ -338,15 +373,15 @@ class _Placer:
         self.key[h] = self.room(h)
         bisect.insort(self.sorted, (self.key[h], h))
 
-    def place(self, u: Unit, avoid: int = -1) -> int:
+    def place(self, u: Unit, avoid: int = -1, walk: int = WALK) -> int:
         """A host for u, one a soft rule dislikes only when no other fits."""
         if u.avoid:
-            h = self._place(u, avoid, u.avoid)
+            h = self._place(u, avoid, u.avoid, walk)
             if h >= 0:
                 return h
-        return self._place(u, avoid, frozenset())
+        return self._place(u, avoid, frozenset(), walk)
 
-    def _place(self, u: Unit, avoid: int, skip: frozenset[int]) -> int:
+    def _place(self, u: Unit, avoid: int, skip: frozenset[int], walk: int) -> int:
         st = self.st
         if u.allowed is not None and len(u.allowed) <= 64:
             best = -1
@@ -359,13 +394,13 @@ class _Placer:
                         best, best_key = h, key
             return best
         if self.best_fit:
-            need = max(u.cpu / self.max_c, u.mem / self.max_m) - 1e-12
+            need = (u.cpu if self.by_cpu else u.mem) - 1e-9
             i = bisect.bisect_left(self.sorted, (need, -1))
-            for _, h in itertools.islice(self.sorted, i, None):
+            for _, h in itertools.islice(self.sorted, i, i + walk):
                 if h != avoid and h not in skip and st.fits(u, h, self.cap_c, self.cap_m):
                     return h
             return -1
-        for _, h in reversed(self.sorted):
+        for _, h in itertools.islice(reversed(self.sorted), walk):
             if self.key[h] < 0:
                 break
             if h != avoid and h not in skip and st.fits(u, h, self.cap_c, self.cap_m):
@@ -401,7 +436,7 @@ class _Placer:
                     st.drop(u, h)
                     d = v.cur if v.cur >= 0 and st.fits(v, v.cur, self.cap_c, self.cap_m) else -1
                     if d < 0 or d == h:
-                        d = self.place(v, avoid=h)
+                        d = self.place(v, avoid=h, walk=32)
                     st.lift(u)
                 st.drop(v, h)
                 if d >= 0:
@@ -460,10 +495,12 @@ def balance_search(
     *,
     max_moves: int,
     max_bytes: float,
-    steps: int = 14,
+    steps: int = 5,
+    resolution: float = 0.0005,
+    search: bool = True,
 ) -> list[Candidate]:
-    """Repair to the hard limits, then binary-search the lowest target (above the LP
-    bound) the greedy repair reaches within the budget. Returns every result found."""
+    """Repair to the hard limits, then search the lowest target (above the LP bound) the
+    greedy repair reaches within the budget. Returns every result found."""
     out: list[Candidate] = []
     cap_c, cap_m = limit_caps(p)
     base = repair(
@@ -481,38 +518,56 @@ def balance_search(
             "repair",
         )
     )
-    if not base.complete:
+    if not base.complete or not search:
         return out
     lbc, lbm = util_lower_bounds(p)
     wc, wm = p.w_cpu, p.w_mem
-    lo = 0.0
-    hi = max(out[0].score - max(wc * lbc, wm * lbm), 0.0) + 1e-6
     lb = max(wc * lbc, wm * lbm)
-    # every resource under the same weighted target: bound + delta (weight 0 = limits only)
-    for _ in range(steps):
-        if hi - lo < 1e-4:
-            break
-        mid = (lo + hi) / 2
-        tc = (lb + mid) / wc if wc > 0 else 1e9
-        tm = (lb + mid) / wm if wm > 0 else 1e9
+    top = max(out[0].score - lb, 0.0)
+
+    def attempt(delta: float) -> bool:
+        # every resource under the same weighted target: bound + delta (weight 0: limits)
+        tc = (lb + delta) / wc if wc > 0 else 1e9
+        tm = (lb + delta) / wm if wm > 0 else 1e9
         cc, cm = target_caps(p, tc, tm)
+        # least room first, exact on the scarcer resource: packs tight targets
         r = repair(
-            p, units, unit_of, cc, cm, max_moves=max_moves, max_bytes=max_bytes, partial=False
+            p,
+            units,
+            unit_of,
+            cc,
+            cm,
+            max_moves=max_moves,
+            max_bytes=max_bytes,
+            partial=False,
+            best_fit=True,
         )
         if r is None:
-            lo = mid
-        else:
-            hi = mid
-            out.append(
-                Candidate(
-                    r.host_of,
-                    balance_score(p, r.host_of),
-                    r.moves,
-                    r.moved_bytes,
-                    True,
-                    f"target+{mid:.4f}",
-                )
+            return False
+        out.append(
+            Candidate(
+                r.host_of,
+                balance_score(p, r.host_of),
+                r.moves,
+                r.moved_bytes,
+                True,
+                f"target+{delta:.4f}",
             )
+        )
+        return True
+
+    # find a reachable target near the bound (doubling from 1 point), then bisect down
+    lo, hi = 0.0, min(0.01, top)
+    while hi < top and not attempt(hi):
+        lo, hi = hi, min(2 * hi, top)
+    for _ in range(steps):
+        if hi - lo < resolution:
+            break
+        mid = (lo + hi) / 2
+        if attempt(mid):
+            hi = mid
+        else:
+            lo = mid
     return out
 
 

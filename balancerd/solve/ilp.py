@@ -26,7 +26,7 @@ import pulp
 from balancerd.solve.heuristic import Unit
 from balancerd.solve.problem import GIB, Problem, power_weight
 
-PENALTY = 10.0  # objective units per forced move left undone / per unit of overflow
+PENALTY = 1000.0  # objective units per forced move left undone / per unit of overflow
 POWER_ON_COST = 0.5  # extra host-equivalents for switching a powered-off host on
 
 
