@@ -8,6 +8,7 @@ make progress, and performs reload/stop when a signal handler has set a flag.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -171,6 +172,8 @@ class Daemon:
             self._wake.set()
 
         signal.signal(signal.SIGHUP, on_hup)
+        # `kill -USR1 PID` writes every thread's stack to the log: where is it stuck?
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
 
@@ -377,7 +380,8 @@ class Daemon:
             if plan.moves:
                 self.notifier.status(f"migrating {len(plan.moves)} guests ({policy.name})")
                 results = self._execute(plan, policy)
-            self._switch_power(plan, snapshot, policy, now_s, only_on=False)
+            if policy.objective == "power-save":
+                self._switch_power(plan, snapshot, policy, now_s, only_on=False)
         self.rt.last_cycle = {
             "at": datetime.now().astimezone().isoformat(timespec="seconds"),
             "policy": policy.name,

@@ -39,7 +39,9 @@ def decide(
         now_s=now_s,
         use_ilp=use_ilp,
     )
-    p = build_problem(snapshot, policy, capacity=capacity, last_moved_s=last_moved_s, now_s=now_s)
+    p = res.problem or build_problem(
+        snapshot, policy, capacity=capacity, last_moved_s=last_moved_s, now_s=now_s
+    )
     notes = tuple(res.notes) + tuple(str(v) for v in res.violations)
     if res.reasons:
         return _no_moves(

@@ -70,7 +70,8 @@ class Notifier:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.connect(_address(self.socket_path))
-                sock.sendall(payload)
+                # Never block the daemon on a receiver that is not reading: drop instead.
+                sock.send(payload, socket.MSG_DONTWAIT)
         except OSError as exc:
             if not self._warned:
                 log.warning("sd_notify to %s failed: %s", self.socket_path, exc)

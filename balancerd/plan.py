@@ -52,8 +52,11 @@ def order_moves(
     *,
     capacity: Mapping[str, HostCapacity] | None = None,
     problem: Problem | None = None,
+    uncounted_sources: frozenset[str] = frozenset(),
 ) -> tuple[tuple[Move, ...], Placement, tuple[str, ...]]:
-    """The steps, the placement they reach, and notes (staging, left-out moves)."""
+    """The steps, the placement they reach, and notes (staging, left-out moves).
+    Steps out of ``uncounted_sources`` (e.g. a pool of guests waiting to start) do not
+    count against the per-host concurrency of their source."""
     p = problem or build_problem(snapshot, policy, capacity=capacity)
     mig = policy.migration
     per_host_limit = max(1, mig.max_concurrent_per_host)
@@ -114,6 +117,7 @@ def order_moves(
                 return s
         return None
 
+    free_src = {p.host_index[n] for n in uncounted_sources if n in p.host_index}
     moves: list[Move] = []
     reached = list(p.cur)
     wave = 0
@@ -127,7 +131,9 @@ def order_moves(
         for s in pending:
             if len(running) >= wave_limit:
                 break
-            if busy.get(s.src, 0) >= per_host_limit or busy.get(s.dst, 0) >= per_host_limit:
+            if busy.get(s.dst, 0) >= per_host_limit or (
+                s.src not in free_src and busy.get(s.src, 0) >= per_host_limit
+            ):
                 continue
             if not fits(s.vm, s.dst):
                 continue
@@ -204,11 +210,18 @@ def make_plan(
     score_after: float | None = None,
     notes: tuple[str, ...] = (),
     problem: Problem | None = None,
+    uncounted_sources: frozenset[str] = frozenset(),
 ) -> Plan:
     p = problem or build_problem(snapshot, policy, capacity=capacity)
     current = Placement({p.guests[g]: p.hosts[p.cur[g]] for g in range(p.n_guests)})
     moves, reached, order_notes = order_moves(
-        snapshot, policy, current, target, capacity=capacity, problem=p
+        snapshot,
+        policy,
+        current,
+        target,
+        capacity=capacity,
+        problem=p,
+        uncounted_sources=uncounted_sources,
     )
     power_off, power_on = power_changes(p, reached)
     return Plan(

@@ -5,7 +5,8 @@ complete plan whose every step keeps capacity and the continuous spread/among ru
         [--max-concurrent 1000] [--per-host 1]
 
 Side by side, same run, each in its own forked process:
-- ours: ``decide()`` (greedy repair incumbent, reduced ILP, verify) + the safe planner;
+- ours: ``solve()`` (greedy repair incumbent, reduced ILP, verify) + ``make_plan()``, as
+  ``decide()`` does (boots out of the pseudo host are not limited per source);
 - greedy FFD: every VM largest first stays home if it fits, else the first node with room
   (placement rules and spread honoured for the end state); its moves applied in list order,
   one at a time, counting the steps that break capacity or spread on the way;
@@ -28,10 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from balancerd.decide import decide
 from balancerd.model import Placement
-from balancerd.plan import total_seconds
+from balancerd.plan import make_plan, total_seconds
 from balancerd.policy.model import Policy
+from balancerd.solve import solve
 from balancerd.solve.problem import build_problem, move_lower_bound
 from balancerd.solve.verify import blocking, verify
 from benchmarks.btrplace import READY, Instance, load, repair_policy
@@ -116,7 +117,17 @@ def lower_bound(inst: Instance, pol: Policy) -> int:
 
 def run_ours(inst: Instance, pol: Policy) -> dict[str, Any]:
     t0 = time.perf_counter()
-    plan = decide(inst.snapshot, pol)
+    # decide(), except that boots (from the pseudo host) are not limited per source
+    res = solve(inst.snapshot, pol)
+    plan = make_plan(
+        inst.snapshot,
+        pol,
+        res.target,
+        res.report,
+        notes=res.notes,
+        problem=res.problem,
+        uncounted_sources=frozenset({READY}),
+    )
     seconds = time.perf_counter() - t0
     steps = [(m.vm, m.src, m.dst, m.wave) for m in plan.moves]
     left_out = sum("left out" in n for n in plan.notes)

@@ -121,7 +121,7 @@ def row(name: str, r: dict[str, Any]) -> list[str]:
         return [
             name,
             f"{r.get('seconds', 0):.2f}",
-            "-",
+            f"{r.get('cpu_s', 0):.2f}",
             "-",
             "-",
             "-",
@@ -132,6 +132,7 @@ def row(name: str, r: dict[str, Any]) -> list[str]:
     return [
         name,
         f"{r['seconds']:.2f}",
+        f"{r['cpu_s']:.2f}",
         f"{r['util']:.4f}",
         f"{r['bound']:.4f}",
         f"{100 * (r['util'] - r['bound']):+.2f}",
@@ -174,6 +175,7 @@ def main() -> int:
                     "-",
                     "-",
                     "-",
+                    "-",
                     f"not run: {n_guests * n_hosts:,} binaries",
                 ]
             )
@@ -181,7 +183,8 @@ def main() -> int:
             f"balance {n_hosts} hosts / {n_guests} guests (seed {args.seed})",
             [
                 "method",
-                "time_s",
+                "wall_s",
+                "cpu_s",
                 "max_util",
                 "bound",
                 "+pts",

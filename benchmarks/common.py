@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import resource
 import shlex
@@ -177,6 +178,8 @@ def _child(conn: Any, fn: Any, args: tuple[Any, ...]) -> None:
     except Exception as e:  # reported in the table, not hidden
         out = {"status": f"error: {e!r}"}
     out["peak_mib"] = peak_mib()
+    t = os.times()  # this forked process and its solver children, from the fork on
+    out["cpu_s"] = t.user + t.system + t.children_user + t.children_system
     conn.send(out)
     conn.close()
 

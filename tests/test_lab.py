@@ -71,6 +71,21 @@ def test_guest_yaml_file(tmp_path: Path) -> None:
         parse_guest_specs(f"@{path}")
 
 
+def test_invalid_spec_lists_every_problem_before_touching_anything(tmp_path: Path) -> None:
+    spec = LabSpec(
+        hosts=2,
+        guests=(
+            GuestSpec("a", "host3"),
+            GuestSpec("b", "host1", burn_pct=120, dirty_mib=200),
+            GuestSpec("b", "host2", disk="nfs"),
+        ),
+    )
+    with pytest.raises(ConfigError) as info:
+        Lab(tmp_path / "lab", "bl1", SUBNET).up(spec)
+    assert len(info.value.problems) == 5
+    assert not (tmp_path / "lab").exists()
+
+
 def test_refuses_without_root_naming_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(system.os, "geteuid", lambda: 1000)
     with pytest.raises(LabError, match="root"):
@@ -292,6 +307,11 @@ def test_start_and_destroy_guest_with_disks_and_nic(lab: Lab) -> None:
     lab.start_guest(local)
     assert (lab.root / "hosts" / "host2" / "lib" / "images" / "localdisk.qcow2").is_file()
     assert not (lab.root / "hosts" / "host1" / "lib" / "images" / "localdisk.qcow2").exists()
+    # a disk only host2 has: libvirt refuses a plain live migration (no storage copy)
+    libvirt = pytest.importorskip("libvirt")
+    with pytest.raises(libvirt.libvirtError, match=r"[Uu]nsafe|shared storage"):
+        _migrate(lab, "localdisk", "host1")
+    assert lab.guest_host("localdisk") == "host2"
     lab.destroy_guest("localdisk")
 
 
@@ -304,9 +324,13 @@ def _links() -> str:
 
 
 @pytest.mark.lab
-def test_down_leaves_nothing(lab: Lab) -> None:
+def test_down_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
     """Runs last in this module: takes the module's lab down and looks for any remains."""
     assert f"{NAME}-host1" in _netns() and f"{NAME}-br" in _links()
+    # a down of the same name from another folder must not touch this lab's hosts
+    with pytest.raises(LabError, match=f"bridge {NAME}-br"):
+        Lab(tmp_path / "elsewhere", NAME, SUBNET).down()
+    assert lab.status().healthy
     pids_before = lab.processes()
     # holders, virtlogd, libvirtd and QEMU carry the lab dir in their command line
     assert len(pids_before) >= 2 * 3 + len(SPEC.guests)

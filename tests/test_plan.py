@@ -22,14 +22,23 @@ def host(name: str, cpus: int = 8, mem_gib: int = 16) -> Host:
 
 
 def vm(name: str, on: str, vcpus: int, util: float, mem_gib: float) -> Vm:
-    return Vm(name=name, uuid=name, host=on, state="running", vcpus=vcpus,
-              mem_bytes=int(mem_gib * GIB), cpu_util=util)
+    return Vm(
+        name=name,
+        uuid=name,
+        host=on,
+        state="running",
+        vcpus=vcpus,
+        mem_bytes=int(mem_gib * GIB),
+        cpu_util=util,
+    )
 
 
 def caps(h: Host) -> tuple[float, float, float]:
-    return (h.cpus * LIMITS.max_cpu_util,
-            min(h.mem_bytes * LIMITS.max_mem_util, h.mem_bytes - LIMITS.mem_headroom_bytes),
-            h.cpus * LIMITS.cpu_overcommit)
+    return (
+        h.cpus * LIMITS.max_cpu_util,
+        min(h.mem_bytes * LIMITS.max_mem_util, h.mem_bytes - LIMITS.mem_headroom_bytes),
+        h.cpus * LIMITS.cpu_overcommit,
+    )
 
 
 def replay(s: Snapshot, pol: Policy, moves: tuple[Move, ...]) -> Placement:
@@ -88,8 +97,14 @@ def replay(s: Snapshot, pol: Policy, moves: tuple[Move, ...]) -> Placement:
 @st.composite
 def cluster_and_target(draw: st.DrawFn) -> tuple[Snapshot, Policy, Placement]:
     n_hosts = draw(st.integers(2, 6))
-    hosts = [host(f"h{i}", cpus=draw(st.sampled_from((4, 8, 16))),
-                  mem_gib=draw(st.sampled_from((8, 16, 32)))) for i in range(n_hosts)]
+    hosts = [
+        host(
+            f"h{i}",
+            cpus=draw(st.sampled_from((4, 8, 16))),
+            mem_gib=draw(st.sampled_from((8, 16, 32))),
+        )
+        for i in range(n_hosts)
+    ]
     n_vms = draw(st.integers(1, 14))
 
     def place(seed_hosts: list[int]) -> dict[str, str] | None:
@@ -126,15 +141,19 @@ def cluster_and_target(draw: st.DrawFn) -> tuple[Snapshot, Policy, Placement]:
         # an anti-affinity group that both placements satisfy
         names = [f"v{j}" for j in range(n_vms)]
         grp = [n for n in names if draw(st.booleans())]
-        if (len(grp) >= 2 and len({cur[n] for n in grp}) == len(grp)
-                and len({tgt[n] for n in grp}) == len(grp)):
+        if (
+            len(grp) >= 2
+            and len({cur[n] for n in grp}) == len(grp)
+            and len({tgt[n] for n in grp}) == len(grp)
+        ):
             groups = (tuple(grp),)
     pol = Policy(
         name="t",
         limits=LIMITS,
         constraints=Constraints(anti_affinity=groups),
-        migration=Migration(max_concurrent=draw(st.integers(1, 4)),
-                            max_concurrent_per_host=draw(st.integers(1, 2))),
+        migration=Migration(
+            max_concurrent=draw(st.integers(1, 4)), max_concurrent_per_host=draw(st.integers(1, 2))
+        ),
     )
     return Snapshot(0.0, tuple(hosts), tuple(vms)), pol, Placement(tgt)
 
@@ -153,7 +172,9 @@ def test_every_prefix_fits(case: tuple[Snapshot, Policy, Placement]) -> None:
 
 
 def swap_cluster(spare: bool) -> tuple[Snapshot, Policy, Placement]:
-    hosts = [host("a", mem_gib=10), host("b", mem_gib=10)] + ([host("c", mem_gib=10)] if spare else [])
+    hosts = [host("a", mem_gib=10), host("b", mem_gib=10)] + (
+        [host("c", mem_gib=10)] if spare else []
+    )
     vms = [vm("x", "a", 1, 0.1, 8), vm("y", "b", 1, 0.1, 8)]
     pol = Policy(name="t", limits=LIMITS)
     return Snapshot(0.0, tuple(hosts), tuple(vms)), pol, Placement({"x": "b", "y": "a"})
@@ -182,8 +203,11 @@ def test_waves_respect_concurrency() -> None:
     s = Snapshot(0.0, tuple(hosts), tuple(vms))
     target = Placement({f"v{i}": f"h{2 + i % 4}" for i in range(6)})
     for mc, ph in ((1, 1), (2, 1), (4, 2)):
-        pol = Policy(name="t", limits=LIMITS,
-                     migration=Migration(max_concurrent=mc, max_concurrent_per_host=ph))
+        pol = Policy(
+            name="t",
+            limits=LIMITS,
+            migration=Migration(max_concurrent=mc, max_concurrent_per_host=ph),
+        )
         moves, reached, _ = order_moves(s, pol, s.placement(), target)
         assert dict(reached.host_of) == dict(target.host_of)
         replay(s, pol, moves)
@@ -206,12 +230,19 @@ def test_total_seconds_counts_waves() -> None:
     hosts = [host("a"), host("b"), host("c")]
     vms = [vm("x", "a", 1, 0.1, 1), vm("y", "a", 1, 0.1, 2)]
     s = Snapshot(0.0, tuple(hosts), tuple(vms))
-    pol = Policy(name="t", limits=LIMITS, migration=Migration(max_concurrent=2,
-                                                              max_concurrent_per_host=2))
+    pol = Policy(
+        name="t", limits=LIMITS, migration=Migration(max_concurrent=2, max_concurrent_per_host=2)
+    )
     moves, _, _ = order_moves(s, pol, s.placement(), Placement({"x": "b", "y": "c"}))
     assert {m.wave for m in moves} == {0}
     from balancerd.model import Plan, SolverReport
 
-    plan = Plan("t", "balance", moves, s.placement(), s.placement(),
-                SolverReport("none", "not-run", 0.0, None, None, None))
+    plan = Plan(
+        "t",
+        "balance",
+        moves,
+        s.placement(),
+        s.placement(),
+        SolverReport("none", "not-run", 0.0, None, None, None),
+    )
     assert total_seconds(plan) == max(m.expected_s for m in moves)

@@ -55,8 +55,12 @@ def test_power_table_matches_scalar_model_and_rejects_nothing_in_range() -> None
     table = PowerTable([HP_ML110_G4, HP_ML110_G5], [0, 1, 0, 1])
     utils = np.array([0.0, 0.47, 0.25, 1.0])
     got = table.power_w(utils)
-    want = [HP_ML110_G4.power_w(0.0), HP_ML110_G5.power_w(0.47),
-            HP_ML110_G4.power_w(0.25), HP_ML110_G5.power_w(1.0)]
+    want = [
+        HP_ML110_G4.power_w(0.0),
+        HP_ML110_G5.power_w(0.47),
+        HP_ML110_G4.power_w(0.25),
+        HP_ML110_G5.power_w(1.0),
+    ]
     np.testing.assert_allclose(got, want)
     with pytest.raises(ValueError):
         HP_ML110_G4.power_w(1.2)
@@ -87,21 +91,37 @@ def test_pdm_hand_checked() -> None:
 
 def test_accumulator_agrees_with_history_functions() -> None:
     # two hosts, two VMs, one segment of 10 s then one of 20 s
-    s1 = State(t_s=0.0, util_mips=np.array([100.0, 0.0]), req_mips=np.array([120.0, 0.0]),
-               avail_mips=np.zeros(2), vm_req=np.array([100.0, 20.0]),
-               vm_alloc=np.array([90.0, 10.0]), vm_present=np.array([True, True]),
-               vm_in_migration=np.array([True, False]))
-    s2 = State(t_s=10.0, util_mips=np.array([50.0, 30.0]), req_mips=np.array([50.0, 30.0]),
-               avail_mips=np.zeros(2), vm_req=np.array([50.0, 30.0]),
-               vm_alloc=np.array([50.0, 30.0]), vm_present=np.array([True, True]),
-               vm_in_migration=np.array([False, False]))
+    s1 = State(
+        t_s=0.0,
+        util_mips=np.array([100.0, 0.0]),
+        req_mips=np.array([120.0, 0.0]),
+        avail_mips=np.zeros(2),
+        vm_req=np.array([100.0, 20.0]),
+        vm_alloc=np.array([90.0, 10.0]),
+        vm_present=np.array([True, True]),
+        vm_in_migration=np.array([True, False]),
+    )
+    s2 = State(
+        t_s=10.0,
+        util_mips=np.array([50.0, 30.0]),
+        req_mips=np.array([50.0, 30.0]),
+        avail_mips=np.zeros(2),
+        vm_req=np.array([50.0, 30.0]),
+        vm_alloc=np.array([50.0, 30.0]),
+        vm_present=np.array([True, True]),
+        vm_in_migration=np.array([False, False]),
+    )
     acc = SlaAccumulator(2, 2)
     acc.add_segment(s1, 10.0)
     acc.add_segment(s2, 20.0)
-    hosts = [[(0.0, 100.0, 120.0, True), (10.0, 50.0, 50.0, True), (30.0, 0, 0, False)],
-             [(0.0, 0.0, 0.0, False), (10.0, 30.0, 30.0, True), (30.0, 0, 0, False)]]
-    vms = [[(0.0, 90.0, 100.0, True), (10.0, 50.0, 50.0, False), (30.0, 0, 0, False)],
-           [(0.0, 10.0, 20.0, False), (10.0, 30.0, 30.0, False), (30.0, 0, 0, False)]]
+    hosts = [
+        [(0.0, 100.0, 120.0, True), (10.0, 50.0, 50.0, True), (30.0, 0, 0, False)],
+        [(0.0, 0.0, 0.0, False), (10.0, 30.0, 30.0, True), (30.0, 0, 0, False)],
+    ]
+    vms = [
+        [(0.0, 90.0, 100.0, True), (10.0, 50.0, 50.0, False), (30.0, 0, 0, False)],
+        [(0.0, 10.0, 20.0, False), (10.0, 30.0, 30.0, False), (30.0, 0, 0, False)],
+    ]
     assert acc.slatah() == pytest.approx(slatah(hosts))  # 10 / 50
     assert acc.pdm() == pytest.approx(pdm(vms))  # 100 / (1000+200+1000+600)
 
@@ -125,8 +145,12 @@ def tiny_spec(enforce_memory: bool = True) -> ClusterSpec:
 def tiny_workload(n_vms: int = 6, n_samples: int = 13, seed: int = 7) -> Workload:
     rnd = np.random.default_rng(seed)
     util = np.clip(rnd.normal(0.45, 0.3, size=(n_vms, n_samples)), 0.01, 1.0).round(2)
-    return Workload(kind="planetlab", names=tuple(f"vm{i}" for i in range(n_vms)),
-                    cpu_util=util, interval_s=300.0)
+    return Workload(
+        kind="planetlab",
+        names=tuple(f"vm{i}" for i in range(n_vms)),
+        cpu_util=util,
+        interval_s=300.0,
+    )
 
 
 class CheckedSimulation(Simulation):
@@ -160,11 +184,12 @@ def test_tiny_thr_mmt_run_invariants() -> None:
 
 def test_idle_empty_host_uses_no_energy() -> None:
     # one VM on one of four hosts, never migrated: energy = that host's power only
-    w = Workload(kind="planetlab", names=("only",), cpu_util=np.full((1, 4), 0.5),
-                 interval_s=300.0)
+    w = Workload(kind="planetlab", names=("only",), cpu_util=np.full((1, 4), 0.5), interval_s=300.0)
     spec = ClusterSpec(
-        name="one", host_types=(HostType("g5", 4, 2, 2660.0, 4096, HP_ML110_G5),),
-        vm_types=(VmType(2660.0, 1, 1000),), remove_idle_vms=False,
+        name="one",
+        host_types=(HostType("g5", 4, 2, 2660.0, 4096, HP_ML110_G5),),
+        vm_types=(VmType(2660.0, 1, 1000),),
+        remove_idle_vms=False,
     )
     c = build_cluster(spec, w)
 
@@ -188,8 +213,12 @@ def test_migration_costs_target_and_source_like_cloudsim() -> None:
     # one 1000 MIPS VM at 60 % moves between two G5 hosts: for the 1740 MB / 62.5 MB/s =
     # 27.84 s it runs at 90 % of its demand (PDM), and its target counts as over-loaded
     w = Workload(kind="planetlab", names=("a",), cpu_util=np.full((1, 3), 0.6), interval_s=300.0)
-    spec = ClusterSpec(name="two", host_types=(HostType("g5", 2, 2, 2660.0, 4096, HP_ML110_G5),),
-                       vm_types=(VmType(1000.0, 1, 1740),), remove_idle_vms=False)
+    spec = ClusterSpec(
+        name="two",
+        host_types=(HostType("g5", 2, 2, 2660.0, 4096, HP_ML110_G5),),
+        vm_types=(VmType(1000.0, 1, 1740),),
+        remove_idle_vms=False,
+    )
     c = build_cluster(spec, w)
 
     class MoveOnce:
@@ -199,7 +228,7 @@ def test_migration_costs_target_and_source_like_cloudsim() -> None:
             return np.array([0])
 
         def decide(self, view: object) -> list[tuple[int, int]]:
-            return [(0, 1)] if getattr(view, "k") == 1 else []
+            return [(0, 1)] if view.k == 1 else []  # type: ignore[attr-defined]
 
     r = Simulation(c, w).run(MoveOnce())
     dur = 1740 / 62.5
@@ -225,8 +254,9 @@ def sim_policy() -> Policy:
     return Policy(
         name="tiny-power-save",
         objective="power-save",
-        limits=Limits(max_cpu_util=0.9, max_mem_util=1.0, mem_headroom_bytes=0,
-                      cpu_overcommit=64.0),
+        limits=Limits(
+            max_cpu_util=0.9, max_mem_util=1.0, mem_headroom_bytes=0, cpu_overcommit=64.0
+        ),
         hysteresis=Hysteresis(min_improvement=0.01, cooldown_s=600.0),
         power=Power(min_active_hosts=1, grace_period_s=0.0, min_off_s=0.0),
         migration=Migration(max_concurrent=8, max_concurrent_per_host=4),
@@ -260,8 +290,10 @@ def test_cluster_description_loads_and_reports_problems(tmp_path: Path) -> None:
     spec = load_cluster_spec(good)
     assert spec.host_types[0].count == 3 and spec.enforce_memory
     bad = tmp_path / "bad.yaml"
-    bad.write_text("host_types:\n  - {name: x, count: two, cores: 4, core_mips: 1,"
-                   " mem_mb: 1, power_w: [1, 2]}\n")
+    bad.write_text(
+        "host_types:\n  - {name: x, count: two, cores: 4, core_mips: 1,"
+        " mem_mb: 1, power_w: [1, 2]}\n"
+    )
     with pytest.raises(ConfigError) as err:
         load_cluster_spec(bad)
     msg = str(err.value)
@@ -277,21 +309,35 @@ def run_cmd(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, ob
     return out
 
 
-def test_command_json_has_the_fixed_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_json_has_the_fixed_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     day = tmp_path / "day"
     day.mkdir()
     w = tiny_workload(n_vms=8, n_samples=6)
     for i, row in enumerate(w.cpu_util):
         (day / f"vm{i}").write_text("\n".join(str(int(x * 100)) for x in row) + "\n")
-    out = run_cmd(["--trace", str(day), "--scenario", "cloudsim-planetlab",
-                   "--baseline", "thr-mmt-0.8", "--json", "--plot", str(tmp_path / "p.png")],
-                  capsys)
+    out = run_cmd(
+        [
+            "--trace",
+            str(day),
+            "--scenario",
+            "cloudsim-planetlab",
+            "--baseline",
+            "thr-mmt-0.8",
+            "--json",
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+        capsys,
+    )
     for key in ("energy_kwh", "slatah_pct", "pdm_pct", "slav", "esv", "migrations"):
         assert key in out
     assert out["hosts"] == 800
     assert isinstance(out["energy_kwh"], float) and out["energy_kwh"] > 0
-    assert math.isclose(float(out["esv"]), float(out["energy_kwh"]) * float(out["slav"]),
-                        rel_tol=1e-3)
+    assert math.isclose(
+        float(out["esv"]), float(out["energy_kwh"]) * float(out["slav"]), rel_tol=1e-3
+    )
     assert (tmp_path / "p.png").stat().st_size > 0
 
 

@@ -29,13 +29,19 @@ GIB = 1024**3
 
 
 def host(name: str, cpus: int = 16, mem_gib: int = 64, **kw: object) -> Host:
-    return Host(name=name, uri=f"test:///{name}", up=True, cpus=cpus, mem_bytes=mem_gib * GIB,
-                **kw)  # type: ignore[arg-type]
+    return Host(name=name, uri=f"test:///{name}", up=True, cpus=cpus, mem_bytes=mem_gib * GIB, **kw)  # type: ignore[arg-type]
 
 
 def vm(name: str, on: str, vcpus: int = 2, util: float = 0.5, mem_gib: float = 2) -> Vm:
-    return Vm(name=name, uuid=name, host=on, state="running", vcpus=vcpus,
-              mem_bytes=int(mem_gib * GIB), cpu_util=util)
+    return Vm(
+        name=name,
+        uuid=name,
+        host=on,
+        state="running",
+        vcpus=vcpus,
+        mem_bytes=int(mem_gib * GIB),
+        cpu_util=util,
+    )
 
 
 def snap(hosts: list[Host], vms: list[Vm]) -> Snapshot:
@@ -46,8 +52,7 @@ def policy(**kw: object) -> Policy:
     base = Policy(
         name="t",
         hysteresis=Hysteresis(min_improvement=0.0, cooldown_s=600.0),
-        limits=Limits(max_cpu_util=0.9, max_mem_util=0.9, mem_headroom_bytes=0,
-                      cpu_overcommit=4.0),
+        limits=Limits(max_cpu_util=0.9, max_mem_util=0.9, mem_headroom_bytes=0, cpu_overcommit=4.0),
         solver=Solver(time_limit_s=5.0, migration_cost=0.001),
     )
     return replace(base, **kw)  # type: ignore[arg-type]
@@ -94,8 +99,9 @@ CASES = [
         "balance spreads the hot host",
         hot_cluster(),
         policy(),
-        lambda pl, s: max(_util(pl, s, h) for h in ("h0", "h1", "h2")) < 7.2 / 16 * 0.6
-        and len(pl.moves) >= 3,
+        lambda pl, s: (
+            max(_util(pl, s, h) for h in ("h0", "h1", "h2")) < 7.2 / 16 * 0.6 and len(pl.moves) >= 3
+        ),
     ),
     Case(
         "pin keeps a guest on its hosts",
@@ -112,21 +118,26 @@ CASES = [
     Case(
         "anti-affinity separates a group",
         snap([host("a"), host("b"), host("c")], [vm(f"web{i}", "a", util=0.1) for i in range(3)]),
-        policy(constraints=cons(anti_affinity=(("web0", "web1", "web2"),)),
-               hysteresis=Hysteresis(min_improvement=1.0)),
+        policy(
+            constraints=cons(anti_affinity=(("web0", "web1", "web2"),)),
+            hysteresis=Hysteresis(min_improvement=1.0),
+        ),
         lambda pl, s: len({pl.target.host_of[f"web{i}"] for i in range(3)}) == 3,
     ),
     Case(
         "affinity keeps a group together",
         hot_cluster(),
         policy(constraints=cons(affinity=(("v0", "v1", "v2"),))),
-        lambda pl, s: len({pl.target.host_of[f"v{i}"] for i in range(3)}) == 1
-        and len(pl.moves) > 0,
+        lambda pl, s: (
+            len({pl.target.host_of[f"v{i}"] for i in range(3)}) == 1 and len(pl.moves) > 0
+        ),
     ),
     Case(
         "affinity joins a split group",
         snap([host("a"), host("b")], [vm("x", "a", util=0.1), vm("y", "b", util=0.1)]),
-        policy(constraints=cons(affinity=(("x", "y"),)), hysteresis=Hysteresis(min_improvement=1.0)),
+        policy(
+            constraints=cons(affinity=(("x", "y"),)), hysteresis=Hysteresis(min_improvement=1.0)
+        ),
         lambda pl, s: pl.target.host_of["x"] == pl.target.host_of["y"],
     ),
     Case(
@@ -138,17 +149,26 @@ CASES = [
     Case(
         "must_not rule",
         hot_cluster(),
-        policy(constraints=cons(host_rules=(HostRule(tuple(f"v{i}" for i in range(6)),
-                                                     ("h1",), "must_not"),))),
+        policy(
+            constraints=cons(
+                host_rules=(HostRule(tuple(f"v{i}" for i in range(6)), ("h1",), "must_not"),)
+            )
+        ),
         lambda pl, s: all(pl.target.host_of[f"v{i}"] != "h1" for i in range(6)),
     ),
     Case(
         "should rule steers moves",
         hot_cluster(),
-        policy(constraints=cons(host_rules=(HostRule(tuple(f"v{i}" for i in range(6)),
-                                                     ("h0", "h2"), "should", 5.0),))),
-        lambda pl, s: all(pl.target.host_of[f"v{i}"] != "h1" for i in range(6))
-        and len(pl.moves) > 0,
+        policy(
+            constraints=cons(
+                host_rules=(
+                    HostRule(tuple(f"v{i}" for i in range(6)), ("h0", "h2"), "should", 5.0),
+                )
+            )
+        ),
+        lambda pl, s: (
+            all(pl.target.host_of[f"v{i}"] != "h1" for i in range(6)) and len(pl.moves) > 0
+        ),
     ),
     Case(
         "maintenance drains a host",
@@ -160,8 +180,9 @@ CASES = [
         "maintenance drain is cut by the budget, in order",
         hot_cluster(),
         policy(constraints=cons(maintenance=("h0",)), budget=Budget(max_moves=2)),
-        lambda pl, s: len(pl.moves) == 2
-        and sum(h == "h0" for h in pl.target.host_of.values()) == 4,
+        lambda pl, s: (
+            len(pl.moves) == 2 and sum(h == "h0" for h in pl.target.host_of.values()) == 4
+        ),
     ),
     Case(
         "excluded guests stay",
@@ -183,23 +204,31 @@ CASES = [
     ),
     Case(
         "memory headroom counts",
-        snap([host("a", mem_gib=8), host("b", mem_gib=8)],
-             [vm(f"v{i}", "a", 1, 0.01, mem_gib=2) for i in range(3)]),
-        policy(limits=Limits(max_cpu_util=1, max_mem_util=1, mem_headroom_bytes=3 * GIB),
-               hysteresis=Hysteresis(min_improvement=1.0)),
+        snap(
+            [host("a", mem_gib=8), host("b", mem_gib=8)],
+            [vm(f"v{i}", "a", 1, 0.01, mem_gib=2) for i in range(3)],
+        ),
+        policy(
+            limits=Limits(max_cpu_util=1, max_mem_util=1, mem_headroom_bytes=3 * GIB),
+            hysteresis=Hysteresis(min_improvement=1.0),
+        ),
         lambda pl, s: sum(h == "a" for h in pl.target.host_of.values()) == 2,
     ),
     Case(
         "cpu overcommit caps vCPUs",
         snap([host("a", cpus=2), host("b", cpus=2)], [vm(f"v{i}", "a", 2, 0.01) for i in range(3)]),
-        policy(limits=Limits(max_cpu_util=1, max_mem_util=1, mem_headroom_bytes=0,
-                             cpu_overcommit=2.0), hysteresis=Hysteresis(min_improvement=1.0)),
+        policy(
+            limits=Limits(max_cpu_util=1, max_mem_util=1, mem_headroom_bytes=0, cpu_overcommit=2.0),
+            hysteresis=Hysteresis(min_improvement=1.0),
+        ),
         lambda pl, s: sum(h == "a" for h in pl.target.host_of.values()) == 2,
     ),
     Case(
         "min_improvement holds back a small gain",
-        snap([host("a"), host("b")], [vm("x", "a", 2, 0.5), vm("y", "a", 2, 0.5),
-                                      vm("z", "b", 2, 0.5)]),
+        snap(
+            [host("a"), host("b")],
+            [vm("x", "a", 2, 0.5), vm("y", "a", 2, 0.5), vm("z", "b", 2, 0.5)],
+        ),
         policy(hysteresis=Hysteresis(min_improvement=0.2)),
         lambda pl, s: not pl.moves and "min_improvement" in pl.reason,
     ),
@@ -240,29 +269,38 @@ CASES = [
     Case(
         "power-save empties the host with the costliest idle power",
         snap([host("cheap"), host("dear")], [vm("x", "cheap", 2, 0.2), vm("y", "dear", 2, 0.2)]),
-        policy(objective="power-save", power=Power(
-            host_models={"dear": PowerModel(idle_watts=300.0, max_watts=500.0)})),
+        policy(
+            objective="power-save",
+            power=Power(host_models={"dear": PowerModel(idle_watts=300.0, max_watts=500.0)}),
+        ),
         lambda pl, s: set(pl.target.host_of.values()) == {"cheap"} and pl.power_off == ("dear",),
     ),
     Case(
         "power-save powers a host on when the others are full",
-        snap([host("a", cpus=4, mem_gib=8), host("off", powered_off=True)],
-             [vm(f"v{i}", "a", 1, 0.1, mem_gib=2) for i in range(4)]),
+        snap(
+            [host("a", cpus=4, mem_gib=8), host("off", powered_off=True)],
+            [vm(f"v{i}", "a", 1, 0.1, mem_gib=2) for i in range(4)],
+        ),
         policy(objective="power-save", limits=Limits(max_mem_util=0.7, mem_headroom_bytes=0)),
-        lambda pl, s: pl.power_on == ("off",)
-        and sum(h == "off" for h in pl.target.host_of.values()) >= 1,
+        lambda pl, s: (
+            pl.power_on == ("off",) and sum(h == "off" for h in pl.target.host_of.values()) >= 1
+        ),
     ),
     Case(
         "balance does not use powered-off hosts",
-        snap([host("a"), host("b"), host("off", powered_off=True)],
-             [vm(f"v{i}", "a", 2, 0.9) for i in range(6)]),
+        snap(
+            [host("a"), host("b"), host("off", powered_off=True)],
+            [vm(f"v{i}", "a", 2, 0.9) for i in range(6)],
+        ),
         policy(),
         lambda pl, s: all(h != "off" for h in pl.target.host_of.values()) and pl.moves,
     ),
     Case(
         "guests of a down host stay put and its host is not a target",
-        snap([host("a"), host("b"), Host("down", "test:///down", up=False)],
-             [vm(f"v{i}", "a", 2, 0.9) for i in range(6)]),
+        snap(
+            [host("a"), host("b"), Host("down", "test:///down", up=False)],
+            [vm(f"v{i}", "a", 2, 0.9) for i in range(6)],
+        ),
         policy(),
         lambda pl, s: all(m.dst != "down" for m in pl.moves) and pl.moves,
     ),
@@ -272,8 +310,13 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 @pytest.mark.parametrize("use_ilp", [True, False], ids=["ilp", "greedy"])
 def test_scenario(case: Case, use_ilp: bool) -> None:
-    plan = decide(case.snapshot, case.policy, now_s=case.now_s,
-                  last_moved_s=case.last_moved_s or {}, use_ilp=use_ilp)
+    plan = decide(
+        case.snapshot,
+        case.policy,
+        now_s=case.now_s,
+        last_moved_s=case.last_moved_s or {},
+        use_ilp=use_ilp,
+    )
     assert case.check(plan, case.snapshot), (plan.moves, plan.reason, plan.notes)  # type: ignore[operator]
     # whatever the scenario: nothing the verifier blocks, and moves match the target
     viol = verify(case.snapshot, case.policy, plan.target)
@@ -298,7 +341,9 @@ def test_capacity_override_is_used() -> None:
 INFEASIBLE = [
     (
         "anti-affinity needs more hosts",
-        snap([host("a"), host("b"), host("c")], [vm(f"web-{i}", "a", util=0.1) for i in range(1, 5)]),
+        snap(
+            [host("a"), host("b"), host("c")], [vm(f"web-{i}", "a", util=0.1) for i in range(1, 5)]
+        ),
         policy(constraints=cons(anti_affinity=(("web-1", "web-2", "web-3", "web-4"),))),
         "anti-affinity group [web-1, web-2, web-3, web-4] needs 4 hosts; 3 are usable",
     ),
@@ -322,8 +367,10 @@ INFEASIBLE = [
     ),
     (
         "not enough memory in total",
-        snap([host("a", mem_gib=8), host("b", mem_gib=8)],
-             [vm(f"v{i}", "a", 1, 0.1, mem_gib=4) for i in range(4)]),
+        snap(
+            [host("a", mem_gib=8), host("b", mem_gib=8)],
+            [vm(f"v{i}", "a", 1, 0.1, mem_gib=4) for i in range(4)],
+        ),
         policy(),
         "guests need 16.0 GiB of memory; the 2 usable hosts allow 14.4 GiB",
     ),
@@ -341,8 +388,7 @@ INFEASIBLE = [
     ),
     (
         "affinity group fits no host",
-        snap([host("a", cpus=4), host("b", cpus=4)],
-             [vm("x", "a", 2, 1.0), vm("y", "b", 2, 1.0)]),
+        snap([host("a", cpus=4), host("b", cpus=4)], [vm("x", "a", 2, 1.0), vm("y", "b", 2, 1.0)]),
         policy(constraints=cons(affinity=(("x", "y"),))),
         "affinity group [x, y] (4.00 cores, 4.0 GiB) fits on no single allowed host",
     ),
@@ -373,31 +419,66 @@ BASE = snap(
 )
 
 PLANTED = [
-    ("capacity", policy(), {"x": "a", "y": "a", "z": "a"},
-     policy(limits=Limits(max_cpu_util=0.3, max_mem_util=1, mem_headroom_bytes=0))),
+    (
+        "capacity",
+        policy(),
+        {"x": "a", "y": "a", "z": "a"},
+        policy(limits=Limits(max_cpu_util=0.3, max_mem_util=1, mem_headroom_bytes=0)),
+    ),
     ("pin", policy(constraints=cons(pin={"x": ("a",)})), {"x": "b", "y": "b", "z": "c"}, None),
-    ("anti-affinity", policy(constraints=cons(anti_affinity=(("x", "y"),))),
-     {"x": "b", "y": "b", "z": "c"}, None),
-    ("affinity", policy(constraints=cons(affinity=(("x", "z"),))),
-     {"x": "b", "y": "b", "z": "c"}, None),
-    ("rule", policy(constraints=cons(host_rules=(HostRule(("z",), ("b",), "must_not"),)))
-     , {"x": "a", "y": "b", "z": "b"}, None),
-    ("rule", policy(constraints=cons(host_rules=(HostRule(("z",), ("c",), "must"),)))
-     , {"x": "a", "y": "b", "z": "a"}, None),
-    ("maintenance", policy(constraints=cons(maintenance=("a",))), {"x": "b", "y": "a", "z": "c"},
-     None),
-    ("excluded", policy(constraints=cons(exclude_vms=("x",))), {"x": "b", "y": "b", "z": "c"},
-     None),
-    ("excluded", policy(constraints=cons(exclude_hosts=("c",))), {"x": "c", "y": "b", "z": "c"},
-     None),
+    (
+        "anti-affinity",
+        policy(constraints=cons(anti_affinity=(("x", "y"),))),
+        {"x": "b", "y": "b", "z": "c"},
+        None,
+    ),
+    (
+        "affinity",
+        policy(constraints=cons(affinity=(("x", "z"),))),
+        {"x": "b", "y": "b", "z": "c"},
+        None,
+    ),
+    (
+        "rule",
+        policy(constraints=cons(host_rules=(HostRule(("z",), ("b",), "must_not"),))),
+        {"x": "a", "y": "b", "z": "b"},
+        None,
+    ),
+    (
+        "rule",
+        policy(constraints=cons(host_rules=(HostRule(("z",), ("c",), "must"),))),
+        {"x": "a", "y": "b", "z": "a"},
+        None,
+    ),
+    (
+        "maintenance",
+        policy(constraints=cons(maintenance=("a",))),
+        {"x": "b", "y": "a", "z": "c"},
+        None,
+    ),
+    (
+        "excluded",
+        policy(constraints=cons(exclude_vms=("x",))),
+        {"x": "b", "y": "b", "z": "c"},
+        None,
+    ),
+    (
+        "excluded",
+        policy(constraints=cons(exclude_hosts=("c",))),
+        {"x": "c", "y": "b", "z": "c"},
+        None,
+    ),
     ("host", policy(), {"x": "nowhere", "y": "b", "z": "c"}, None),
     ("host", policy(), {"y": "b", "z": "c"}, None),
 ]
 
 
-@pytest.mark.parametrize(("kind", "pol", "target", "pol2"), PLANTED,
-                         ids=[f"{i}-{c[0]}" for i, c in enumerate(PLANTED)])
-def test_verify_catches(kind: str, pol: Policy, target: dict[str, str], pol2: Policy | None) -> None:
+@pytest.mark.parametrize(
+    ("kind", "pol", "target", "pol2"), PLANTED, ids=[f"{i}-{c[0]}" for i, c in enumerate(PLANTED)]
+)
+def test_verify_catches(
+    kind: str, pol: Policy, target: dict[str, str], pol2: Policy | None
+) -> None:
     pol = pol2 or pol
     viol = verify(BASE, pol, Placement(target))
     assert any(v.kind == kind and not v.carried for v in viol), viol
@@ -413,8 +494,10 @@ def test_verify_carries_what_is_not_made_worse() -> None:
     # shedding one guest is still over the cap but better: carried; adding is blocked
     shed = Placement({"v0": "b", "v1": "a", "v2": "a"})
     assert all(v.carried for v in verify(s, pol, shed) if v.kind == "capacity")
-    s2 = snap([host("a", cpus=2), host("b", cpus=2)],
-              [vm("v0", "a", 1, 1.0), vm("v1", "a", 1, 1.0), vm("v2", "b", 1, 1.0)])
+    s2 = snap(
+        [host("a", cpus=2), host("b", cpus=2)],
+        [vm("v0", "a", 1, 1.0), vm("v1", "a", 1, 1.0), vm("v2", "b", 1, 1.0)],
+    )
     worse = Placement({"v0": "a", "v1": "a", "v2": "a"})
     assert any(not v.carried for v in verify(s2, pol, worse))
 
@@ -427,11 +510,20 @@ def _hard_instance() -> tuple[Snapshot, Policy]:
 
     rnd = random.Random(7)
     hosts = [host(f"h{i}", cpus=32, mem_gib=256) for i in range(30)]
-    vms = [vm(f"v{j}", f"h{rnd.randrange(8)}", rnd.choice((1, 2, 4, 8)), rnd.random(),
-              rnd.choice((2, 4, 8))) for j in range(300)]
-    pol = policy(solver=Solver(backend="cbc", time_limit_s=1.0, gap=0.0, migration_cost=1e-4),
-                 limits=Limits(max_cpu_util=1.0, max_mem_util=1.0, mem_headroom_bytes=0,
-                               cpu_overcommit=16))
+    vms = [
+        vm(
+            f"v{j}",
+            f"h{rnd.randrange(8)}",
+            rnd.choice((1, 2, 4, 8)),
+            rnd.random(),
+            rnd.choice((2, 4, 8)),
+        )
+        for j in range(300)
+    ]
+    pol = policy(
+        solver=Solver(backend="cbc", time_limit_s=1.0, gap=0.0, migration_cost=1e-4),
+        limits=Limits(max_cpu_util=1.0, max_mem_util=1.0, mem_headroom_bytes=0, cpu_overcommit=16),
+    )
     return snap(hosts, vms), pol
 
 
@@ -443,8 +535,18 @@ def test_time_limit_is_reported_as_such(backend: str) -> None:
     units, _ = build_units(p)
     free = [i for i, u in enumerate(units) if u.movable]
     cands = {i: list(range(p.n_hosts)) for i in free}
-    res = solve_ilp(p, units, free, cands, list(p.cur), backend=backend, time_limit_s=1.0,
-                    gap=0.0, max_moves=10**6, max_bytes=1e18)
+    res = solve_ilp(
+        p,
+        units,
+        free,
+        cands,
+        list(p.cur),
+        backend=backend,
+        time_limit_s=1.0,
+        gap=0.0,
+        max_moves=10**6,
+        max_bytes=1e18,
+    )
     # 9,000 binaries and a zero gap cannot be closed in one second: never "optimal"
     assert res.status == "time-limit", res
     assert res.bound is not None

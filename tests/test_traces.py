@@ -115,8 +115,13 @@ def test_bitbrains_wrong_column_count(tmp_path: Path) -> None:
 def test_bitbrains_non_number_and_negative(tmp_path: Path) -> None:
     d = bitbrains_dir(
         tmp_path,
-        {"3.csv.gz": [bb_row(1000, 10.0), bb_row(1300, 10.0).replace("5000.0", "lots"),
-                      bb_row(1600, -4.0)]},
+        {
+            "3.csv.gz": [
+                bb_row(1000, 10.0),
+                bb_row(1300, 10.0).replace("5000.0", "lots"),
+                bb_row(1600, -4.0),
+            ]
+        },
     )
     with pytest.raises(ConfigError) as err:
         read_bitbrains(d)

@@ -34,31 +34,62 @@ BASELINE_RE = re.compile(r"^thr-mmt-(\d+(?:\.\d+)?)$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", required=True, metavar="DIR",
-                        help="PlanetLab day directory or Bitbrains directory (*.csv.gz)")
-    parser.add_argument("--scenario", default="",
-                        help="built-in cluster: cloudsim-planetlab (default for PlanetLab) or "
-                             "bitbrains (default for Bitbrains: sized so memory binds)")
-    parser.add_argument("--cluster", metavar="FILE", default="",
-                        help="YAML cluster description (host types, counts, power tables); "
-                             "overrides --scenario")
+    parser.add_argument(
+        "--trace",
+        required=True,
+        metavar="DIR",
+        help="PlanetLab day directory or Bitbrains directory (*.csv.gz)",
+    )
+    parser.add_argument(
+        "--scenario",
+        default="",
+        help="built-in cluster: cloudsim-planetlab (default for PlanetLab) or "
+        "bitbrains (default for Bitbrains: sized so memory binds)",
+    )
+    parser.add_argument(
+        "--cluster",
+        metavar="FILE",
+        default="",
+        help="YAML cluster description (host types, counts, power tables); overrides --scenario",
+    )
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--policy", metavar="FILE", help="policy file: the daemon's decide pipeline")
-    who.add_argument("--baseline", metavar="NAME",
-                     help="published heuristic: thr-mmt-<threshold>, e.g. thr-mmt-0.8")
-    parser.add_argument("--intervals", type=int, default=0,
-                        help="simulate only the first N scheduling intervals")
+    who.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="published heuristic: thr-mmt-<threshold>, e.g. thr-mmt-0.8",
+    )
+    parser.add_argument(
+        "--intervals", type=int, default=0, help="simulate only the first N scheduling intervals"
+    )
     parser.add_argument("--max-vms", type=int, default=0, help="Bitbrains: use the first N VMs")
-    parser.add_argument("--forecast-window", type=int, default=Forecast.window,
-                        help="readings per guest the planning demand looks back on")
-    parser.add_argument("--forecast-quantile", type=float, default=Forecast.quantile,
-                        help="planning demand = max(latest, this quantile of the window)")
+    parser.add_argument(
+        "--forecast-window",
+        type=int,
+        default=Forecast.window,
+        help="readings per guest the planning demand looks back on",
+    )
+    parser.add_argument(
+        "--forecast-quantile",
+        type=float,
+        default=Forecast.quantile,
+        help="planning demand = max(latest, this quantile of the window)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", default="",
-                        help="write active hosts, energy and migrations over time")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default="",
+        help="write active hosts, energy and migrations over time",
+    )
     bar = parser.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
-                     help="progress bar on stderr (default: when stderr is a terminal)")
+    bar.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
     bar.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -66,8 +97,12 @@ def controller_for(args: argparse.Namespace) -> Controller:
     if args.baseline:
         m = BASELINE_RE.match(args.baseline)
         if not m:
-            raise ConfigError([f"--baseline {args.baseline}: known baselines: thr-mmt-<threshold> "
-                               "(e.g. thr-mmt-0.8)"])
+            raise ConfigError(
+                [
+                    f"--baseline {args.baseline}: known baselines: thr-mmt-<threshold> "
+                    "(e.g. thr-mmt-0.8)"
+                ]
+            )
         return ThrMmt(float(m.group(1)))
     from balancerd.policy.load import load_policy
 
@@ -88,11 +123,16 @@ def cluster_spec(args: argparse.Namespace, workload: Workload) -> ClusterSpec:
             raise ConfigError(["--scenario bitbrains needs a Bitbrains trace (*.csv.gz)"])
         return bitbrains_cluster(workload)
     if name not in BUILTIN:
-        raise ConfigError([f"--scenario {name}: built-in scenarios: "
-                           f"{', '.join([*BUILTIN, 'bitbrains'])}"])
+        raise ConfigError(
+            [f"--scenario {name}: built-in scenarios: {', '.join([*BUILTIN, 'bitbrains'])}"]
+        )
     if workload.kind != "planetlab":
-        raise ConfigError([f"--scenario {name} takes a PlanetLab trace; for Bitbrains use "
-                           "--scenario bitbrains or --cluster FILE"])
+        raise ConfigError(
+            [
+                f"--scenario {name} takes a PlanetLab trace; for Bitbrains use "
+                "--scenario bitbrains or --cluster FILE"
+            ]
+        )
     return BUILTIN[name]
 
 
@@ -114,8 +154,10 @@ class ProgressBar:
         filled = int(self.width * done / max(1, total))
         elapsed = now - self.t0
         eta = elapsed / done * (total - done) if done else 0.0
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
-                          f"{done}/{total} intervals {elapsed:5.0f}s eta {eta:4.0f}s")
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{done}/{total} intervals {elapsed:5.0f}s eta {eta:4.0f}s"
+        )
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()
@@ -154,8 +196,10 @@ def plot(r: Result, path: str) -> None:
     axes[2].bar(hours, r.migrations_per_interval, width=0.07, color="tab:green")
     axes[2].set_ylabel("migrations")
     axes[2].set_xlabel("hour")
-    fig.suptitle(f"{r.scenario} — {r.controller}: {r.energy_kwh:.1f} kWh, "
-                 f"SLATAH {r.slatah * 100:.2f} %, {r.migrations} migrations")
+    fig.suptitle(
+        f"{r.scenario} — {r.controller}: {r.energy_kwh:.1f} kWh, "
+        f"SLATAH {r.slatah * 100:.2f} %, {r.migrations} migrations"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -165,8 +209,9 @@ def run(args: argparse.Namespace) -> int:
     samples = args.intervals + 1 if args.intervals > 0 else 0
     if is_bitbrains(args.trace):
         # a month of 300 s samples: one day unless --intervals says otherwise
-        workload = read_bitbrains(args.trace, max_samples=samples or BITBRAINS_DEFAULT_SAMPLES,
-                                  max_vms=args.max_vms)
+        workload = read_bitbrains(
+            args.trace, max_samples=samples or BITBRAINS_DEFAULT_SAMPLES, max_vms=args.max_vms
+        )
     else:
         workload = read_trace(args.trace, max_samples=samples)
     spec = cluster_spec(args, workload)

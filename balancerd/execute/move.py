@@ -204,7 +204,7 @@ def _run_move(run: _Run) -> MoveResult:
         return _verified(run, live, mode_of(live.ladder, live.history, live=True), facts.state)
 
     # The live job did not complete: first make sure the guest runs on exactly one host.
-    live_error = live.abort_reason or f"live migration failed: {live.error}"
+    live_error = live.abort_reason or _failure(live.error, f"live migration of {run.what}")
     if not live.returned:
         return run.result(FAILED, Mode.NONE, f"{live_error}; left for reconcile at next start")
     try:
@@ -262,7 +262,7 @@ def _cold(
     )
     if cold.ok:
         return _verified(run, cold, Mode.OFFLINE, state_before, note=why)
-    cold_error = cold.abort_reason or f"cold migration failed: {cold.error}"
+    cold_error = cold.abort_reason or _failure(cold.error, f"cold migration of {run.what}")
     if not cold.returned:
         return run.result(FAILED, Mode.NONE, f"{why}; {cold_error}; left for reconcile")
     try:
@@ -330,3 +330,11 @@ def _completed_stats(hv: Hypervisor, host: str, vm: str) -> JobStats | None:
     except HypervisorError as exc:
         log.debug("no completed job stats for %s on %s: %s", vm, host, exc)
         return None
+
+
+def _failure(error: BaseException | None, what: str) -> str:
+    """A migration error as the operator reads it: HypervisorError already names host and
+    operation ("host1: live migration of web-3 host1->host2 failed: ...")."""
+    if isinstance(error, HypervisorError):
+        return str(error)
+    return f"{what} failed: {error!r}"

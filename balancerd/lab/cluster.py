@@ -219,8 +219,8 @@ class Lab:
     def up(self, spec: LabSpec) -> Path:
         """Bring the hosts and guests of spec up (what is already up is left alone) and
         write the daemon config; returns its path."""
-        require_lab_support()
         _validate_spec(spec)
+        require_lab_support()
         state = self._read_state()
         if state and int(state["hosts"]) != spec.hosts:
             raise LabError(
@@ -339,7 +339,9 @@ class Lab:
     def start_guest(self, g: GuestSpec) -> None:
         """Define g persistent on its host and start it (returns once QEMU runs; use
         wait_booted to wait for its /init)."""
-        _validate_guest(g, self.host_names())
+        problems = _guest_problems(g, self.host_names())
+        if problems:
+            raise ConfigError(problems)
         if not self._host(g.host).is_powered():
             raise LabError(f"cannot start {g.name}: {g.host} is powered off")
         where = self.guest_host(g.name)
@@ -416,12 +418,14 @@ class Lab:
         return guests
 
     def guest_host(self, name: str) -> str | None:
-        """The host that has guest `name` defined or running (None if none does)."""
-        running = [g for g in self.guests() if g.name == name]
-        for g in running:
-            if g.state != "shut off":
-                return g.host
-        return running[0].host if running else None
+        """The host that has guest `name`: where it runs, else where it is paused (e.g. the
+        destination of a migration in flight), else where it is defined; None if nowhere."""
+        found = [g for g in self.guests() if g.name == name]
+        for wanted in ("running", None):
+            for g in found:
+                if g.state == wanted or (wanted is None and g.state != "shut off"):
+                    return g.host
+        return found[0].host if found else None
 
     def destroy_guest(self, name: str) -> None:
         """Stop the guest (wherever it is) and undefine it everywhere."""
@@ -491,16 +495,22 @@ class Lab:
         )
 
     def _known_hosts(self) -> list[LabHost]:
-        """Hosts from the state file, plus any netns NAME-hostN left without one."""
+        """Hosts from the state file, plus any netns NAME-hostN left behind by this lab: one
+        whose processes run from this lab dir, or an empty one. A netns of the same name
+        whose processes belong to another lab dir is never touched."""
         hosts = {h.name: h for h in self._hosts()}
         netns_dir = Path("/run/netns")
         pattern = re.compile(rf"^{re.escape(self.name)}-host(\d+)$")
         if netns_dir.is_dir():
             for entry in netns_dir.iterdir():
                 match = pattern.match(entry.name)
-                if match and f"host{match.group(1)}" not in hosts:
-                    index = int(match.group(1))
-                    hosts[f"host{index}"] = LabHost(self.name, self.root, index, self.subnet)
+                if not match or f"host{match.group(1)}" in hosts:
+                    continue
+                host = LabHost(self.name, self.root, int(match.group(1)), self.subnet)
+                pids = host.netns_pids()
+                ours = set(self.processes())
+                if not pids or ours.intersection(pids):
+                    hosts[host.name] = host
         return list(hosts.values())
 
     def processes(self) -> list[int]:
@@ -522,7 +532,9 @@ class Lab:
         self._unmount_shared()
         kill_and_wait(self.processes(), grace_s=0.0)
         if run(["ip", "link", "show", self.bridge], check=False).returncode == 0:
-            run(["ip", "link", "del", self.bridge])
+            ports = run(["ip", "-o", "link", "show", "master", self.bridge]).stdout.strip()
+            if not ports:  # ports left belong to a lab of the same name in another dir
+                run(["ip", "link", "del", self.bridge])
         if self.root.exists():
             shutil.rmtree(self.root)
         parent = self.root.parent
@@ -556,7 +568,7 @@ class Lab:
 # ---- spec validation and parsing -----------------------------------------------------
 
 
-def _validate_guest(g: GuestSpec, host_names: list[str]) -> None:
+def _guest_problems(g: GuestSpec, host_names: list[str]) -> list[str]:
     problems = []
     if not GUEST_NAME_RE.match(g.name):
         problems.append(f"guest name {g.name!r}: letters, digits, '.', '_', '-' only")
@@ -572,20 +584,23 @@ def _validate_guest(g: GuestSpec, host_names: list[str]) -> None:
         problems.append(f"guest {g.name}: dirty_mib {g.dirty_mib} not in 0..mem_mib-1")
     if g.disk not in DISK_KINDS:
         problems.append(f"guest {g.name}: disk {g.disk!r} not one of {DISK_KINDS}")
-    if problems:
-        raise LabError("; ".join(problems))
+    return problems
 
 
 def _validate_spec(spec: LabSpec) -> None:
+    """Raise ConfigError listing every problem of spec."""
+    problems = []
     if not 1 <= spec.hosts <= 99:
-        raise LabError(f"hosts {spec.hosts}: expected 1..99")
+        problems.append(f"hosts {spec.hosts}: expected 1..99")
     names = [f"host{i}" for i in range(1, spec.hosts + 1)]
     seen: set[str] = set()
     for g in spec.guests:
         if g.name in seen:
-            raise LabError(f"guest {g.name} appears twice")
+            problems.append(f"guest {g.name} appears twice")
         seen.add(g.name)
-        _validate_guest(g, names)
+        problems += _guest_problems(g, names)
+    if problems:
+        raise ConfigError(problems)
 
 
 GUEST_FIELDS = ("name", "host", "mem_mib", "vcpus", "burn_pct", "dirty_mib")
@@ -614,6 +629,8 @@ def parse_guest_specs(text: str) -> tuple[GuestSpec, ...]:
         values: dict[str, Any] = {"name": positional[0], "host": positional[1]}
         try:
             for key, raw in zip(GUEST_FIELDS[2:], positional[2:], strict=False):
+                if not raw.strip().isdigit():
+                    raise ValueError(f"{key.upper()} {raw!r} is not a whole number")
                 values[key] = int(raw)
             for option in options:
                 key, _, raw = option.partition("=")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -282,7 +283,7 @@ class LabHost:
         """SIGKILL libvirtd (a crash): guests keep running, the URI stops answering."""
         pid = self.libvirtd_pid()
         if pid is not None:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
             wait_until(10.0, lambda: not pid_alive(pid), f"{self.name}: libvirtd to die")
 
     def power_off(self) -> None:

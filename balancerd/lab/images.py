@@ -122,7 +122,7 @@ def _download_kernel(cache: Path) -> Path:
         if not kernels:
             raise LabError(f"{debs[0].name} has no boot/vmlinuz-*")
         target = cache / kernels[0].name
-        staged = cache / f".{kernels[0].name}.tmp"
+        staged = tmp_path / "vmlinuz.staged"  # same filesystem as target: rename is atomic
         shutil.copyfile(kernels[0], staged)
         staged.replace(target)
     return target
@@ -156,7 +156,7 @@ def ensure_initrd(cache: Path) -> Path:
         (tree / "bin" / "busybox").chmod(0o755)
         (tree / "init").write_text(INIT_SCRIPT)
         (tree / "init").chmod(0o755)
-        staged = cache / f".{target.name}.tmp"
+        staged = tmp_path / "initrd.staged"  # per builder; same filesystem as target
         run(
             [
                 "sh",

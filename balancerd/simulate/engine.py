@@ -102,7 +102,8 @@ class Result:
     slatah: float  # 0..1
     pdm: float  # 0..1
     migrations: int
-    mem_overcommit_events: int  # host-updates with provisioned guest memory > host memory
+    mem_overcommit_events: int  # host-intervals a decision left a host over its memory
+    mem_growth_events: int  # host-intervals guests had grown past their host's memory
     vms_finished: int
     unplaced_vms: int
     interval_times_s: list[float]
@@ -134,6 +135,7 @@ class Result:
             "esv": self.esv,
             "migrations": self.migrations,
             "mem_overcommit_events": self.mem_overcommit_events,
+            "mem_growth_events": self.mem_growth_events,
             "vms_finished": self.vms_finished,
             "unplaced_vms": self.unplaced_vms,
             "active_hosts_mean": round(float(np.mean(self.active_hosts)), 2)
@@ -163,7 +165,8 @@ class Simulation:
         self.energy_j = 0.0
         self.migrations = 0
         self.finished = 0
-        self.mem_overcommit = 0
+        self.mem_overcommit = 0  # after decisions: the chosen placement over host memory
+        self.mem_grown = 0  # before decisions: guests grew past their host since the last
         # memory each guest holds now (MB): provisioned, or its usage per sample (Bitbrains)
         self.use_mem_usage = cluster.spec.mem_from_usage and workload.mem_used_bytes.size > 0
         self.vm_mem_now = cluster.vm_mem_mb.copy()
@@ -178,7 +181,8 @@ class Simulation:
         u1 = self.util[:, i1]
         u2 = self.util[:, i1 + 1]
         delta = (u2 - u1) / self.interval_s
-        return u1 + delta * (t_s - i1 * self.interval_s)
+        out: FloatArray = u1 + delta * (t_s - i1 * self.interval_s)
+        return out
 
     def state(self, t_s: float) -> State:
         c = self.c
@@ -216,8 +220,8 @@ class Simulation:
         )
         alloc = np.where(over_e, alloc_over, alloc_fit) * pes
         contrib = np.where(role == ROLE_OUT, alloc / 0.9, alloc)
-        util_mips = np.bincount(ent_host, weights=contrib, minlength=c.n_hosts)
-        req_h = np.bincount(ent_host, weights=req_v[ent_vm], minlength=c.n_hosts)
+        util_mips = np.bincount(ent_host, weights=contrib, minlength=c.n_hosts).astype(np.float64)
+        req_h = np.bincount(ent_host, weights=req_v[ent_vm], minlength=c.n_hosts).astype(np.float64)
         avail = np.where(over, 0.0, c.host_cap_mips - demand)
         vm_alloc = np.zeros(c.n_vms)
         not_in = role != ROLE_IN
@@ -310,25 +314,18 @@ class Simulation:
         now = self._now
         return sorted(x for x in times if now < x < before)
 
-    def count_overcommit(self) -> None:
-        """Hosts whose guests (incl. ones migrating in) have more memory than the host."""
-        running = [m for m in self.in_flight if m.start_s <= self._now and self.vm_host[m.vm] >= 0]
-        mem = np.bincount(
-            np.concatenate(
-                [
-                    self.vm_host[self.vm_host >= 0],
-                    np.array([m.dst for m in running], dtype=np.int64),
-                ]
-            ),
-            weights=np.concatenate(
-                [
-                    self.vm_mem_now[self.vm_host >= 0],
-                    np.array([self.vm_mem_now[m.vm] for m in running]),
-                ]
-            ),
-            minlength=self.c.n_hosts,
-        )
-        self.mem_overcommit += int(np.count_nonzero(mem > self.c.host_mem_mb + 1e-6))
+    def mem_over(self, *, final: bool) -> int:
+        """Hosts whose guests hold more memory than the host has, counting each guest on
+        its current host, or (``final``) where the migrations started for it will leave it:
+        the placement a decision chose, at the memory use it saw."""
+        host_of = self.vm_host.copy()
+        if final:
+            for m in self.in_flight:
+                if host_of[m.vm] >= 0:
+                    host_of[m.vm] = m.dst
+        alive = host_of >= 0
+        mem = np.bincount(host_of[alive], weights=self.vm_mem_now[alive], minlength=self.c.n_hosts)
+        return int(np.count_nonzero(mem > self.c.host_mem_mb + 1e-6))
 
     # --- the loop --------------------------------------------------------------------
 
@@ -349,7 +346,6 @@ class Simulation:
         energy_iv: list[float] = []
         mig_iv: list[int] = []
         decision: list[float] = []
-        mem_used = self.w.mem_used_bytes if self.w.mem_used_bytes.size else None
         for k in range(1, self.n_updates + 1):
             t = k * self.interval_s + UPDATE_OFFSET_S
             e_iv = 0.0
@@ -363,7 +359,6 @@ class Simulation:
                 self._now = te
                 prev = self.state(te)
                 self.remove_finished(prev)
-                self.count_overcommit()
             if self.use_mem_usage:
                 col = min(k, self.w.n_samples - 1)
                 self.vm_mem_now = self.w.mem_used_bytes[:, col] / 1024**2
@@ -372,6 +367,7 @@ class Simulation:
                 e_iv += self.account(prev, pre)
             self.remove_finished(pre)
             pre = self.state(t)
+            self.mem_grown += self.mem_over(final=False)
             k_hist = min(k, self.w.n_samples - 1)
             view = View(
                 k=k,
@@ -390,7 +386,7 @@ class Simulation:
             n = self.start(moves, t)
             self._now = t
             prev = self.state(t) if n else pre
-            self.count_overcommit()
+            self.mem_overcommit += self.mem_over(final=True)
             times.append(t)
             active.append(prev.active_hosts())
             energy_iv.append(e_iv / 3.6e6)
@@ -418,6 +414,7 @@ class Simulation:
             pdm=self.sla.pdm(),
             migrations=self.migrations,
             mem_overcommit_events=self.mem_overcommit,
+            mem_growth_events=self.mem_grown,
             vms_finished=self.finished,
             unplaced_vms=unplaced,
             interval_times_s=times,

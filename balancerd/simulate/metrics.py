@@ -13,6 +13,7 @@ host or VM; each entry holds until the next entry of the same host / VM.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,7 +30,7 @@ def slatah(host_histories: Sequence[Sequence[HistoryEntry]]) -> float:
     violation_s = 0.0
     active_s = 0.0
     for history in host_histories:
-        for (t0, alloc, req, active), (t1, _, _, _) in zip(history, history[1:], strict=False):
+        for (t0, alloc, req, active), (t1, _, _, _) in pairwise(history):
             if not active:
                 continue
             active_s += t1 - t0
@@ -44,7 +45,7 @@ def pdm(vm_histories: Sequence[Sequence[HistoryEntry]]) -> float:
     requested = 0.0
     lost = 0.0
     for history in vm_histories:
-        for (t0, alloc, req, migrating), (t1, _, _, _) in zip(history, history[1:], strict=False):
+        for (t0, alloc, req, migrating), (t1, _, _, _) in pairwise(history):
             dt = t1 - t0
             requested += req * dt
             if migrating and alloc < req:

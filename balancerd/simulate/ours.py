@@ -56,6 +56,15 @@ class Forecast:
         q = float(np.quantile(readings[-self.window :], self.quantile))
         return min(1.0, max(q, float(readings[-1])) + self.margin)
 
+    def many(
+        self, window: npt.NDArray[np.float64], latest: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.float64]:
+        """The same for many guests: ``window`` is [guest, readings], oldest first."""
+        if window.size == 0:
+            return np.zeros(len(latest))
+        q = np.quantile(window, self.quantile, axis=1)
+        return np.minimum(1.0, np.maximum(q, latest) + self.margin)
+
 
 def default_decide() -> DecideFn:
     """``balancerd.decide.decide``: the daemon's collect -> solve -> plan pipeline."""
@@ -96,7 +105,7 @@ class PolicyController:
         hosts = [
             SimHost(
                 name=cluster.host_names[h],
-                cpus=int(round(cluster.host_cap_mips[h] / CPU_UNIT_MIPS)),
+                cpus=max(1, round(float(cluster.host_cap_mips[h]) / CPU_UNIT_MIPS)),
                 cpu_mhz=int(cluster.host_pe_mips[h]),
                 mem_bytes=int(cluster.host_mem_mb[h] * MIB * mem_scale),
             )
@@ -116,7 +125,7 @@ class PolicyController:
     def _sim_vm(cluster: Cluster, v: int) -> SimVm:
         return SimVm(
             name=cluster.vm_names[v],
-            vcpus=int(round(cluster.vm_mips[v] / CPU_UNIT_MIPS)),
+            vcpus=max(1, round(float(cluster.vm_mips[v]) / CPU_UNIT_MIPS)),
             mem_bytes=int(cluster.vm_mem_mb[v] * MIB),
         )
 
@@ -161,21 +170,31 @@ class PolicyController:
         return build_snapshot(self.samples.samples(), window=1)
 
     def plan_input(self, snap: Snapshot) -> Snapshot:
-        """The snapshot with each guest's CPU replaced by its forecast."""
-        vms = []
-        for vm in snap.vms:
-            hist = self.readings.setdefault(vm.name, deque(maxlen=self.forecast.window))
+        """The snapshot with each guest's CPU replaced by its forecast (and its memory by
+        the recent peak of what it held)."""
+        w = self.forecast.window
+        cpu = np.empty(len(snap.vms))
+        mem = np.empty(len(snap.vms))
+        for i, vm in enumerate(snap.vms):
+            hist = self.readings.setdefault(vm.name, deque(maxlen=w))
             hist.append(vm.cpu_util)
-            mem = self.mem_readings.setdefault(vm.name, deque(maxlen=self.forecast.window))
-            mem.append(vm.mem_bytes)
-            vms.append(
-                replace(
-                    vm,
-                    cpu_util=self.forecast(np.fromiter(hist, dtype=np.float64)),
-                    mem_bytes=max(mem),  # memory in use can come back: plan for the recent peak
-                )
-            )
-        return replace(snap, vms=tuple(vms))
+            mhist = self.mem_readings.setdefault(vm.name, deque(maxlen=w))
+            mhist.append(vm.mem_bytes)
+            cpu[i] = vm.cpu_util
+            mem[i] = max(mhist)
+        # one vectorized quantile over a [guest, window] matrix (short histories padded
+        # with their latest reading, which the forecast takes anyway)
+        mat = np.empty((len(snap.vms), w))
+        for i, vm in enumerate(snap.vms):
+            hist = self.readings[vm.name]
+            mat[i, :] = hist[-1]
+            mat[i, w - len(hist) :] = list(hist)
+        plan_cpu = self.forecast.many(mat, cpu)
+        vms = tuple(
+            replace(vm, cpu_util=float(plan_cpu[i]), mem_bytes=int(mem[i]))
+            for i, vm in enumerate(snap.vms)
+        )
+        return replace(snap, vms=vms)
 
     def decide(self, view: View) -> list[tuple[int, int, int]]:
         snap = self.plan_input(self.observe(view))

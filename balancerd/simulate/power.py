@@ -62,7 +62,8 @@ class PowerTable:
         lo = np.minimum(np.floor(u * 10).astype(np.int64), 9)
         p_lo = self.table[model, lo]
         p_hi = self.table[model, lo + 1]
-        return p_lo + (p_hi - p_lo) / 10 * (u - lo / 10) * 100
+        watts: FloatArray = p_lo + (p_hi - p_lo) / 10 * (u - lo / 10) * 100
+        return watts
 
 
 # CloudSim 3.0.3 PowerModelSpecPowerIbmX3550XeonX5675 (IBM x3550 M3, 2 x Xeon X5675, 12 cores

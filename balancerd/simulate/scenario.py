@@ -187,7 +187,9 @@ def bitbrains_cluster(workload: Workload, *, headroom: float = 2.0) -> ClusterSp
     mem_peak = float(workload.mem_used_bytes.sum(axis=0).max()) if workload.n_samples else 0.0
     cpu_mhz = np.asarray(workload.vm_cpu_mhz)[:, None] * workload.cpu_util
     cpu_peak = float(cpu_mhz.sum(axis=0).max()) if workload.n_samples else 0.0
-    count = max(math.ceil(headroom * mem_peak / host_mem), math.ceil(headroom * cpu_peak / host_cpu), 2)
+    count = max(
+        math.ceil(headroom * mem_peak / host_mem), math.ceil(headroom * cpu_peak / host_cpu), 2
+    )
     return ClusterSpec(
         name="bitbrains",
         host_types=(replace(ht, count=count),),

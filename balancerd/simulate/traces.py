@@ -127,9 +127,7 @@ class BitbrainsVm:
     mem_usage_kb: list[float]
 
 
-def read_bitbrains_file(
-    path: Path, problems: list[str], max_rows: int = 0
-) -> BitbrainsVm | None:
+def read_bitbrains_file(path: Path, problems: list[str], max_rows: int = 0) -> BitbrainsVm | None:
     """One Bitbrains VM: a header line, then ``;``+tab separated rows of 11 columns."""
     opener = gzip.open if path.name.endswith(".gz") else open
     n_before = len(problems)

@@ -45,12 +45,13 @@ from balancerd.solve.problem import (
     move_lower_bound,
     power_score,
     power_weight,
+    shed_bytes_lower_bound,
 )
 from balancerd.solve.verify import Violation, blocking, verify
 
 FULL_ILP_MAX_VARS = 20_000  # above this the ILP frees only the units around the hot spots
 REDUCED_ILP_MAX_VARS = 4_000
-REDUCED_TARGET_HOSTS = 24
+REDUCED_TARGET_HOSTS = 12
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class SolveResult:
     util_bound: float | None = None  # balance: lower bound on the highest weighted util
     move_bound: int | None = None  # fewest moves any placement as good as the target needs
     stages: tuple[str, ...] = field(default=())
+    problem: Problem | None = field(default=None, repr=False, compare=False)
 
 
 def objective_value(p: Problem, host_of: list[int]) -> float:
@@ -163,7 +165,8 @@ def _ilp_scope(
     )
     if total <= FULL_ILP_MAX_VARS:
         return movable, {i: hosts_for(units[i], all_hosts) for i in movable}, True
-    # reduced: units that the incumbent moved or that sit on its hottest hosts
+    # reduced: the hosts the incumbent takes guests from, busiest first, with all their
+    # units free to go home, to the incumbent's choice or to the hosts with most room
     cpu, mem, _ = p.loads(inc)
     util = [
         max(
@@ -174,35 +177,32 @@ def _ilp_scope(
     ]
     roomy = sorted((h for h in range(p.n_hosts) if p.usable[h]), key=lambda h: util[h])
     pool_base = roomy[:REDUCED_TARGET_HOSTS]
-    hot = sorted(range(p.n_hosts), key=lambda h: -util[h])
-    free: list[int] = []
-    seen: set[int] = set()
+    out_count: dict[int, int] = {}
     for i in movable:
         u = units[i]
-        if any(inc[g] != p.cur[g] for g in u.members):
-            free.append(i)
-            seen.add(i)
-    by_host: dict[int, list[int]] = {}
+        if u.cur >= 0 and inc[u.members[0]] != u.cur:
+            out_count[u.cur] = out_count.get(u.cur, 0) + 1
+    sources = sorted(out_count, key=lambda h: -out_count[h])
+    if not sources:  # nothing moved: look at the hottest hosts instead
+        sources = sorted(range(p.n_hosts), key=lambda h: -util[h])[:REDUCED_TARGET_HOSTS]
+    by_cur: dict[int, list[int]] = {}
     for i in movable:
-        by_host.setdefault(inc[units[i].members[0]], []).append(i)
+        by_cur.setdefault(units[i].cur, []).append(i)
+    free: list[int] = []
     cands: dict[int, list[int]] = {}
     budget = REDUCED_ILP_MAX_VARS
-    for h in hot[:REDUCED_TARGET_HOSTS]:
-        for i in by_host.get(h, []):
-            if i not in seen:
-                free.append(i)
-                seen.add(i)
-    for i in free:
-        u = units[i]
-        pool = list(pool_base)
-        dest = inc[u.members[0]]
-        if dest not in pool:
-            pool.append(dest)
-        cands[i] = hosts_for(u, pool)
-        budget -= len(cands[i])
+    for h in sources:
+        for i in by_cur.get(h, []):
+            u = units[i]
+            pool = list(pool_base)
+            dest = inc[u.members[0]]
+            if dest not in pool:
+                pool.append(dest)
+            cands[i] = hosts_for(u, pool)
+            free.append(i)
+            budget -= len(cands[i])
         if budget <= 0:
             break
-    free = [i for i in free if i in cands]
     # the units left out stay on their incumbent host
     return free, cands, False
 
@@ -247,6 +247,7 @@ def solve(
             forced=forced,
             reasons=tuple(reasons),
             notes=tuple(notes),
+            problem=p,
         )
     units, unit_of = build_units(p)
     bud = policy.budget
@@ -305,6 +306,7 @@ def solve(
     for c in cands:
         ranked.append((objective_value(p, c.host_of), c.label, c.host_of))
     ranked.sort(key=lambda t: t[0])
+    ranked = _prefer_fewer_moves(p, ranked)
     incumbent = ranked[0][2]
 
     ilp: IlpResult | None = None
@@ -312,6 +314,7 @@ def solve(
     if use_ilp and policy.solver.backend in ("cbc", "highs"):
         free, cand_hosts, full = _ilp_scope(p, units, incumbent)
         if free:
+            polish = not full and p.objective == "balance"
             ilp = solve_ilp(
                 p,
                 units,
@@ -323,6 +326,8 @@ def solve(
                 gap=policy.solver.gap,
                 max_moves=bud.max_moves,
                 max_bytes=float(bud.max_bytes),
+                # too big for the whole problem: keep the incumbent's balance, fewer moves
+                z_cap=balance_score(p, incumbent) if polish else None,
             )
             stages.append(
                 f"ilp:{ilp.backend} {ilp.status} vars={ilp.n_vars} "
@@ -360,7 +365,8 @@ def solve(
     move_bound: int | None = None
     if p.objective == "balance":
         util_bound = balance_lower_bound(p)
-        bound = util_bound
+        # utilization can't beat its bound, and the hot hosts must shed some bytes
+        bound = util_bound + policy.solver.migration_cost * shed_bytes_lower_bound(p) / GIB
         uc, um = max_utils(p, host_of)
         move_bound = move_lower_bound(p, uc, um)
     else:
@@ -401,4 +407,5 @@ def solve(
         util_bound=util_bound,
         move_bound=move_bound,
         stages=tuple(stages),
+        problem=p,
     )

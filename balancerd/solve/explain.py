@@ -22,11 +22,24 @@ def explain_infeasible(
     usable = [h for h in range(p.n_hosts) if p.usable[h]]
     n_usable = len(usable)
 
-    def hosts_for(g: int) -> list[int]:
+    usable_set = frozenset(usable)
+    kinds_cache: dict[int, list[tuple[float, float, float]]] = {}
+
+    def hosts_for(g: int) -> frozenset[int]:
         if not p.movable[g]:
-            return [p.cur[g]]
+            return frozenset((p.cur[g],))
         a = p.allowed[g]
-        return [h for h in usable if a is None or h in a]
+        return usable_set if a is None else a & usable_set
+
+    def cap_kinds(g: int) -> list[tuple[float, float, float]]:
+        """Distinct (cpu, mem, vcpu) caps among the hosts g may use (cached per set)."""
+        hs = hosts_for(g)
+        key = id(p.allowed[g]) if p.movable[g] else -1 - g
+        got = kinds_cache.get(key)
+        if got is None:
+            got = sorted({(p.cpu_cap[h], p.mem_cap[h], p.vcpu_cap[h]) for h in hs})
+            kinds_cache[key] = got
+        return got
 
     def unusable_why(names: list[str]) -> str:
         c = policy.constraints
@@ -60,10 +73,7 @@ def explain_infeasible(
             reasons.append(f"guest {name} has no usable host{why}")
             continue
         if p.movable[g] and not any(
-            p.cpu[g] <= p.cpu_cap[h] + 1e-9
-            and p.mem[g] <= p.mem_cap[h]
-            and p.vcpus[g] <= p.vcpu_cap[h]
-            for h in hs
+            p.cpu[g] <= c + 1e-9 and p.mem[g] <= m and p.vcpus[g] <= v for c, m, v in cap_kinds(g)
         ):
             reasons.append(
                 f"guest {name} ({p.cpu[g]:.2f} cores, {p.mem[g] / GIB:.1f} GiB, "
@@ -73,20 +83,22 @@ def explain_infeasible(
 
     for grp in p.anti:
         names = [p.guests[g] for g in grp]
-        reach: set[int] = set()
-        for g in grp:
-            reach.update(hosts_for(g))
-        if len(reach) < len(grp):
+        sets = [hosts_for(g) for g in grp]
+        # a group member free to use every usable host settles the count at once
+        n_reach = (
+            len(usable_set) if any(s is usable_set for s in sets) else len(frozenset().union(*sets))
+        )
+        if n_reach < len(grp):
             reasons.append(
                 f"anti-affinity group [{', '.join(names)}] needs {len(grp)} hosts; "
-                f"{len(reach)} are usable"
+                f"{n_reach} are usable"
             )
     anti_pairs = {(a, b) for grp in p.anti for a in grp for b in grp if a != b}
     for grp in p.affinity:
         names = [p.guests[g] for g in grp]
-        common: set[int] | None = None
+        common: frozenset[int] | None = None
         for g in grp:
-            s = set(hosts_for(g))
+            s = hosts_for(g)
             common = s if common is None else common & s
         if not common:
             reasons.append(f"affinity group [{', '.join(names)}] has no host all may run on")

@@ -59,7 +59,27 @@ def build_units(p: Problem) -> tuple[list[Unit], list[int]]:
             anti_of.setdefault(g, []).append(gid)
     units: list[Unit] = []
     unit_of = [0] * p.n_guests
+    no_avoid: frozenset[int] = frozenset()
     for members in groups.values():
+        if len(members) == 1:  # the common case, kept cheap
+            g = members[0]
+            unit_of[g] = len(units)
+            units.append(
+                Unit(
+                    members=members,
+                    cpu=p.cpu[g],
+                    mem=p.mem[g],
+                    vcpus=float(p.vcpus[g]),
+                    mem_bytes=p.mem[g],
+                    cur=p.cur[g],
+                    movable=p.movable[g],
+                    must_move=p.must_move[g],
+                    allowed=p.allowed[g],
+                    anti=[(gid, 1) for gid in anti_of[g]] if g in anti_of else [],
+                    avoid=p.soft[g][0] if p.soft[g][1] > 0 else no_avoid,
+                )
+            )
+            continue
         hosts = {p.cur[g] for g in members}
         cur = next(iter(hosts)) if len(hosts) == 1 else -1
         allowed: frozenset[int] | None = None
@@ -104,7 +124,7 @@ class State:
         self.p = p
         self.units = units
         self.host_of = list(host_of)
-        self.cpu, self.mem, self.vcpu = p.loads(self.host_of)
+        self.cpu, self.mem, self.vcpu = p.loads(host_of)
         self.anti: list[dict[int, int]] = [{} for _ in p.anti]
         for gid, grp in enumerate(p.anti):
             cnt = self.anti[gid]
@@ -199,17 +219,17 @@ def _pick_evictions(
 
     # same count, less volume: swap a chosen unit for a smaller one while still covering
     # (less to fit elsewhere, so tighter targets pack)
-    def size(i: int) -> float:
+    def vol(i: int) -> float:
         return units[i].cpu / tc + units[i].mem / tm
 
     got_c = sum(units[i].cpu for i in chosen)
     got_m = sum(units[i].mem for i in chosen)
     for _ in range(2):
         improved = False
-        for pos in sorted(range(len(chosen)), key=lambda k: -size(chosen[k])):
+        for pos in sorted(range(len(chosen)), key=lambda k: -vol(chosen[k])):
             i = chosen[pos]
-            for j in sorted(left, key=size):
-                if size(j) >= size(i):
+            for j in sorted(left, key=vol):
+                if vol(j) >= vol(i):
                     break
                 c2 = got_c - units[i].cpu + units[j].cpu
                 m2 = got_m - units[i].mem + units[j].mem
@@ -568,6 +588,10 @@ def balance_search(
             hi = mid
         else:
             lo = mid
+    # a few looser targets too: fewer moves, or room to honour soft rules
+    for frac in (0.5, 0.25, 0.125):
+        if top * frac > 2 * hi:
+            attempt(top * frac)
     return out
 
 

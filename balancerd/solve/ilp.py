@@ -55,7 +55,11 @@ def solve_ilp(
     gap: float,
     max_moves: int,
     max_bytes: float,
+    z_cap: float | None = None,
 ) -> IlpResult:
+    """``z_cap`` (balance): keep the highest weighted utilization at or below it and
+    minimize the number of moves instead (then migration cost) - the polish of an
+    incumbent on a cluster too big for the whole problem."""
     t0 = time.perf_counter()
     pol = p.policy
     mc = pol.solver.migration_cost
@@ -93,7 +97,7 @@ def solve_ilp(
             moved = [g for g in u.members if p.cur[g] != h]
             if moved:
                 gib = sum(p.mem[g] for g in moved) / GIB
-                cost_terms.append((v, mc * gib))
+                cost_terms.append((v, mc * gib + (len(moved) if z_cap is not None else 0.0)))
                 move_terms.append((v, float(len(moved))))
                 byte_terms.append((v, sum(p.mem[g] for g in moved)))
             bad = sum(1 for g in u.members if p.must_move[g] and p.cur[g] == h)
@@ -126,7 +130,10 @@ def solve_ilp(
         )
     z = _var(prob, "z", low=0.0)
     if not power:
-        objective_terms.append((z, 1.0))
+        if z_cap is None:
+            objective_terms.append((z, 1.0))
+        else:
+            prob += z <= z_cap, "z_cap"
         z_const = 0.0
         for h in range(p.n_hosts):
             if p.balanced[h] and h not in on_host:

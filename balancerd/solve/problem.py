@@ -57,6 +57,7 @@ class Problem:
     host_index: dict[str, int] = field(default_factory=dict)
     guest_index: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    _cur_loads: tuple[list[float], list[float], list[float]] | None = None
 
     @property
     def n_hosts(self) -> int:
@@ -67,6 +68,16 @@ class Problem:
         return len(self.guests)
 
     def loads(self, host_of: list[int]) -> tuple[list[float], list[float], list[float]]:
+        """Per-host CPU, memory and vCPU demand (fresh lists; today's are cached)."""
+        if host_of is self.cur:
+            cached = self._cur_loads
+            if cached is None:
+                cached = self._compute_loads(host_of)
+                self._cur_loads = cached
+            return list(cached[0]), list(cached[1]), list(cached[2])
+        return self._compute_loads(host_of)
+
+    def _compute_loads(self, host_of: list[int]) -> tuple[list[float], list[float], list[float]]:
         cpu = [0.0] * self.n_hosts
         mem = [0.0] * self.n_hosts
         vcpu = [0.0] * self.n_hosts
@@ -322,6 +333,34 @@ def move_lower_bound(p: Problem, cpu_util: float, mem_util: float) -> int:
                     break
             need = max(need, k)
         total += need
+    return total
+
+
+def shed_bytes_lower_bound(p: Problem) -> float:
+    """Bytes any placement within the hard limits must move: per host over a limit, the
+    fewest guests that can bring it under (largest first) moved at their smallest sizes,
+    plus every guest that must leave its host."""
+    per_host: list[list[int]] = [[] for _ in range(p.n_hosts)]
+    total = 0.0
+    for g in range(p.n_guests):
+        if p.must_move[g] and p.movable[g]:
+            total += p.mem[g]
+        else:
+            per_host[p.cur[g]].append(g)
+    for h in range(p.n_hosts):
+        gs = [g for g in per_host[h] if p.movable[g]]
+        need = 0
+        for demand, cap in ((p.cpu, p.cpu_cap[h]), (p.mem, p.mem_cap[h])):
+            load = sum(demand[g] for g in per_host[h])
+            k = 0
+            for d in sorted((demand[g] for g in gs), reverse=True):
+                if load <= cap * (1 + 1e-9) + EPS:
+                    break
+                load -= d
+                k += 1
+            need = max(need, k)
+        if need:
+            total += sum(sorted(p.mem[g] for g in gs)[:need])
     return total
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from balancerd.model import Placement, Snapshot
-from balancerd.policy.model import Policy
+from balancerd.policy.model import HostRule, Policy
 from balancerd.solve.problem import HostCapacity
 
 _TOL = 1e-6
@@ -50,6 +50,10 @@ def verify(
     for name in cur.host_of:
         if name not in target.host_of:
             add("host", f"guest {name} has no host in the target")
+    rules_of: dict[str, list[HostRule]] = {}
+    for rule in c.host_rules:
+        for name in rule.vms:
+            rules_of.setdefault(name, []).append(rule)
     moved = {vm for vm, h in target.host_of.items() if vm in cur.host_of and cur.host_of[vm] != h}
     for vm, h in target.host_of.items():
         if vm not in vms:
@@ -77,9 +81,7 @@ def verify(
         allowed = c.pin.get(vm)
         if allowed is not None and h not in allowed:
             add("pin", f"guest {vm} pinned to {list(allowed)} but on {h}", was_here)
-        for rule in c.host_rules:
-            if vm not in rule.vms:
-                continue
+        for rule in rules_of.get(vm, ()):
             if rule.kind == "must" and h not in rule.hosts:
                 add("rule", f"guest {vm} must run on {list(rule.hosts)} but on {h}", was_here)
             if rule.kind == "must_not" and h in rule.hosts:

@@ -50,7 +50,9 @@ static void dirty(long mib) {
     for (;;) {
         for (size_t off = 0; off < len; off += 4096) buf[off] = v;
         v++;
-        if (++rounds % 1000 == 0) {
+        ++rounds;
+        /* report rounds 1, 10, 100, 1000, then every 1000th (a round is a pass over the buffer) */
+        if (rounds == 1 || rounds == 10 || rounds == 100 || rounds % 1000 == 0) {
             printf("guestload: dirtied %ld MiB %lu times\n", mib, rounds);
             fflush(stdout);
         }
