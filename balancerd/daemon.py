@@ -23,7 +23,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
-from balancerd.collect import SampleHistory, build_snapshot, capacity_from_config
+from balancerd.collect import Capacity, SampleHistory, build_snapshot, capacity_from_config
 from balancerd.config import Config, load_config, resolve_relative
 from balancerd.daemon_state import write_daemon_status
 from balancerd.decide import decide
@@ -142,6 +142,7 @@ class Daemon:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(state_dir / JOURNAL_FILE)
         self.power = _load_tracker(state_dir / POWER_FILE)
+        self.known_capacity: dict[str, Capacity] = {}  # last seen while up
         self.drivers: dict[str, PowerDriver] = drivers_for(loaded.config.hosts)
         self.scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -317,9 +318,13 @@ class Daemon:
             snapshot = build_snapshot(
                 history.samples(),
                 window=history.window,
-                capacity=capacity_from_config(config.hosts),
+                # A host that is off reports nothing: plan with what it had when it was up.
+                capacity={**self.known_capacity, **capacity_from_config(config.hosts)},
                 powered_off=self.power.powered_off(),
             )
+            for h in snapshot.hosts:
+                if h.up:
+                    self.known_capacity[h.name] = Capacity(cpus=h.cpus, mem_bytes=h.mem_bytes)
             self.power.observe(snapshot, time.time())
             with self._lock:
                 self.rt.snapshot = snapshot

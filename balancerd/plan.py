@@ -193,9 +193,9 @@ def power_changes(p: Problem, target: Placement) -> tuple[tuple[str, ...], tuple
     empty = [
         h for h in range(p.n_hosts) if p.balanced[h] and h not in used and p.hosts[h] not in maint
     ]
-    # keep the cheapest empty hosts on as reserve and up to min_active_hosts
+    # the cheapest empty hosts stay on: up to min_active_hosts, then the reserve on top
     empty.sort(key=lambda h: power_weight(p, h))
-    keep = max(pw.reserve_hosts, pw.min_active_hosts - len(used), 0)
+    keep = max(pw.min_active_hosts - len(used), 0) + max(pw.reserve_hosts, 0)
     return tuple(p.hosts[h] for h in sorted(empty[keep:])), power_on
 
 
@@ -224,6 +224,15 @@ def make_plan(
         uncounted_sources=uncounted_sources,
     )
     power_off, power_on = power_changes(p, reached)
+    extra: tuple[str, ...] = ()
+    if dict(reached.host_of) != dict(target.host_of):
+        # only part of the target is reachable safely: say what the reached state breaks
+        from balancerd.solve.verify import verify
+
+        extra = tuple(
+            f"reached placement: {v}"
+            for v in verify(snapshot, policy, reached, capacity=capacity, current=current)
+        )
     return Plan(
         policy=policy.name,
         objective=policy.objective,
@@ -236,7 +245,7 @@ def make_plan(
         power_off=power_off,
         power_on=power_on,
         reason="" if moves else "target equals the current placement",
-        notes=tuple(notes) + order_notes,
+        notes=tuple(notes) + order_notes + extra,
     )
 
 

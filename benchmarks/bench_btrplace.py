@@ -193,16 +193,12 @@ def main() -> int:
                         label,
                         method,
                         f"{r.get('seconds', 0):.2f}",
+                        f"{r.get('cpu_s', 0):.2f}",
                         "-",
                         str(lb),
-                        "-",
-                        "-",
-                        "-",
-                        "-",
-                        "-",
-                        f"{r.get('peak_mib', 0):.0f}",
-                        r["status"],
                     ]
+                    + ["-"] * 5
+                    + [f"{r.get('peak_mib', 0):.0f}", r["status"]]
                 )
                 continue
             rows.append(
@@ -210,6 +206,7 @@ def main() -> int:
                     label,
                     method,
                     f"{r['seconds']:.2f}",
+                    f"{r['cpu_s']:.2f}",
                     f"{r['migrations']}+{r['boots']}b",
                     str(lb),
                     "yes" if r["viable"] else "NO",
@@ -224,20 +221,9 @@ def main() -> int:
             label = ""
         n_nodes = sum(h.name != READY for h in inst.snapshot.hosts)
         rows.append(
-            [
-                "",
-                "naive ILP",
-                "-",
-                "-",
-                str(lb),
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                f"not run: {n_nodes * len(inst.snapshot.vms):,} binaries",
-            ]
+            ["", "naive ILP", "-", "-", "-", str(lb)]
+            + ["-"] * 6
+            + [f"not run: {n_nodes * len(inst.snapshot.vms):,} binaries"]
         )
     print_table(
         f"BtrPlace repair (max_concurrent {args.max_concurrent}, per host {args.per_host}, "
@@ -245,7 +231,8 @@ def main() -> int:
         [
             "instance",
             "method",
-            "time_s",
+            "wall_s",
+            "cpu_s",
             "moves",
             "moves_lb",
             "viable",

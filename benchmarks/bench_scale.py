@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_scale.py [--sizes 100x2000,1000x20000] [--seed 1]
         [--naive-time-limit 60] [--naive-max-guests 2000] [--ilp-time-limit 4]
+        [--backends cbc,highs]
 
 Each method runs in its own forked process (peak RSS is that process's own, plus its
 solver subprocess). Quality: highest weighted host utilization against the bound
@@ -57,9 +58,9 @@ def _quality(snapshot: Snapshot, pol: Policy, host_of: dict[str, str]) -> dict[s
     }
 
 
-def run_ours(snapshot: Snapshot, pol: Policy) -> dict[str, Any]:
+def run_ours(snapshot: Snapshot, pol: Policy, use_ilp: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
-    plan = decide(snapshot, pol)
+    plan = decide(snapshot, pol, use_ilp=use_ilp)
     seconds = time.perf_counter() - t0
     q = _quality(snapshot, pol, dict(plan.target.host_of))
     q.update(
@@ -150,12 +151,22 @@ def main() -> int:
     ap.add_argument("--naive-time-limit", type=float, default=60.0)
     ap.add_argument("--naive-max-guests", type=int, default=2000)
     ap.add_argument("--ilp-time-limit", type=float, default=4.0)
+    ap.add_argument("--backends", default="cbc,highs")
     args = ap.parse_args()
     for size in args.sizes.split(","):
         n_hosts, n_guests = (int(x) for x in size.split("x"))
         snapshot = synthetic_cluster(n_hosts, n_guests, args.seed)
         pol = bench_policy(time_limit_s=args.ilp_time_limit)
-        rows = [row("ours (decide)", isolated(run_ours, snapshot, pol))]
+        rows = [
+            row(
+                f"ours (decide, {backend})",
+                isolated(
+                    run_ours, snapshot, replace(pol, solver=replace(pol.solver, backend=backend))
+                ),
+            )
+            for backend in args.backends.split(",")
+        ]
+        rows.append(row("ours, greedy stages only", isolated(run_ours, snapshot, pol, False)))
         rows.append(row("greedy FFD", isolated(run_ffd, snapshot, pol)))
         if n_guests <= args.naive_max_guests:
             rows.append(

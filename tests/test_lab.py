@@ -3,7 +3,9 @@ subnet 10.77.1). libvirt-python is used directly here, as an independent observe
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -345,3 +347,48 @@ def test_down_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
     assert not lab.root.exists()
     assert lab.leftovers() == []
     lab.down()  # a second down is harmless
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "balancerd.cli", "lab", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.lab
+def test_cli_up_status_down(tmp_path: Path) -> None:
+    """`balancerd lab up` exits and leaves its hosts running; status and down find them."""
+    missing = system.missing_requirements()
+    if missing:
+        pytest.skip("the lab needs: " + "; ".join(missing))
+    assert f"{NAME}-host" not in _netns(), "the module's lab is still up"
+    root = tmp_path / "cli-lab"
+    where = ["--dir", str(root)]
+    try:
+        up = _cli(
+            "up",
+            "--hosts",
+            "1",
+            "--guests",
+            "c1:host1:96:1:20",
+            "--name",
+            NAME,
+            "--subnet",
+            SUBNET,
+            *where,
+        )
+        assert up.returncode == 0, up.stderr
+        assert "c1" in up.stdout
+        status = _cli("status", "--json", *where)
+        assert status.returncode == 0, status.stderr
+        data = json.loads(status.stdout)
+        assert data["healthy"] and data["name"] == NAME
+        assert [(g["name"], g["state"]) for g in data["hosts"][0]["guests"]] == [("c1", "running")]
+        Lab(root).wait_booted("c1")
+        assert yaml.safe_load((root / "balancerd.yaml").read_text())["hosts"][0]["name"] == "host1"
+    finally:
+        down = _cli("down", *where)
+    assert down.returncode == 0, down.stderr
+    assert not root.exists()
+    assert f"{NAME}-host" not in _netns()
+    status = _cli("status", *where)
+    assert status.returncode == 1 and "not up" in status.stdout

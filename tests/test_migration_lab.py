@@ -208,6 +208,22 @@ def test_a_guest_moved_by_an_operator_is_skipped(ctx: Ctx) -> None:
     assert active_hosts(ctx, "quiet") == {where: "running"}
 
 
+def test_reconcile_resumes_a_guest_we_left_paused(ctx: Ctx) -> None:
+    where = ctx.lab.guest_host("quiet")
+    assert where is not None
+    other = "host1" if where == "host2" else "host2"
+    journal = Journal(ctx.config.state_dir)
+    # As if we died right after pausing it for pause-and-complete, the job already gone.
+    entry = journal.begin("quiet", "", where, other, "running")
+    journal.phase(entry, "paused")
+    ctx.hv.suspend(where, "quiet")
+    assert active_hosts(ctx, "quiet") == {where: "paused"}
+    recs = [r for r in reconcile(ctx.hv, journal) if r.migration_id == entry]
+    assert [r.actions for r in recs] == [(f"resumed on {where}",)]
+    assert active_hosts(ctx, "quiet") == {where: "running"}
+    assert entry not in [e.id for e in journal.open_entries()]
+
+
 def test_sigkill_mid_migration_then_reconcile_leaves_one_copy(ctx: Ctx, tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(

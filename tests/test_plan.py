@@ -246,3 +246,19 @@ def test_total_seconds_counts_waves() -> None:
         SolverReport("none", "not-run", 0.0, None, None, None),
     )
     assert total_seconds(plan) == max(m.expected_s for m in moves)
+
+
+def test_uncounted_sources_do_not_serialize() -> None:
+    hosts = [host("pool", mem_gib=64)] + [host(f"h{i}") for i in range(4)]
+    vms = [vm(f"v{i}", "pool", 1, 0.1, 1) for i in range(4)]
+    s = Snapshot(0.0, tuple(hosts), tuple(vms))
+    pol = Policy(
+        name="t", limits=LIMITS, migration=Migration(max_concurrent=10, max_concurrent_per_host=1)
+    )
+    target = Placement({f"v{i}": f"h{i}" for i in range(4)})
+    serial, _, _ = order_moves(s, pol, s.placement(), target)
+    together, _, _ = order_moves(
+        s, pol, s.placement(), target, uncounted_sources=frozenset({"pool"})
+    )
+    assert len({m.wave for m in serial}) == 4
+    assert len({m.wave for m in together}) == 1

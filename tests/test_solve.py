@@ -576,3 +576,57 @@ def test_report_bounds_on_balance() -> None:
     assert res.util_bound is not None and res.move_bound is not None
     assert res.score_after >= res.util_bound - 1e-9
     assert len(res.target.moved_from(s.placement())) >= res.move_bound
+
+
+def test_reduced_ilp_polish_keeps_balance_and_never_adds_moves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forced onto the large-cluster path, the ILP keeps the incumbent's balance and
+    only ever lowers the number of moves; the result still verifies."""
+    import random
+
+    import balancerd.solve.core as core
+
+    rnd = random.Random(3)
+    hosts = [host(f"h{i}", cpus=32, mem_gib=128) for i in range(12)]
+    vms = [
+        vm(f"v{j}", f"h{rnd.randrange(4)}", rnd.choice((1, 2, 4)), rnd.random(), 2)
+        for j in range(120)
+    ]
+    s = snap(hosts, vms)
+    pol = policy(
+        solver=Solver(time_limit_s=5.0, migration_cost=1e-6),
+        limits=Limits(max_cpu_util=1.0, max_mem_util=1.0, mem_headroom_bytes=0, cpu_overcommit=16),
+        budget=Budget(max_moves=1000),
+    )
+    greedy = solve(s, pol, use_ilp=False)
+    monkeypatch.setattr(core, "FULL_ILP_MAX_VARS", 10)
+    polished = solve(s, pol)
+    assert any("reduced" in st for st in polished.stages), polished.stages
+    n_greedy = len(greedy.target.moved_from(s.placement()))
+    n_polished = len(polished.target.moved_from(s.placement()))
+    assert n_polished <= n_greedy
+    assert polished.score_after <= greedy.score_after + pol.solver.gap * greedy.score_after
+    assert polished.report.status != "optimal"  # optimal only for its scope
+    assert not [v for v in verify(s, pol, polished.target) if not v.carried]
+
+
+EDGES = [
+    ("empty", snap([], [])),
+    ("no guests", snap([host("a")], [])),
+    ("all hosts down", snap([Host("a", "test:///a", up=False)], [])),
+    ("one host", snap([host("a")], [vm("v", "a")])),
+    ("zero-capacity host", snap([Host("z", "test:///z", up=True), host("b")], [vm("v", "b")])),
+    ("guest on an unknown host", snap([host("b")], [vm("v", "nowhere")])),
+]
+
+
+@pytest.mark.parametrize("objective", ["balance", "power-save"])
+@pytest.mark.parametrize(("name", "snapshot"), EDGES, ids=[e[0] for e in EDGES])
+def test_degenerate_clusters_plan_nothing_quietly(
+    name: str, snapshot: Snapshot, objective: str
+) -> None:
+    plan = decide(snapshot, policy(objective=objective))
+    assert plan.moves == ()
+    assert plan.solver.status != "infeasible", plan.reason
+    assert not [n for n in plan.notes if "limit" in n], plan.notes

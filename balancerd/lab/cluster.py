@@ -52,6 +52,7 @@ GUEST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 SUBNET_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
 DISK_KINDS = ("", "shared", "local")
 DISK_SIZE = "64M"
+MIN_GUEST_MEM_MIB = 80  # 64 MiB hangs before the console; 80 boots
 VIRSH_TIMEOUT_S = 30.0
 GUEST_START_WORKERS = 3
 
@@ -574,8 +575,10 @@ def _guest_problems(g: GuestSpec, host_names: list[str]) -> list[str]:
         problems.append(f"guest name {g.name!r}: letters, digits, '.', '_', '-' only")
     if g.host not in host_names:
         problems.append(f"guest {g.name}: host {g.host!r} is not one of {host_names}")
-    if g.mem_mib < 32:
-        problems.append(f"guest {g.name}: mem_mib {g.mem_mib} < 32")
+    if g.mem_mib < MIN_GUEST_MEM_MIB:
+        problems.append(
+            f"guest {g.name}: mem_mib {g.mem_mib} < {MIN_GUEST_MEM_MIB} (its kernel needs that)"
+        )
     if g.vcpus < 1:
         problems.append(f"guest {g.name}: vcpus {g.vcpus} < 1")
     if not 0 <= g.burn_pct <= 100:

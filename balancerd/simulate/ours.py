@@ -49,12 +49,15 @@ class Forecast:
     window: int = 12  # readings (1 h at 300 s)
     quantile: float = 0.9
     margin: float = 0.0
+    latest_floor: bool = True  # never plan below the latest reading
 
     def __call__(self, readings: npt.NDArray[np.float64]) -> float:
         if readings.size == 0:
             return 0.0
         q = float(np.quantile(readings[-self.window :], self.quantile))
-        return min(1.0, max(q, float(readings[-1])) + self.margin)
+        if self.latest_floor:
+            q = max(q, float(readings[-1]))
+        return min(1.0, q + self.margin)
 
     def many(
         self, window: npt.NDArray[np.float64], latest: npt.NDArray[np.float64]
@@ -63,7 +66,10 @@ class Forecast:
         if window.size == 0:
             return np.zeros(len(latest))
         q = np.quantile(window, self.quantile, axis=1)
-        return np.minimum(1.0, np.maximum(q, latest) + self.margin)
+        if self.latest_floor:
+            q = np.maximum(q, latest)
+        out: npt.NDArray[np.float64] = np.minimum(1.0, q + self.margin)
+        return out
 
 
 def default_decide() -> DecideFn:

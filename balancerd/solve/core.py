@@ -17,6 +17,7 @@ Stages, each pure:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from balancerd.solve.heuristic import (
     limit_caps,
     repair,
 )
-from balancerd.solve.ilp import PENALTY, POWER_ON_COST, IlpResult, solve_ilp
+from balancerd.solve.ilp import PENALTY, POWER_ON_COST, SPREAD, IlpResult, solve_ilp
 from balancerd.solve.problem import (
     GIB,
     HostCapacity,
@@ -46,6 +47,7 @@ from balancerd.solve.problem import (
     power_score,
     power_weight,
     shed_bytes_lower_bound,
+    util_lower_bounds,
 )
 from balancerd.solve.verify import Violation, blocking, verify
 
@@ -96,7 +98,9 @@ def objective_value(p: Problem, host_of: list[int]) -> float:
         for h in used:
             total += power_weight(p, h) + (POWER_ON_COST if p.powered_off[h] else 0.0)
     else:
-        total += balance_score(p, host_of)
+        uc, um = max_utils(p, host_of)
+        wc, wm = p.w_cpu * uc, p.w_mem * um
+        total += max(wc, wm) + SPREAD * (wc + wm)
     cpu, mem, _ = p.loads(host_of)
     for h in range(p.n_hosts):
         total += PENALTY * max(0.0, cpu[h] - p.cpu_cap[h]) / (p.cpu_total[h] or 1.0)
@@ -205,6 +209,22 @@ def _ilp_scope(
             break
     # the units left out stay on their incumbent host
     return free, cands, False
+
+
+def _power_bound(p: Problem) -> float:
+    """Power-save: at least as many hosts as the total demand needs at the largest caps
+    (and min_active_hosts), each costing at least the cheapest idle power."""
+    usable = [h for h in range(p.n_hosts) if p.usable[h]]
+    if not usable:
+        return 0.0
+    need = max(
+        p.policy.power.min_active_hosts,
+        math.ceil(sum(p.mem) / max(max(p.mem_cap[h] for h in usable), 1.0) - 1e-9),
+        math.ceil(sum(p.cpu) / max(max(p.cpu_cap[h] for h in usable), 1e-9) - 1e-9),
+        1 if p.n_guests else 0,
+    )
+    weights = sorted(power_weight(p, h) for h in usable)
+    return sum(weights[: min(need, len(weights))])
 
 
 def _prefer_fewer_moves(
@@ -365,12 +385,17 @@ def solve(
     move_bound: int | None = None
     if p.objective == "balance":
         util_bound = balance_lower_bound(p)
+        lbc, lbm = util_lower_bounds(p)
         # utilization can't beat its bound, and the hot hosts must shed some bytes
-        bound = util_bound + policy.solver.migration_cost * shed_bytes_lower_bound(p) / GIB
+        bound = (
+            util_bound
+            + SPREAD * (p.w_cpu * lbc + p.w_mem * lbm)
+            + policy.solver.migration_cost * shed_bytes_lower_bound(p) / GIB
+        )
         uc, um = max_utils(p, host_of)
         move_bound = move_lower_bound(p, uc, um)
     else:
-        bound = None
+        bound = _power_bound(p)
     if ilp is not None and full and ilp.bound is not None:
         bound = max(bound, ilp.bound) if bound is not None else ilp.bound
     if label == "ilp" and ilp is not None:

@@ -141,8 +141,4 @@ def explain_infeasible(
                     f"guests need {need:.1f} {what}; the {n_usable} usable hosts allow "
                     f"{have:.1f} under the limits"
                 )
-    if policy.objective == "power-save" and policy.power.min_active_hosts > n_usable:
-        reasons.append(
-            f"min_active_hosts is {policy.power.min_active_hosts}; {n_usable} hosts are usable"
-        )
     return reasons

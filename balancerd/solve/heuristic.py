@@ -20,6 +20,8 @@ from balancerd.solve.problem import (
     util_lower_bounds,
 )
 
+GIB_F = float(1024**3)
+
 
 @dataclass
 class Unit:
@@ -316,7 +318,8 @@ def repair(
         kept.append(i)
     for i in kept:
         st.lift(units[i])
-    kept.sort(key=lambda i: -(units[i].cpu / _avg(p.cpu_total) + units[i].mem / _avg(p.mem_total)))
+    avg_c, avg_m = _avg(p.cpu_total), _avg(p.mem_total)
+    kept.sort(key=lambda i: -(units[i].cpu / avg_c + units[i].mem / avg_m))
     placer = _Placer(p, st, cap_c, cap_m, best_fit)
     misses = 0
     for i in kept:
@@ -347,9 +350,6 @@ def repair(
             st.drop(u, u.cur if st.fits(u, u.cur, cap_c, cap_m) else h)
     moves, moved_bytes = _moves(p, st.host_of)
     return RepairResult(st.host_of, moves, moved_bytes, complete)
-
-
-GIB_F = float(1024**3)
 
 
 def _avg(xs: list[float]) -> float:
@@ -616,7 +616,7 @@ def consolidate(
 
     order = sorted(
         (h for h in active if p.balanced[h] or p.usable[h]),
-        key=lambda h: (-power_weight(p, h), load_frac(h)),
+        key=lambda h: (-power_weight(p, h), p.mem_total[h] + p.cpu_total[h] * GIB_F, load_frac(h)),
     )
     closed: set[int] = set()
     for h in order:

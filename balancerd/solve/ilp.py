@@ -27,6 +27,7 @@ from balancerd.solve.heuristic import Unit
 from balancerd.solve.problem import GIB, Problem, power_weight
 
 PENALTY = 1000.0  # objective units per forced move left undone / per unit of overflow
+SPREAD = 0.05  # balance: weight of each resource's own highest utilization (spread term)
 POWER_ON_COST = 0.5  # extra host-equivalents for switching a powered-off host on
 
 
@@ -125,22 +126,29 @@ def solve_ilp(
         const_on = [h for h in range(p.n_hosts) if (fc[h] > 0 or fm[h] > 0 or fv[h] > 0)]
         const += sum(power_weight(p, h) for h in const_on)
         prob += (
-            pulp.lpSum(active.values()) >= p.policy.power.min_active_hosts - len(const_on),
+            pulp.lpSum(active.values())
+            >= min(p.policy.power.min_active_hosts, len(const_on) + len(active)) - len(const_on),
             "min_active",
         )
+    # balance: z = highest weighted utilization; zc / zm = per resource (the spread term)
     z = _var(prob, "z", low=0.0)
+    zc = _var(prob, "zc", low=0.0)
+    zm = _var(prob, "zm", low=0.0)
     if not power:
         if z_cap is None:
             objective_terms.append((z, 1.0))
         else:
             prob += z <= z_cap, "z_cap"
-        z_const = 0.0
+        objective_terms += [(zc, SPREAD), (zm, SPREAD)]
+        prob += z >= zc, "z_c"
+        prob += z >= zm, "z_m"
+        zc_const = zm_const = 0.0
         for h in range(p.n_hosts):
             if p.balanced[h] and h not in on_host:
-                z_const = max(
-                    z_const, p.w_cpu * fc[h] / p.cpu_total[h], p.w_mem * fm[h] / p.mem_total[h]
-                )
-        prob += z >= z_const, "z_rest"
+                zc_const = max(zc_const, p.w_cpu * fc[h] / p.cpu_total[h])
+                zm_const = max(zm_const, p.w_mem * fm[h] / p.mem_total[h])
+        prob += zc >= zc_const, "zc_rest"
+        prob += zm >= zm_const, "zm_rest"
 
     for h in involved:
         terms = on_host[h]
@@ -166,25 +174,24 @@ def solve_ilp(
         prob += lv + fv[h] <= max(p.vcpu_cap[h], fv[h]), f"capv_{h}"
         if not power and p.balanced[h]:
             if p.w_cpu > 0:
-                prob += z >= (p.w_cpu / p.cpu_total[h]) * (lc + fc[h]), f"zc_{h}"
+                prob += zc >= (p.w_cpu / p.cpu_total[h]) * (lc + fc[h]), f"zc_{h}"
             if p.w_mem > 0:
-                prob += z >= (p.w_mem / p.mem_total[h]) * (lm + fm[h]), f"zm_{h}"
+                prob += zm >= (p.w_mem / p.mem_total[h]) * (lm + fm[h]), f"zm_{h}"
 
     # anti-affinity: at most one per host (or today's count where already broken)
+    unit_index = {g: i for i, u in enumerate(units) for g in u.members} if p.anti else {}
     for gid, grp in enumerate(p.anti):
-        members = set(grp)
         fixed_cnt: dict[int, int] = {}
         cur_cnt: dict[int, int] = {}
         for g in grp:
             cur_cnt[p.cur[g]] = cur_cnt.get(p.cur[g], 0) + 1
         unit_k: dict[int, int] = {}
         for g in grp:
-            i = _unit_of(units, g)
+            i = unit_index[g]
             if i in free_set:
                 unit_k[i] = unit_k.get(i, 0) + 1
             else:
                 fixed_cnt[start[g]] = fixed_cnt.get(start[g], 0) + 1
-        del members
         if not unit_k:
             continue
         hosts = {h for i in unit_k for h in cands[i]}
@@ -238,19 +245,6 @@ def _var(
     if add is not None:
         return add(name, low, up, cat)
     return pulp.LpVariable(name, low, up, cat)
-
-
-_UNIT_CACHE: dict[int, dict[int, int]] = {}
-
-
-def _unit_of(units: list[Unit], g: int) -> int:
-    key = id(units)
-    m = _UNIT_CACHE.get(key)
-    if m is None or len(_UNIT_CACHE) > 8:
-        _UNIT_CACHE.clear()
-        m = {gg: i for i, u in enumerate(units) for gg in u.members}
-        _UNIT_CACHE[key] = m
-    return m[g]
 
 
 @dataclass

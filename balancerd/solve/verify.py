@@ -64,7 +64,7 @@ def verify(
             add("host", f"guest {vm} placed on unknown host {h}")
             continue
         if vm in moved:
-            if not host.up:
+            if not host.up and not host.powered_off:
                 add("host", f"guest {vm} moved to host {h}, which is down")
             if host.powered_off and policy.objective != "power-save":
                 add("host", f"guest {vm} moved to powered-off host {h}")
@@ -103,12 +103,14 @@ def verify(
     before = loads(cur)
     gains = {h for vm in moved for h in [target.host_of[vm]]}
     for name, host in hosts.items():
+        if not host.up and not (host.powered_off and name in gains):
+            continue  # its guests are unknown; nothing is placed there
         over = capacity.get(name)
         cpus = over.cpus if over and over.cpus > 0 else float(host.cpus)
         mem = over.mem_bytes if over and over.mem_bytes > 0 else host.mem_bytes
         caps = (
             ("CPU", cpus * lim.max_cpu_util, "cores"),
-            ("memory", min(mem * lim.max_mem_util, mem - lim.mem_headroom_bytes), "bytes"),
+            ("memory", max(0, min(mem * lim.max_mem_util, mem - lim.mem_headroom_bytes)), "bytes"),
             ("vCPUs", cpus * lim.cpu_overcommit, "vCPUs"),
         )
         for k, (what, cap, unit) in enumerate(caps):
