@@ -125,3 +125,30 @@ def test_status_json_cli_shape(lab: Lab) -> None:
     vm = hosts["host1"]["vms"][0]
     assert {"name", "uuid", "state", "vcpus", "mem_bytes", "cpu_util"} <= set(vm)
     assert vm["name"] == "burn50" and vm["state"] == "running"
+
+
+def test_plan_json_on_the_live_lab(lab: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """plan --json: a dry run that moves nothing, in the documented shape."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "apiVersion: balancerd/v1\nkind: Policy\nmetadata: {name: drain-host1}\n"
+        "spec:\n  objective: balance\n  constraints: {maintenance: [host1]}\n"
+    )
+    before = {g.name: g.host for g in lab.guests()}
+    out = subprocess.run(
+        [sys.executable, "-m", "balancerd.cli", "plan", "--config", str(lab.config_path),
+         "--policy", str(policy), "--json", "--samples", "2", "--interval", "0.5"],
+        capture_output=True, text=True, timeout=180, check=True,
+    )
+    doc = json.loads(out.stdout)
+    assert doc["policy"] == "drain-host1" and doc["objective"] == "balance"
+    # Maintenance drains host1: its one guest must go, to host2 or host3.
+    assert [(m["vm"], m["from"]) for m in doc["moves"]] == [("burn50", "host1")]
+    assert doc["moves"][0]["to"] in ("host2", "host3")
+    assert set(doc["hosts_before"]) == {"host1", "host2", "host3"}
+    assert doc["hosts_after"]["host1"]["cpu"] == 0.0 and doc["hosts_after"]["host1"]["mem"] == 0.0
+    assert doc["hosts_before"]["host1"]["cpu"] > 0.0
+    assert doc["active_hosts_after"] == 2
+    assert {"backend", "status", "seconds", "objective", "bound", "gap"} <= set(doc["solver"])
+    # A dry run: nothing moved.
+    assert {g.name: g.host for g in lab.guests()} == before

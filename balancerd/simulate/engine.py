@@ -53,6 +53,7 @@ class State:
     vm_present: BoolArray  # [vm] running somewhere (not finished / not placed)
     vm_in_migration: BoolArray
     util_frac: FloatArray = field(default_factory=lambda: np.zeros(0))  # [host] 0..1
+    incoming: BoolArray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))  # [host]
 
     def active_hosts(self) -> int:
         return int(np.count_nonzero(self.util_mips > 0))
@@ -101,6 +102,7 @@ class Result:
     energy_kwh: float
     slatah: float  # 0..1
     pdm: float  # 0..1
+    slatah_incoming: float  # the part of SLATAH spent on hosts receiving a migration
     migrations: int
     mem_overcommit_events: int  # host-intervals a decision left a host over its memory
     mem_growth_events: int  # host-intervals guests had grown past their host's memory
@@ -134,6 +136,7 @@ class Result:
             "slav": self.slav,
             "esv": self.esv,
             "migrations": self.migrations,
+            "slatah_incoming_pct": round(self.slatah_incoming * 100, 4),
             "mem_overcommit_events": self.mem_overcommit_events,
             "mem_growth_events": self.mem_growth_events,
             "vms_finished": self.vms_finished,
@@ -238,6 +241,7 @@ class Simulation:
             vm_present=present,
             vm_in_migration=in_mig,
             util_frac=frac,
+            incoming=np.bincount(mig_dst, minlength=c.n_hosts) > 0,
         )
 
     # --- accounting ------------------------------------------------------------------
@@ -412,6 +416,7 @@ class Simulation:
             energy_kwh=self.energy_j / 3.6e6,
             slatah=self.sla.slatah(),
             pdm=self.sla.pdm(),
+            slatah_incoming=self.sla.slatah_incoming(),
             migrations=self.migrations,
             mem_overcommit_events=self.mem_overcommit,
             mem_growth_events=self.mem_grown,
