@@ -117,8 +117,8 @@ class Hypervisor(Protocol):
     def migrate(self, req: MigrationRequest) -> None:
         """Run one migration to completion (blocking). Call from a worker thread;
         use ``job_stats``/``suspend``/``set_max_downtime``/``abort_job`` meanwhile.
-        libvirt takes the maximum downtime only while the job runs: the caller's monitor
-        sets ``req.max_downtime_ms`` with ``set_max_downtime`` on the first active sample.
+        ``req.max_downtime_ms`` is set on the domain before the job starts; the caller's
+        monitor may raise it with ``set_max_downtime`` while the job runs.
         Live migrations are peer-to-peer, defined on the destination, undefined on the source."""
         ...
 

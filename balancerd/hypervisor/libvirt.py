@@ -329,6 +329,10 @@ class LibvirtHypervisor:
         what = f"{'live' if req.live else 'cold'} migration of {req.vm} {req.src}->{req.dst}"
         try:
             dom = conn.lookupByName(req.vm)
+            if req.live and req.max_downtime_ms > 0:
+                # libvirt 9 sets QEMU's downtime limit before the job too; the first
+                # iterations then already aim at it (the monitor may raise it later).
+                dom.migrateSetMaxDowntime(req.max_downtime_ms, 0)
             dom.migrateToURI3(dst.cfg.uri, params, flags)
         except libvirt.libvirtError as exc:
             if _connection_lost(exc):

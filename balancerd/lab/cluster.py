@@ -325,6 +325,10 @@ class Lab:
             "policy": policy,
             "state_dir": str(self.root / "state"),
             "metrics": {"listen": spec.metrics_listen},
+            # Lab pace: a demo shows decisions within a minute (production: 15 s / 300 s).
+            "collect_interval_s": 2,
+            "cycle_interval_s": 15,
+            "smoothing_window": 3,
         }
         header = (
             f"# balancerd daemon config for lab {self.name!r} (written by `balancerd lab up`)\n"
