@@ -6,6 +6,7 @@ systemd they become journal fields, on stderr they are appended as key=value.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ def _journal_handler() -> logging.Handler | None:
     if not os.environ.get("JOURNAL_STREAM") and not os.environ.get("INVOCATION_ID"):
         return None
     try:
-        from systemd import journal
+        journal = importlib.import_module("systemd.journal")
     except ImportError:
         return None
     handler: logging.Handler = journal.JournalHandler(SYSLOG_IDENTIFIER="balancerd")

@@ -112,9 +112,23 @@ def test_killed_libvirtd_is_reported_down_and_the_rest_still_collected(lab: Lab)
 
 def test_status_json_cli_shape(lab: Lab) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "balancerd.cli", "status", "--config", str(lab.config_path),
-         "--json", "--samples", "2", "--interval", "0.5"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            "-m",
+            "balancerd.cli",
+            "status",
+            "--config",
+            str(lab.config_path),
+            "--json",
+            "--samples",
+            "2",
+            "--interval",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     doc = json.loads(out.stdout)
     hosts = {h["name"]: h for h in doc["hosts"]}
@@ -136,9 +150,25 @@ def test_plan_json_on_the_live_lab(lab: Lab, tmp_path) -> None:  # type: ignore[
     )
     before = {g.name: g.host for g in lab.guests()}
     out = subprocess.run(
-        [sys.executable, "-m", "balancerd.cli", "plan", "--config", str(lab.config_path),
-         "--policy", str(policy), "--json", "--samples", "2", "--interval", "0.5"],
-        capture_output=True, text=True, timeout=180, check=True,
+        [
+            sys.executable,
+            "-m",
+            "balancerd.cli",
+            "plan",
+            "--config",
+            str(lab.config_path),
+            "--policy",
+            str(policy),
+            "--json",
+            "--samples",
+            "2",
+            "--interval",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
     )
     doc = json.loads(out.stdout)
     assert doc["policy"] == "drain-host1" and doc["objective"] == "balance"

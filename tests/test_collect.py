@@ -27,7 +27,11 @@ def host(
 
 def vm(cpu_s: float, state: str = "running", vcpus: int = 2) -> VmSample:
     return VmSample(
-        name="web-1", uuid="u1", state=state, vcpus=vcpus, mem_bytes=2**30,
+        name="web-1",
+        uuid="u1",
+        state=state,
+        vcpus=vcpus,
+        mem_bytes=2**30,
         cpu_time_ns=int(cpu_s * NS),
     )
 
@@ -83,7 +87,12 @@ def test_capacity_override_derives_free_memory_from_guests() -> None:
 
 def test_incoming_migration_target_is_not_counted_twice() -> None:
     incoming = VmSample(
-        name="web-1", uuid="u1", state="paused", vcpus=2, mem_bytes=2**30, cpu_time_ns=0,
+        name="web-1",
+        uuid="u1",
+        state="paused",
+        vcpus=2,
+        mem_bytes=2**30,
+        cpu_time_ns=0,
         incoming=True,
     )
     history = [(host("h1", 0.0, 0, 0, (vm(0.0),)), host("h2", 0.0, 0, 0, (incoming,)))]

@@ -197,21 +197,22 @@ def test_daemon_balances_reloads_exports_and_feeds_systemd(lab_factory, work: Pa
             )
         # promtool check metrics on the live endpoint.
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        lint = subprocess.run(
-            ["promtool", "check", "metrics"], input=body, capture_output=True
-        )
+        lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
         assert lint.returncode == 0, lint.stdout + lint.stderr
 
         # SIGHUP with a broken policy: keeps running on the old one, counts the failure.
         policy.write_text(policy.read_text().replace("objective: balance", "objective: balanse"))
         daemon.proc.send_signal(signal.SIGHUP)
         assert wait_metric(port, "balancerd_reload_failures_total", lambda v: v >= 1, 30), (
-            os.kill(daemon.proc.pid, signal.SIGUSR1), time.sleep(1), daemon.output()[-6000:])
+            os.kill(daemon.proc.pid, signal.SIGUSR1),
+            time.sleep(1),
+            daemon.output()[-6000:],
+        )
         assert daemon.proc.poll() is None
         assert "reload rejected" in daemon.output()
         assert f"{policy}:" in daemon.output()  # the FILE:LINE error is logged
         assert wait_metric(
-            port, 'balancerd_policy_info{', lambda v: v == 1, 5, label='policy="balance-test"'
+            port, "balancerd_policy_info{", lambda v: v == 1, 5, label='policy="balance-test"'
         )
         # With a good one it switches.
         write_policy(policy, "balance-two", "balance")
@@ -267,8 +268,7 @@ def wait_metric(port: int, prefix: str, ok: Any, timeout_s: float, label: str = 
     while time.monotonic() < deadline:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         for line in body.decode().splitlines():
-            if line.startswith(prefix) and label in line:
-                if ok(float(line.rsplit(" ", 1)[1])):
-                    return True
+            if line.startswith(prefix) and label in line and ok(float(line.rsplit(" ", 1)[1])):
+                return True
         time.sleep(1)
     return False

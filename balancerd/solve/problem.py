@@ -136,7 +136,8 @@ def build_problem(
         vcpu_cap.append(cpus * lim.cpu_overcommit)
         off = h.powered_off
         powered_off.append(off)
-        ok = (h.up or off) and h.name not in excl_hosts  # off hosts are known empty and cpus > 0 and mem > 0
+        # A powered-off host does not answer, but it is known empty and can be switched on.
+        ok = (h.up or off) and h.name not in excl_hosts and cpus > 0 and mem > 0
         balanced.append(ok and not off)
         usable.append(ok and h.name not in maint and (power_save or not off))
     host_index = {n: i for i, n in enumerate(hosts)}
