@@ -84,6 +84,9 @@ class Config:
     cycle_interval_s: float = 300.0
     smoothing_window: int = 4  # samples averaged for utilization
     host_timeout_s: float = 5.0  # per call to one host
+    # No progress from the collect/cycle jobs for this long (a call hung past every
+    # timeout): stop feeding the systemd watchdog, so systemd restarts the daemon.
+    stall_timeout_s: float = 60.0
     source: str = ""  # the file it was loaded from
 
     def policy_path(self) -> Path:
@@ -237,6 +240,9 @@ CONFIG = obj(
         "cycle_interval_s": fld(POSITIVE, "seconds between balancing cycles"),
         "smoothing_window": fld(POSITIVE_COUNT, "samples averaged for utilization"),
         "host_timeout_s": fld(POSITIVE, "seconds allowed for one call to one host"),
+        "stall_timeout_s": fld(
+            POSITIVE, "seconds without job progress before the systemd watchdog is starved"
+        ),
     },
     cls=Config,
 )

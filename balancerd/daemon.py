@@ -8,12 +8,13 @@ make progress, and performs reload/stop when a signal handler has set a flag.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -131,7 +132,9 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._ready_sent = False
-        self._progress_at_s = time.monotonic()  # last time a job showed progress
+        self._starving = False  # the watchdog is being withheld
+        # Running jobs: thread id -> last time that job showed progress (monotonic).
+        self._busy: dict[int, float] = {}
         loaded = load_all(config_path)
         self.rt = _Runtime(
             loaded=loaded,
@@ -155,13 +158,25 @@ class Daemon:
         return self.rt.loaded.config
 
     def heartbeat(self) -> None:
-        """Called by jobs whenever they make progress; the watchdog depends on it."""
-        self._progress_at_s = time.monotonic()
+        """Called from a job's thread whenever the job makes progress."""
+        ident = threading.get_ident()
+        if ident in self._busy:
+            self._busy[ident] = time.monotonic()
 
-    def _stale_after_s(self) -> float:
-        """How long without progress before the daemon counts as hung."""
-        c = self.config
-        return c.collect_interval_s + 3 * c.host_timeout_s + 10.0
+    @contextlib.contextmanager
+    def _job(self) -> Iterator[None]:
+        """Marks the current thread as running a job whose progress the watchdog follows."""
+        ident = threading.get_ident()
+        self._busy[ident] = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy.pop(ident, None)
+
+    def stalled_s(self) -> float:
+        """How long the most stuck running job has gone without progress (0: none)."""
+        now = time.monotonic()
+        return max((now - t for t in list(self._busy.values())), default=0.0)
 
     def install_signal_handlers(self) -> None:
         def on_hup(_sig: int, _frame: FrameType | None) -> None:
@@ -223,12 +238,22 @@ class Daemon:
             if self._reload:
                 self._reload = False
                 self.reload()
-            if time.monotonic() - self._progress_at_s < self._stale_after_s():
+            # Start-up is governed by systemd's start timeout; after READY, a job without
+            # progress for stall_timeout_s (a call hung past every timeout) starves the
+            # watchdog, so systemd restarts us.
+            if not self._ready_sent or self.stalled_s() < self.config.stall_timeout_s:
                 self.notifier.watchdog()
             else:
-                # No job has shown progress for too long (a call hung past every timeout):
-                # stop feeding the watchdog so systemd restarts us.
-                log.error("no progress for %.0f s; withholding the watchdog", self._stale_after_s())
+                if not self._starving:
+                    log.error(
+                        "a job made no progress for %.0f s; withholding the systemd watchdog",
+                        self.stalled_s(),
+                    )
+                self._starving = True
+                continue
+            if self._starving:
+                log.warning("progress again; feeding the systemd watchdog")
+                self._starving = False
 
     def _schedule_jobs(self) -> None:
         c = self.config
@@ -310,6 +335,10 @@ class Daemon:
             self.stats.record_reconciliation(outcome)
 
     def collect_job(self) -> None:
+        with self._job():
+            self._collect()
+
+    def _collect(self) -> None:
         try:
             with self._lock:
                 hv, history, config = self.rt.hypervisor, self.rt.history, self.config
@@ -340,10 +369,12 @@ class Daemon:
             self._write_status("idle")
         except Exception:  # one failed job is logged once; the daemon goes on
             log.exception("collect failed")
-        finally:
-            self.heartbeat()
 
     def cycle_job(self) -> None:
+        with self._job():
+            self._timed_cycle()
+
+    def _timed_cycle(self) -> None:
         started_s = time.monotonic()
         try:
             self._cycle()
@@ -353,7 +384,6 @@ class Daemon:
         else:
             self.stats.record_cycle(time.monotonic() - started_s, ok=True)
         finally:
-            self.heartbeat()
             self.cycles_done += 1
             if self._max_cycles and self.cycles_done >= self._max_cycles:
                 self.request_stop()

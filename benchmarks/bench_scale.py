@@ -48,7 +48,9 @@ def _quality(snapshot: Snapshot, pol: Policy, host_of: dict[str, str]) -> dict[s
     p = build_problem(snapshot, pol)
     idx = [p.host_index[host_of[g]] for g in p.guests]
     uc, um = max_utils(p, idx)
-    viol = blocking(verify(snapshot, pol, Placement(host_of)))
+    viol = verify(snapshot, pol, Placement(host_of))
+    # valid: nothing new broken, and no host left over a hard limit (even one that was)
+    viol = blocking(viol) + [v for v in viol if v.kind == "capacity"]
     return {
         "util": max(p.w_cpu * uc, p.w_mem * um),
         "bound": balance_lower_bound(p),

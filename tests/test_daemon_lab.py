@@ -115,7 +115,7 @@ class DaemonProc:
         return self.proc.returncode
 
 
-def write_config(lab: Lab, work: Path, policy: Path, metrics_port: int) -> Path:
+def write_config(lab: Lab, work: Path, policy: Path, metrics_port: int, **overrides: float) -> Path:
     cfg: dict[str, Any] = yaml.safe_load(lab.config_path.read_text())
     cfg.update(
         policy=str(policy),
@@ -126,6 +126,7 @@ def write_config(lab: Lab, work: Path, policy: Path, metrics_port: int) -> Path:
         smoothing_window=3,
         host_timeout_s=5,
     )
+    cfg.update(overrides)
     path = work / "balancerd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -272,3 +273,48 @@ def wait_metric(port: int, prefix: str, ok: Any, timeout_s: float, label: str = 
                 return True
         time.sleep(1)
     return False
+
+
+def test_a_hung_libvirt_call_starves_the_watchdog_until_progress_returns(
+    lab_factory,
+    work: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    make = lab_factory(LAB_NAME, LAB_SUBNET)
+    lab = make(LabSpec(hosts=2, guests=(GuestSpec("w1", "host1"),)))
+    lab.wait_booted("w1")
+    policy = write_policy(work / "policy.yaml", "watch", "balance")
+    # Calls may hang for 120 s (no per-call timeout to save us); 4 s without progress
+    # is a stall. libvirt's keepalive (5 s x 3) eventually drops the frozen connection.
+    config = write_config(lab, work, policy, free_port(), host_timeout_s=120, stall_timeout_s=4)
+    notify = NotifySocket(work / "notify.sock")
+    daemon = DaemonProc(config, notify, work / "daemon.log")
+    pid = lab.libvirtd_pid("host2")
+    assert pid is not None
+    try:
+        assert notify.wait_for("READY=1", 60), daemon.output()
+        os.kill(pid, signal.SIGSTOP)  # host2's libvirtd hangs: every call to it blocks
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "withholding" not in daemon.output():
+            time.sleep(0.5)
+        assert "withholding the systemd watchdog" in daemon.output(), daemon.output()[-3000:]
+        starved_at = len(notify.drain())
+        time.sleep(2)
+        assert not any("WATCHDOG=1" in m for m in notify.drain()[starved_at:])
+        os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "progress again" not in daemon.output():
+            time.sleep(0.5)
+        assert "progress again" in daemon.output(), daemon.output()[-3000:]
+        fed_at = len(notify.drain())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any("WATCHDOG=1" in m for m in notify.drain()[fed_at:]):
+                break
+            time.sleep(0.2)
+        assert any("WATCHDOG=1" in m for m in notify.drain()[fed_at:])
+        assert daemon.proc.poll() is None
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        rc = daemon.stop()
+        notify.close()
+    assert rc == 0, daemon.output()[-3000:]

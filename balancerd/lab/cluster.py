@@ -450,6 +450,10 @@ class Lab:
 
     # ---- host faults and power ---------------------------------------------------------
 
+    def libvirtd_pid(self, host: str) -> int | None:
+        """The pid of the host's libvirtd (tests freeze it with SIGSTOP to hang calls)."""
+        return self._host(host).libvirtd_pid()
+
     def kill_libvirtd(self, host: str) -> None:
         """SIGKILL the host's libvirtd (guests keep running); its URI stops answering."""
         self._host(host).kill_libvirtd()
