@@ -3,6 +3,7 @@ real Prometheus scraping every dashboard panel, promtool, and power-save on lab 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -184,6 +185,30 @@ def test_daemon_balances_reloads_exports_and_feeds_systemd(lab_factory, work: Pa
         where = placement(lab)
         assert len({h for h in where.values() if h}) >= 2, (where, daemon.output()[-3000:])
         assert set(where) == {g.name for g in guests}, where  # every guest runs somewhere
+
+        # `balancerd status` shows the running daemon's policy and last cycle.
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "balancerd.cli",
+                "status",
+                "--config",
+                str(config),
+                "--json",
+                "--samples",
+                "2",
+                "--interval",
+                "0.2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        status = json.loads(out.stdout)["daemon"]
+        assert status["pid"] == daemon.proc.pid and status["policy"] == "balance-test"
+        assert status["last_cycle"]["policy"] == "balance-test"
 
         # Real Prometheus scrapes it; every dashboard panel query returns data.
         with Prometheus([f"127.0.0.1:{port}"], work / "prom", scrape_interval_s=1.0) as prom:
