@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from balancerd.commands.migrate import progress_printer
 from balancerd.config import Config, load_config
 from balancerd.execute.journal import Journal
 from balancerd.execute.move import FAILED, MIGRATED, SKIPPED, Engine, MoveResult, run_move
@@ -95,7 +96,13 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
 
 
 def engine(c: Ctx, mig: Migration, **kw: object) -> Engine:
-    return Engine(hv=c.hv, mig=mig, journal=Journal(c.config.state_dir), **kw)  # type: ignore[arg-type]
+    return Engine(
+        hv=c.hv,
+        mig=mig,
+        journal=Journal(c.config.state_dir),
+        progress=progress_printer(sys.stdout),  # shown with -s
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def active_hosts(c: Ctx, vm: str) -> dict[str, str]:
