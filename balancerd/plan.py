@@ -124,8 +124,20 @@ def order_moves(
     staged = 0
     while pending:
         # moves that free room others wait for, then the long ones, go first
+        # first the moves that free room others wait for, then those of the hosts with
+        # the longest queue (they bound the number of waves), then the long ones
         awaited = {t.dst for t in pending}
-        pending.sort(key=lambda s: (s.src not in awaited, -p.mem[s.vm]))
+        queue: dict[int, int] = {}
+        for t in pending:
+            queue[t.src] = queue.get(t.src, 0) + 1
+            queue[t.dst] = queue.get(t.dst, 0) + 1
+        pending.sort(
+            key=lambda s: (
+                s.src not in awaited,
+                -max(queue[s.src], queue[s.dst]),
+                -p.mem[s.vm],
+            )
+        )
         busy: dict[int, int] = {}
         running: list[_Step] = []
         for s in pending:

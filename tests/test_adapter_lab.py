@@ -172,13 +172,15 @@ def test_plan_json_on_the_live_lab(lab: Lab, tmp_path) -> None:  # type: ignore[
     )
     doc = json.loads(out.stdout)
     assert doc["policy"] == "drain-host1" and doc["objective"] == "balance"
-    # Maintenance drains host1: its one guest must go, to host2 or host3.
-    assert [(m["vm"], m["from"]) for m in doc["moves"]] == [("burn50", "host1")]
-    assert doc["moves"][0]["to"] in ("host2", "host3")
+    # Maintenance drains host1: its one guest must go, to host2 or host3 (the solver may
+    # also rebalance the others, but never onto host1).
+    moves = {m["vm"]: (m["from"], m["to"]) for m in doc["moves"]}
+    assert moves["burn50"][0] == "host1" and moves["burn50"][1] in ("host2", "host3")
+    assert all(dst != "host1" for _src, dst in moves.values())
     assert set(doc["hosts_before"]) == {"host1", "host2", "host3"}
     assert doc["hosts_after"]["host1"]["cpu"] == 0.0 and doc["hosts_after"]["host1"]["mem"] == 0.0
     assert doc["hosts_before"]["host1"]["cpu"] > 0.0
-    assert doc["active_hosts_after"] == 2
+    assert doc["active_hosts_after"] in (1, 2)
     assert {"backend", "status", "seconds", "objective", "bound", "gap"} <= set(doc["solver"])
     # A dry run: nothing moved.
     assert {g.name: g.host for g in lab.guests()} == before

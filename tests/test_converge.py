@@ -97,6 +97,8 @@ def test_window_restarts_after_a_rung() -> None:
 
 
 L0 = Ladder(downtime_ms=300)
+# On the pause rung since job time 2 s (10 MiB = 0.2 s at 50 MiB/s is "end of a pass").
+ARMED = Ladder(downtime_ms=2000, downtime_raises=3, auto_converge_waited=True, pause_from_s=2.0)
 
 
 @pytest.mark.parametrize(
@@ -123,30 +125,30 @@ L0 = Ladder(downtime_ms=300)
             0,
         ),
         (
-            "auto-converge off: pause",
+            "auto-converge off: get ready to pause",
             GROWING,
             Ladder(downtime_ms=2000, downtime_raises=3),
             {"auto_converge": False},
             10,
-            Action.PAUSE,
+            Action.PREPARE_PAUSE,
             0,
         ),
         (
-            "throttle at its ceiling: no patience, pause",
+            "throttle at its ceiling: no patience",
             [*GROWING[:-1], replace(GROWING[-1], auto_converge_throttle_pct=99)],
             Ladder(downtime_ms=2000, downtime_raises=3),
             {},
             10,
-            Action.PAUSE,
+            Action.PREPARE_PAUSE,
             0,
         ),
         (
-            "auto-converge already waited: pause",
+            "auto-converge already waited: pause next",
             GROWING,
             Ladder(downtime_ms=2000, downtime_raises=3, auto_converge_waited=True),
             {},
             10,
-            Action.PAUSE,
+            Action.PREPARE_PAUSE,
             0,
         ),
         (
@@ -159,6 +161,18 @@ L0 = Ladder(downtime_ms=300)
             0,
         ),
         ("time cap aborts even while converging", SAWTOOTH_DOWN, L0, {}, 600, Action.ABORT, 0),
+        (
+            "at the pause rung with little left of the pass: pause at once",
+            [s(r, iteration=2 + k) for k, r in enumerate((40, 1, 40, 60, 91, 8))],
+            Ladder(downtime_ms=2000, downtime_raises=3, auto_converge_waited=True),
+            {},
+            10,
+            Action.PAUSE,
+            0,
+        ),
+        ("armed, mid-pass: wait", [s(40, elapsed_s=3)], ARMED, {}, 10, Action.WAIT, 0),
+        ("armed, end of a pass: pause", [s(9, elapsed_s=3)], ARMED, {}, 10, Action.PAUSE, 0),
+        ("armed, waited 6 s: pause", [s(40, elapsed_s=8)], ARMED, {}, 10, Action.PAUSE, 0),
         ("paused: wait for the rest", GROWING, replace(L0, paused=True), {}, 10, Action.WAIT, 0),
         (
             "paused but past the cap: abort",
@@ -206,7 +220,7 @@ def walk(samples: list[JobStats], r: StallRules) -> list[tuple[Action, int]]:
     ladder = Ladder(downtime_ms=r.max_downtime_ms)
     taken = []
     for i, sample in enumerate(samples):
-        history.append(sample)
+        history.append(replace(sample, elapsed_s=float(i)))
         d = decide(history, ladder, r, float(i))
         if d.action is not Action.WAIT:
             taken.append((d.action, d.downtime_ms))
@@ -223,8 +237,30 @@ def test_a_guest_that_never_converges_climbs_the_whole_ladder_once() -> None:
         (Action.RAISE_DOWNTIME, 1000),
         (Action.RAISE_DOWNTIME, 2000),
         (Action.AUTO_CONVERGE, 0),
-        (Action.PAUSE, 0),
+        (Action.PREPARE_PAUSE, 0),
+        (Action.PAUSE, 0),  # never below 10 MiB: after 6 s anyway
     ]
+
+
+def test_the_pause_waits_for_the_end_of_a_pass() -> None:
+    # stalled sawtooth: passes of 4 samples, 90 -> 60 -> 30 -> 5 MiB
+    samples = [
+        s(r, iteration=2 + i // 4) for i, r in enumerate([90, 60, 30, 20] + [90, 60, 30, 5] * 10)
+    ]
+    r = rules(downtime_steps_ms=(), auto_converge=False)
+    history: list[JobStats] = []
+    ladder = Ladder(downtime_ms=300)
+    actions = []
+    for i, sample in enumerate(samples):
+        history.append(replace(sample, elapsed_s=i * 0.1))
+        d = decide(history, ladder, r, i * 0.1)
+        ladder = d.ladder
+        if d.action is not Action.WAIT:
+            actions.append((d.action, sample.data_remaining_bytes // MIB))
+        if d.action is Action.PAUSE:
+            break
+    assert actions[0][0] is Action.PREPARE_PAUSE
+    assert actions[-1] == (Action.PAUSE, 5)
 
 
 def test_a_converging_guest_is_left_alone() -> None:

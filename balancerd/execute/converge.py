@@ -20,6 +20,11 @@ The ladder, climbed one rung per stall; the stall window restarts after every ru
   3. ``on_stall``: pause the source so the rest goes across while the guest is stopped
      (it resumes running on the destination), or abort where the policy says abort or the
      guest is in ``no_pause_vms``.
+     The pause is timed: QEMU re-sends everything dirtied since its last bitmap sync *plus*
+     what is left of the current pass, so pausing mid-pass costs up to two working sets
+     while the guest is stopped; pausing at the end of a pass costs one. On reaching this
+     rung the monitor samples fast (PREPARE_PAUSE) and pauses once the remaining data is
+     below ``PAUSE_AT_S`` of transfer, or after ``PAUSE_WAIT_MAX_S`` of job time anyway.
 Independently, ``max_time_s`` is a hard cap: the job is aborted (the guest stays on the
 source, resumed if we paused it).
 """
@@ -37,12 +42,18 @@ from balancerd.policy.model import Migration
 MIB = 1024 * 1024
 # QEMU's auto-converge throttle never goes above this percentage.
 THROTTLE_CEILING_PCT = 99
+# Pause when what is left of the pass would take at most this long to send...
+PAUSE_AT_S = 0.2
+PAUSE_AT_MIN_BYTES = 2 * 1024 * 1024
+# ... or after waiting this long (job time) for such a moment.
+PAUSE_WAIT_MAX_S = 6.0
 
 
 class Action(enum.Enum):
     WAIT = "wait"
     RAISE_DOWNTIME = "raise-downtime"
     AUTO_CONVERGE = "auto-converge"  # patience rung: QEMU throttles the guest meanwhile
+    PREPARE_PAUSE = "prepare-pause"  # sample fast; pause at the end of a pass
     PAUSE = "pause"
     ABORT = "abort"
 
@@ -103,6 +114,8 @@ class Ladder:
     downtime_raises: int = 0
     auto_converge_waited: bool = False
     paused: bool = False
+    pause_from_s: float | None = None  # job time when the pause rung was reached
+    pause_why: str = ""  # the stall that led to the pause rung
     window_start: int = 0  # history index where stall counting (re)starts
 
 
@@ -172,6 +185,8 @@ def decide(
         )
     if ladder.paused:
         return Decision(Action.WAIT, ladder)  # paused: the rest is going across
+    if ladder.pause_from_s is not None:
+        return _pause_moment(last, ladder, rules)
     why = stall_reason(history, ladder.window_start, rules.stall_samples, rules.bandwidth_bytes_s)
     if why is None:
         return Decision(Action.WAIT, ladder)
@@ -196,10 +211,37 @@ def decide(
         )
         return Decision(Action.AUTO_CONVERGE, new, reason=why)
     if rules.may_pause:
-        return Decision(
-            Action.PAUSE, replace(ladder, paused=True, window_start=restart), reason=why
+        armed = replace(
+            ladder,
+            pause_from_s=last.elapsed_s if last else 0.0,
+            pause_why=why,
+            window_start=restart,
         )
+        decision = _pause_moment(last, armed, rules)
+        if decision.action is Action.PAUSE:
+            return decision
+        return Decision(Action.PREPARE_PAUSE, armed, reason=why)
     return Decision(Action.ABORT, ladder, reason=f"{why}; not pausing: {rules.abort_why}")
+
+
+def pause_threshold_bytes(rules: StallRules) -> float:
+    return max(PAUSE_AT_MIN_BYTES, rules.bandwidth_bytes_s * PAUSE_AT_S)
+
+
+def _pause_moment(last: JobStats | None, ladder: Ladder, rules: StallRules) -> Decision:
+    """PAUSE at the end of a pass (little left of it), or once waiting took too long."""
+    if last is None or ladder.pause_from_s is None:
+        return Decision(Action.WAIT, ladder)
+    waited_s = last.elapsed_s - ladder.pause_from_s
+    low = last.data_remaining_bytes <= pause_threshold_bytes(rules)
+    if not low and waited_s < PAUSE_WAIT_MAX_S:
+        return Decision(Action.WAIT, ladder)
+    when = "at the end of a pass" if low else f"after waiting {waited_s:.0f} s for a pass to end"
+    return Decision(
+        Action.PAUSE,
+        replace(ladder, paused=True),
+        reason=f"{ladder.pause_why}; pausing {when} (remaining {_mib(last.data_remaining_bytes)})",
+    )
 
 
 def mode_of(ladder: Ladder, history: Sequence[JobStats], live: bool) -> Mode:

@@ -20,6 +20,8 @@ from balancerd.hypervisor.base import Hypervisor, JobStats, MigrationRequest
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = 1.0
+# While waiting for the end of a pass to pause at (converge.Action.PREPARE_PAUSE).
+FAST_INTERVAL_S = 0.1
 # After an abort, how long to wait for libvirt to end the job before giving up on it.
 ABORT_GRACE_S = 60.0
 
@@ -90,9 +92,13 @@ def run_migration(
     paused_at_s: float | None = None
     job = _Job(hv, req)
     start_s = time.monotonic()
+    shown_at_s = start_s - interval_s
     job.thread.start()
     while True:
-        job.thread.join(timeout=interval_s)
+        waiting_to_pause = ladder.pause_from_s is not None and not ladder.paused
+        job.thread.join(
+            timeout=min(interval_s, FAST_INTERVAL_S) if waiting_to_pause else interval_s
+        )
         heartbeat()
         if not job.thread.is_alive():
             break
@@ -115,7 +121,9 @@ def run_migration(
                 except HypervisorError as exc:
                     log.warning("%s: could not set max downtime: %s", what, exc)
             history.append(stats)
-            progress(stats, "")
+            if now_s - shown_at_s >= interval_s * 0.9:  # fast sampling: not every line
+                shown_at_s = now_s
+                progress(stats, "")
         decision = decide(history, ladder, rules, now_s - start_s)
         if decision.action is Action.WAIT:
             continue
@@ -132,13 +140,15 @@ def run_migration(
                 progress(
                     None, f"stalled ({decision.reason}): max downtime -> {decision.downtime_ms} ms"
                 )
+            elif decision.action is Action.PREPARE_PAUSE:
+                progress(None, f"stalled ({decision.reason}): pausing at the end of a pass")
             elif decision.action is Action.AUTO_CONVERGE:
                 progress(None, f"stalled ({decision.reason}): waiting for auto-converge")
             elif decision.action is Action.PAUSE:
                 on_pause()  # journal first: a crash now must know we paused it
                 paused_at_s = time.monotonic()
                 hv.suspend(req.src, req.vm)
-                progress(None, f"stalled ({decision.reason}): paused the guest to complete")
+                progress(None, f"paused the guest to complete: {decision.reason}")
             elif decision.action is Action.ABORT:
                 abort_reason = f"{what} {decision.reason} after {now_s - start_s:.0f} s"
                 aborted_at_s = now_s

@@ -211,6 +211,19 @@ def _ilp_scope(
     return free, cands, False
 
 
+def _objective_bound(p: Problem) -> float:
+    """A lower bound on ``objective_value`` of any placement within the hard limits."""
+    if p.objective == "power-save":
+        return _power_bound(p)
+    lbc, lbm = util_lower_bounds(p)
+    # utilization can't beat its bound, and the hot hosts must shed some bytes
+    return (
+        max(p.w_cpu * lbc, p.w_mem * lbm)
+        + SPREAD * (p.w_cpu * lbc + p.w_mem * lbm)
+        + p.policy.solver.migration_cost * shed_bytes_lower_bound(p) / GIB
+    )
+
+
 def _power_bound(p: Problem) -> float:
     """Power-save: at least as many hosts as the total demand needs at the largest caps
     (and min_active_hosts), each costing at least the cheapest idle power."""
@@ -329,9 +342,13 @@ def solve(
     ranked = _prefer_fewer_moves(p, ranked)
     incumbent = ranked[0][2]
 
+    bound: float | None = _objective_bound(p)
     ilp: IlpResult | None = None
     full = False
-    if use_ilp and policy.solver.backend in ("cbc", "highs"):
+    inc_obj = ranked[0][0]
+    if bound is not None and inc_obj - bound <= policy.solver.gap * max(abs(inc_obj), 1e-9):
+        stages.append("ilp: skipped, the greedy placement is within the gap of the bound")
+    elif use_ilp and policy.solver.backend in ("cbc", "highs"):
         free, cand_hosts, full = _ilp_scope(p, units, incumbent)
         if free:
             polish = not full and p.objective == "balance"
@@ -380,22 +397,12 @@ def solve(
     target = Placement({p.guests[g]: p.hosts[host_of[g]] for g in range(p.n_guests)})
     after = score(p, host_of)
 
-    bound: float | None
     util_bound: float | None = None
     move_bound: int | None = None
     if p.objective == "balance":
         util_bound = balance_lower_bound(p)
-        lbc, lbm = util_lower_bounds(p)
-        # utilization can't beat its bound, and the hot hosts must shed some bytes
-        bound = (
-            util_bound
-            + SPREAD * (p.w_cpu * lbc + p.w_mem * lbm)
-            + policy.solver.migration_cost * shed_bytes_lower_bound(p) / GIB
-        )
         uc, um = max_utils(p, host_of)
         move_bound = move_lower_bound(p, uc, um)
-    else:
-        bound = _power_bound(p)
     if ilp is not None and full and ilp.bound is not None:
         bound = max(bound, ilp.bound) if bound is not None else ilp.bound
     if label == "ilp" and ilp is not None:
