@@ -126,7 +126,11 @@ class _Run:
             except Exception as exc:  # the journal must not take a migration down
                 log.error("journal write failed for %s: %s", self.what, exc)
 
-    def result(self, result: str, mode: str, reason: str, **kw: Any) -> MoveResult:
+    def result(
+        self, result: str, mode: str, reason: str, keep_open: bool = False, **kw: Any
+    ) -> MoveResult:
+        """The move's result; the journal entry gets it as its outcome unless ``keep_open``
+        (the job may still run: reconcile settles it at the next start)."""
         r = MoveResult(
             self.m.vm,
             self.m.src,
@@ -137,7 +141,7 @@ class _Run:
             time.monotonic() - self.t0,
             **kw,
         )
-        if self.entry is not None:
+        if self.entry is not None and not keep_open:
             entry = self.entry
             self.journal(lambda j: j.finish(entry, result, mode, reason))
         level = logging.INFO if result == MIGRATED else logging.WARNING
@@ -206,7 +210,9 @@ def _run_move(run: _Run) -> MoveResult:
     # The live job did not complete: first make sure the guest runs on exactly one host.
     live_error = live.abort_reason or _failure(live.error, f"live migration of {run.what}")
     if not live.returned:
-        return run.result(FAILED, Mode.NONE, f"{live_error}; left for reconcile at next start")
+        return run.result(
+            FAILED, Mode.NONE, f"{live_error}; left for reconcile at next start", keep_open=True
+        )
     try:
         actions, where = settle(
             hv, m.vm, m.src, m.dst, was_running=facts.state != "paused", heartbeat=e.heartbeat
@@ -264,7 +270,9 @@ def _cold(
         return _verified(run, cold, Mode.OFFLINE, state_before, note=why)
     cold_error = cold.abort_reason or _failure(cold.error, f"cold migration of {run.what}")
     if not cold.returned:
-        return run.result(FAILED, Mode.NONE, f"{why}; {cold_error}; left for reconcile")
+        return run.result(
+            FAILED, Mode.NONE, f"{why}; {cold_error}; left for reconcile", keep_open=True
+        )
     try:
         actions, where = settle(
             e.hv, m.vm, m.src, m.dst, was_running=state_before != "paused", heartbeat=e.heartbeat
