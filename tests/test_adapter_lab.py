@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 
 import pytest
+from cli_helpers import cli_json
 
 from balancerd.collect import SampleHistory, build_snapshot, capacity_from_config
 from balancerd.config import load_config
@@ -111,26 +109,9 @@ def test_killed_libvirtd_is_reported_down_and_the_rest_still_collected(lab: Lab)
 
 
 def test_status_json_cli_shape(lab: Lab) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "balancerd.cli",
-            "status",
-            "--config",
-            str(lab.config_path),
-            "--json",
-            "--samples",
-            "2",
-            "--interval",
-            "0.5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    doc = cli_json(
+        "status", "--config", str(lab.config_path), "--samples", "2", "--interval", "0.5"
     )
-    doc = json.loads(out.stdout)
     hosts = {h["name"]: h for h in doc["hosts"]}
     assert set(hosts) == {"host1", "host2", "host3"}
     for h in hosts.values():
@@ -149,28 +130,17 @@ def test_plan_json_on_the_live_lab(lab: Lab, tmp_path) -> None:  # type: ignore[
         "spec:\n  objective: balance\n  constraints: {maintenance: [host1]}\n"
     )
     before = {g.name: g.host for g in lab.guests()}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "balancerd.cli",
-            "plan",
-            "--config",
-            str(lab.config_path),
-            "--policy",
-            str(policy),
-            "--json",
-            "--samples",
-            "2",
-            "--interval",
-            "0.5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=True,
+    doc = cli_json(
+        "plan",
+        "--config",
+        str(lab.config_path),
+        "--policy",
+        str(policy),
+        "--samples",
+        "2",
+        "--interval",
+        "0.5",
     )
-    doc = json.loads(out.stdout)
     assert doc["policy"] == "drain-host1" and doc["objective"] == "balance"
     # Maintenance drains host1: its one guest must go, to host2 or host3 (the solver may
     # also rebalance the others, but never onto host1).

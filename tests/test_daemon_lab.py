@@ -3,7 +3,6 @@ real Prometheus scraping every dashboard panel, promtool, and power-save on lab 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cli_helpers import cli_json
 from prom import Prometheus, panels_without_data
 
 from balancerd.lab.cluster import GuestSpec, Lab, LabSpec
@@ -133,6 +133,25 @@ def write_config(lab: Lab, work: Path, policy: Path, metrics_port: int, **overri
     return path
 
 
+def boot(lab_factory: Any, spec: LabSpec) -> Lab:
+    """A lab of this module's name with every guest of ``spec`` booted."""
+    lab: Lab = lab_factory(LAB_NAME, LAB_SUBNET)(spec)
+    for g in spec.guests:
+        lab.wait_booted(g.name)
+    return lab
+
+
+def start(
+    lab: Lab, work: Path, name: str, objective: str, **overrides: float
+) -> tuple[Path, Path, int, NotifySocket, DaemonProc]:
+    """Policy, config, notify socket and a running daemon: (policy, config, port, ...)."""
+    policy = write_policy(work / "policy.yaml", name, objective)
+    port = free_port()
+    config = write_config(lab, work, policy, port, **overrides)
+    notify = NotifySocket(work / "notify.sock")
+    return policy, config, port, notify, DaemonProc(config, notify, work / "daemon.log")
+
+
 def write_policy(path: Path, name: str, objective: str) -> Path:
     path.write_text(GOOD_POLICY.replace("NAME", name).replace("OBJECTIVE", objective))
     return path
@@ -153,19 +172,12 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_daemon_balances_reloads_exports_and_feeds_systemd(lab_factory, work: Path) -> None:  # type: ignore[no-untyped-def]
-    make = lab_factory(LAB_NAME, LAB_SUBNET)
+def test_daemon_balances_reloads_exports_and_feeds_systemd(lab_factory: Any, work: Path) -> None:
     guests = tuple(
         GuestSpec(f"vm{i}", "host1", burn_pct=burn) for i, burn in enumerate((50, 40, 30, 20), 1)
     )
-    lab = make(LabSpec(hosts=3, guests=guests, host_cpus=1))
-    for g in guests:
-        lab.wait_booted(g.name)
-    policy = write_policy(work / "policy.yaml", "balance-test", "balance")
-    port = free_port()
-    config = write_config(lab, work, policy, port)
-    notify = NotifySocket(work / "notify.sock")
-    daemon = DaemonProc(config, notify, work / "daemon.log")
+    lab = boot(lab_factory, LabSpec(hosts=3, guests=guests, host_cpus=1))
+    policy, config, port, notify, daemon = start(lab, work, "balance-test", "balance")
     try:
         assert notify.wait_for("READY=1", 60), daemon.output()
         count_before = sum("WATCHDOG=1" in m for m in notify.drain())
@@ -187,28 +199,15 @@ def test_daemon_balances_reloads_exports_and_feeds_systemd(lab_factory, work: Pa
         assert set(where) == {g.name for g in guests}, where  # every guest runs somewhere
 
         # `balancerd status` shows the running daemon's policy and last cycle.
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "balancerd.cli",
-                "status",
-                "--config",
-                str(config),
-                "--json",
-                "--samples",
-                "2",
-                "--interval",
-                "0.2",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        status = json.loads(out.stdout)["daemon"]
+        deadline = time.monotonic() + 60
+        while True:  # (the cycle that moved the guests may still be finishing)
+            args = ("status", "--config", str(config), "--samples", "2", "--interval", "0.2")
+            status = cli_json(*args)["daemon"]
+            if status["last_cycle"] or time.monotonic() > deadline:
+                break
         assert status["pid"] == daemon.proc.pid and status["policy"] == "balance-test"
         assert status["last_cycle"]["policy"] == "balance-test"
+        assert status["last_cycle"]["migrated"] >= 1
 
         # Real Prometheus scrapes it; every dashboard panel query returns data.
         with Prometheus([f"127.0.0.1:{port}"], work / "prom", scrape_interval_s=1.0) as prom:
@@ -253,18 +252,11 @@ def test_daemon_balances_reloads_exports_and_feeds_systemd(lab_factory, work: Pa
     assert "Traceback" not in daemon.output(), daemon.output()
 
 
-def test_power_save_empties_a_host_powers_it_off_and_on_again(lab_factory, work: Path) -> None:  # type: ignore[no-untyped-def]
-    make = lab_factory(LAB_NAME, LAB_SUBNET)
+def test_power_save_empties_a_host_powers_it_off_and_on_again(lab_factory: Any, work: Path) -> None:
     guests = (GuestSpec("p1", "host1", burn_pct=10), GuestSpec("p2", "host2", burn_pct=10))
     # 512 MiB hosts: with 64 MiB headroom and 90 % max memory, 448 MiB of guests fit one.
-    lab = make(LabSpec(hosts=2, guests=guests, host_cpus=1, host_mem_mib=512))
-    for g in guests:
-        lab.wait_booted(g.name)
-    policy = write_policy(work / "policy.yaml", "save-test", "power-save")
-    port = free_port()
-    config = write_config(lab, work, policy, port)
-    notify = NotifySocket(work / "notify.sock")
-    daemon = DaemonProc(config, notify, work / "daemon.log")
+    lab = boot(lab_factory, LabSpec(hosts=2, guests=guests, host_cpus=1, host_mem_mib=512))
+    _policy, _config, _port, notify, daemon = start(lab, work, "save-test", "power-save")
     try:
         assert notify.wait_for("READY=1", 60), daemon.output()
         deadline = time.monotonic() + 180
@@ -302,18 +294,12 @@ def wait_metric(port: int, prefix: str, ok: Any, timeout_s: float, label: str = 
 
 
 def test_a_hung_libvirt_call_starves_the_watchdog_until_progress_returns(
-    lab_factory,
-    work: Path,  # type: ignore[no-untyped-def]
+    lab_factory: Any, work: Path
 ) -> None:
-    make = lab_factory(LAB_NAME, LAB_SUBNET)
-    lab = make(LabSpec(hosts=2, guests=(GuestSpec("w1", "host1"),)))
-    lab.wait_booted("w1")
-    policy = write_policy(work / "policy.yaml", "watch", "balance")
+    lab = boot(lab_factory, LabSpec(hosts=2, guests=(GuestSpec("w1", "host1"),)))
     # Calls may hang for 120 s (no per-call timeout to save us); 4 s without progress
     # is a stall. libvirt's keepalive (5 s x 3) eventually drops the frozen connection.
-    config = write_config(lab, work, policy, free_port(), host_timeout_s=120, stall_timeout_s=4)
-    notify = NotifySocket(work / "notify.sock")
-    daemon = DaemonProc(config, notify, work / "daemon.log")
+    *_, notify, daemon = start(lab, work, "watch", "balance", host_timeout_s=120, stall_timeout_s=4)
     pid = lab.libvirtd_pid("host2")
     assert pid is not None
     try:

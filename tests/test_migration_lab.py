@@ -8,6 +8,7 @@ Run: sudo .venv/bin/pytest -m lab tests/test_migration_lab.py -s   (-s shows the
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -93,6 +94,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
         hv = open_hypervisor(config)
         yield Ctx(lab, config_path, config, hv)
         hv.close()
+        gc.collect()  # free leftover libvirt objects while the hosts still answer
     finally:
         lab.down()
 

@@ -70,10 +70,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="readings per guest the planning demand looks back on",
     )
     parser.add_argument(
+        "--forecast-latest-floor",
+        action="store_true",
+        help="never plan a guest below its latest reading",
+    )
+    parser.add_argument(
         "--forecast-quantile",
         type=float,
         default=Forecast.quantile,
         help="planning demand = max(latest, this quantile of the window)",
+    )
+    parser.add_argument(
+        "--no-ilp",
+        action="store_true",
+        help="decide() with its greedy stages only (no ILP): several times faster on big clusters",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument(
@@ -110,7 +120,13 @@ def controller_for(args: argparse.Namespace) -> Controller:
         raise ConfigError(["--forecast-quantile must be in (0, 1], --forecast-window >= 1"])
     policy = load_policy(args.policy)
     return PolicyController(
-        policy, forecast=Forecast(window=args.forecast_window, quantile=args.forecast_quantile)
+        policy,
+        forecast=Forecast(
+            window=args.forecast_window,
+            quantile=args.forecast_quantile,
+            latest_floor=args.forecast_latest_floor,
+        ),
+        decide_kwargs={"use_ilp": False} if args.no_ilp else {},
     )
 
 

@@ -53,6 +53,16 @@ class MonitorResult:
         return self.returned and self.error is None and not self.abort_reason
 
 
+def _without_frames(exc: BaseException) -> BaseException:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return exc
+
+
 class _Job:
     """migrate() on a worker thread, with its outcome and the moment it ended."""
 
@@ -67,7 +77,9 @@ class _Job:
         try:
             self._hv.migrate(self._req)
         except BaseException as exc:
-            self.error = exc
+            # Keep the message and cause, not the frames: they hold libvirt objects (and
+            # with them the connection) alive long after the migration.
+            self.error = _without_frames(exc)
         finally:
             self.ended_at_s = time.monotonic()
 
@@ -119,7 +131,8 @@ def run_migration(
                     hv.set_max_downtime(req.src, req.vm, req.max_downtime_ms)
                     downtime_set = True
                 except HypervisorError as exc:
-                    log.warning("%s: could not set max downtime: %s", what, exc)
+                    # Often the job just ended; a real failure shows in the result.
+                    log.info("%s: could not set max downtime: %s", what, exc)
             history.append(stats)
             if now_s - shown_at_s >= interval_s * 0.9:  # fast sampling: not every line
                 shown_at_s = now_s

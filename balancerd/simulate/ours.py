@@ -46,10 +46,10 @@ class Forecast:
     """Planning demand of one guest: max(latest, quantile q of the last ``window`` readings)
     plus ``margin`` (absolute utilization), capped at 1."""
 
-    window: int = 12  # readings (1 h at 300 s)
+    window: int = 24  # readings (2 h at 300 s)
     quantile: float = 0.9
     margin: float = 0.0
-    latest_floor: bool = True  # never plan below the latest reading
+    latest_floor: bool = False  # never plan below the latest reading
 
     def __call__(self, readings: npt.NDArray[np.float64]) -> float:
         if readings.size == 0:
