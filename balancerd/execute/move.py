@@ -60,6 +60,8 @@ class MoveResult:
         if self.result != MIGRATED:
             return f"{head}: {self.reason}"
         downtime = "?" if self.downtime_ms is None else f"{self.downtime_ms:.0f} ms"
+        if self.paused_ms is not None:
+            downtime += f", paused <= {self.paused_ms:.0f} ms"
         text = (
             f"{head} ({self.mode}, {self.seconds:.1f} s, downtime {downtime}, "
             f"{self.bytes_sent / MIB:.0f} MiB sent, {self.iterations} iterations)"
