@@ -18,6 +18,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Debian's libvirt/prometheus postinst scripts try to start services; there is no
   # systemd as PID 1 here, so forbid that (we start our own daemons).
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
   rm -f /usr/sbin/policy-rc.d
 fi
