@@ -397,12 +397,8 @@ def document(res: dict[str, Any], out: Path, img: Path, command: str) -> None:
             "Commands:",
             "",
             "    " + cli("--trace", "../shared/traces/bitbrains", "--baseline", "thr-mmt-0.8"),
-            "    "
-            + cli(
-                "--trace", "../shared/traces/bitbrains", "--policy", rel(BB_POWER_SAVE)
-            ),
-            "    "
-            + cli("--trace", "../shared/traces/bitbrains", "--policy", rel(BALANCE)),
+            "    " + cli("--trace", "../shared/traces/bitbrains", "--policy", rel(BB_POWER_SAVE)),
+            "    " + cli("--trace", "../shared/traces/bitbrains", "--policy", rel(BALANCE)),
             "",
             "THR-MMT ignores memory after creation (as CloudSim does), hence its overcommit.",
             "",

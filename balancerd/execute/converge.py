@@ -17,9 +17,10 @@ The ladder, climbed one rung per stall; the stall window restarts after every ru
   2. auto-converge: libvirt accepts it only as a flag when the job starts, so QEMU has been
      throttling the guest since the first stall it saw. The rung is patience: one more
      stall window, unless QEMU already reports the throttle at its ceiling;
-  3. ``on_stall``: pause the source so the rest goes across while the guest is stopped
-     (it resumes running on the destination), or abort where the policy says abort or the
-     guest is in ``no_pause_vms``.
+  3. ``on_stall``: pause-and-complete - the guest is stopped so the rest goes across, and
+     it resumes running on the destination (the monitor lifts the downtime limit so QEMU
+     stops it and finishes; it suspends the guest only if that does not happen) - or abort
+     where the policy says abort or the guest is in ``no_pause_vms``.
      The pause is timed: QEMU re-sends everything dirtied since its last bitmap sync *plus*
      what is left of the current pass, so pausing mid-pass costs up to two working sets
      while the guest is stopped; pausing at the end of a pass costs one. On reaching this

@@ -106,6 +106,7 @@ class Result:
     migrations: int
     mem_overcommit_events: int  # host-intervals a decision left a host over its memory
     mem_growth_events: int  # host-intervals guests had grown past their host's memory
+    mem_unrelieved_events: int  # host-intervals still over after a decision (nothing moved in)
     vms_finished: int
     unplaced_vms: int
     interval_times_s: list[float]
@@ -139,6 +140,7 @@ class Result:
             "slatah_incoming_pct": round(self.slatah_incoming * 100, 4),
             "mem_overcommit_events": self.mem_overcommit_events,
             "mem_growth_events": self.mem_growth_events,
+            "mem_unrelieved_events": self.mem_unrelieved_events,
             "vms_finished": self.vms_finished,
             "unplaced_vms": self.unplaced_vms,
             "active_hosts_mean": round(float(np.mean(self.active_hosts)), 2)
@@ -170,6 +172,7 @@ class Simulation:
         self.finished = 0
         self.mem_overcommit = 0  # after decisions: the chosen placement over host memory
         self.mem_grown = 0  # before decisions: guests grew past their host since the last
+        self.mem_unrelieved = 0  # after decisions: still over, though nothing moved there
         # memory each guest holds now (MB): provisioned, or its usage per sample (Bitbrains)
         self.use_mem_usage = cluster.spec.mem_from_usage and workload.mem_used_bytes.size > 0
         self.vm_mem_now = cluster.vm_mem_mb.copy()
@@ -318,7 +321,7 @@ class Simulation:
         now = self._now
         return sorted(x for x in times if now < x < before)
 
-    def mem_over(self, *, final: bool) -> int:
+    def mem_over(self, *, final: bool) -> npt.NDArray[np.bool_]:
         """Hosts whose guests hold more memory than the host has, counting each guest on
         its current host, or (``final``) where the migrations started for it will leave it:
         the placement a decision chose, at the memory use it saw."""
@@ -329,7 +332,8 @@ class Simulation:
                     host_of[m.vm] = m.dst
         alive = host_of >= 0
         mem = np.bincount(host_of[alive], weights=self.vm_mem_now[alive], minlength=self.c.n_hosts)
-        return int(np.count_nonzero(mem > self.c.host_mem_mb + 1e-6))
+        over: npt.NDArray[np.bool_] = mem > self.c.host_mem_mb + 1e-6
+        return over
 
     # --- the loop --------------------------------------------------------------------
 
@@ -371,7 +375,7 @@ class Simulation:
                 e_iv += self.account(prev, pre)
             self.remove_finished(pre)
             pre = self.state(t)
-            self.mem_grown += self.mem_over(final=False)
+            self.mem_grown += int(np.count_nonzero(self.mem_over(final=False)))
             k_hist = min(k, self.w.n_samples - 1)
             view = View(
                 k=k,
@@ -390,7 +394,13 @@ class Simulation:
             n = self.start(moves, t)
             self._now = t
             prev = self.state(t) if n else pre
-            self.mem_overcommit += self.mem_over(final=True)
+            over = self.mem_over(final=True)
+            targets = np.zeros(self.c.n_hosts, dtype=np.bool_)
+            targets[[m.dst for m in self.in_flight if m.start_s >= t]] = True
+            # a decision that moves memory onto a host and leaves it over: must never happen
+            self.mem_overcommit += int(np.count_nonzero(over & targets))
+            # over and nothing moved in: growth the decision did not (or could not) relieve
+            self.mem_unrelieved += int(np.count_nonzero(over & ~targets))
             times.append(t)
             active.append(prev.active_hosts())
             energy_iv.append(e_iv / 3.6e6)
@@ -420,6 +430,7 @@ class Simulation:
             migrations=self.migrations,
             mem_overcommit_events=self.mem_overcommit,
             mem_growth_events=self.mem_grown,
+            mem_unrelieved_events=self.mem_unrelieved,
             vms_finished=self.finished,
             unplaced_vms=unplaced,
             interval_times_s=times,
