@@ -9,6 +9,7 @@ the host and the operation.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -127,7 +128,7 @@ class LibvirtHypervisor:
             caps = ET.fromstring(conn.getCapabilities())
         except libvirt.libvirtError as exc:
             self._mark_failed(st, f"connect to {st.cfg.uri}: {exc}")
-            raise HypervisorError(st.cfg.name, "connect", f"{st.cfg.uri}: {exc}") from exc
+            raise HypervisorError(st.cfg.name, "connect", f"{st.cfg.uri}: {exc}") from _bare(exc)
         with self._lock:
             st.conn = conn
             st.failures = 0
@@ -165,9 +166,13 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             if _connection_lost(exc):
                 self._mark_failed(st, f"{operation}: {exc}")
-            raise HypervisorError(host, operation, str(exc)) from exc
+            raise HypervisorError(host, operation, str(exc)) from _bare(exc)
 
     def close(self) -> None:
+        # Domain objects still referenced somewhere keep their connection open; free them
+        # now, while the peers are reachable (freed at interpreter exit after a host
+        # vanished, the last unref waits forever for the peer's answer).
+        gc.collect()
         with self._lock:
             conns = [st.conn for st in self._hosts.values() if st.conn is not None]
             for st in self._hosts.values():
@@ -337,7 +342,7 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             if _connection_lost(exc):
                 self._mark_failed(src, f"migrate: {exc}")
-            raise HypervisorError(req.src, what, str(exc)) from exc
+            raise HypervisorError(req.src, what, str(exc)) from _bare(exc)
 
     def job_stats(self, host: str, vm: str, completed: bool = False) -> JobStats | None:
         flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
@@ -391,6 +396,12 @@ class LibvirtHypervisor:
 
 
 # --- helpers (run on worker threads) --------------------------------------------------
+
+
+def _bare(exc: BaseException) -> BaseException:
+    """The error without its traceback: the frames of a libvirt call hold virDomain
+    objects, and a chained error that keeps them alive keeps their connection alive."""
+    return exc.with_traceback(None)
 
 
 def _close_quietly(conn: Any) -> None:
