@@ -115,6 +115,7 @@ class Result:
     migrations_per_interval: list[int]
     decision_s: list[float]
     wall_s: float
+    controller_failures: int = 0  # decisions abandoned (e.g. decide() past its deadline)
 
     @property
     def slav(self) -> float:
@@ -150,6 +151,7 @@ class Result:
             "decision_s_mean": round(float(np.mean(dec)), 5),
             "decision_s_p95": round(dec[int(0.95 * (len(dec) - 1))], 5),
             "decision_s_max": round(dec[-1], 5),
+            "decide_timeouts": self.controller_failures,
             "wall_s": round(self.wall_s, 2),
         }
 
@@ -439,4 +441,5 @@ class Simulation:
             migrations_per_interval=mig_iv,
             decision_s=decision,
             wall_s=time.perf_counter() - wall0,
+            controller_failures=int(getattr(controller, "decide_timeouts", 0)),
         )

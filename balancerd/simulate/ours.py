@@ -13,8 +13,12 @@ history, never below its latest reading), so a packed host rarely tips over 100 
 from __future__ import annotations
 
 import importlib
+import logging
+import signal
+import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +35,7 @@ from balancerd.simulate.scenario import MIB, Cluster
 from balancerd.simulate.traces import Workload
 
 IntArray = npt.NDArray[np.int64]
+log = logging.getLogger(__name__)
 
 # The snapshot counts CPU in "cores"; a simulated host of 2 x 1860 MIPS becomes 372 CPUs
 # of 10 MIPS, a 2500 MIPS guest 250 vCPUs, so heterogeneous MIPS plan correctly.
@@ -91,6 +96,29 @@ def with_core_speed_rules(policy: Policy, cluster: Cluster) -> Policy:
     return replace(policy, constraints=replace(c, host_rules=(*c.host_rules, *rules)))
 
 
+class DecideTimeout(Exception):
+    """decide() did not return within the controller's deadline."""
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """SIGALRM-based deadline (main thread, Unix); a no-op elsewhere."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum: int, frame: object) -> None:
+        raise DecideTimeout()
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def default_decide() -> DecideFn:
     """``balancerd.decide.decide``: the daemon's collect -> solve -> plan pipeline."""
     module = importlib.import_module("balancerd.decide")
@@ -107,6 +135,7 @@ class PolicyController:
         forecast: Forecast | None = None,
         decide_kwargs: dict[str, Any] | None = None,
         core_speed_rules: bool = False,
+        decide_timeout_s: float = 60.0,
     ) -> None:
         # off by default: 800 hosts x 500 guests of must_not rules make decide() ~20x slower
         self.policy = policy
@@ -114,6 +143,8 @@ class PolicyController:
         self._decide = decide
         self.forecast = forecast or Forecast()
         self.decide_kwargs = decide_kwargs or {}
+        self.decide_timeout_s = decide_timeout_s
+        self.decide_timeouts = 0
         self.core_speed_rules = core_speed_rules
         self.hv: SimHypervisor | None = None
         self.samples = SampleHistory(window=1)
@@ -229,9 +260,22 @@ class PolicyController:
     def decide(self, view: View) -> list[tuple[int, int, int]]:
         snap = self.plan_input(self.observe(view))
         fn = self._decide or default_decide()
-        plan = fn(
-            snap, self.policy, last_moved_s=self.last_moved_s, now_s=view.t_s, **self.decide_kwargs
-        )
+        try:
+            with _deadline(self.decide_timeout_s):
+                plan = fn(
+                    snap,
+                    self.policy,
+                    last_moved_s=self.last_moved_s,
+                    now_s=view.t_s,
+                    **self.decide_kwargs,
+                )
+        except DecideTimeout:
+            # like a failed daemon cycle: logged, counted, nothing moves, the next one runs
+            self.decide_timeouts += 1
+            log.warning(
+                "decide() gave no plan within %.0f s at t=%.1f s", self.decide_timeout_s, view.t_s
+            )
+            return []
         if self.keep_plans:
             self.plans.append(plan)
         moves = []
