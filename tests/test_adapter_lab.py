@@ -154,3 +154,34 @@ def test_plan_json_on_the_live_lab(lab: Lab, tmp_path) -> None:  # type: ignore[
     assert {"backend", "status", "seconds", "objective", "bound", "gap"} <= set(doc["solver"])
     # A dry run: nothing moved.
     assert {g.name: g.host for g in lab.guests()} == before
+
+
+def test_apply_json_drains_a_host_for_real(lab: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """apply: plan then execute; runs last in this module because it moves guests."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "apiVersion: balancerd/v1\nkind: Policy\nmetadata: {name: drain-host1}\n"
+        "spec:\n  objective: balance\n  constraints: {maintenance: [host1]}\n"
+        "  migration: {bandwidth_mib_s: 200, max_downtime_ms: 300}\n"
+    )
+    results = cli_json(
+        "apply",
+        "--config",
+        str(lab.config_path),
+        "--policy",
+        str(policy),
+        "--samples",
+        "2",
+        "--interval",
+        "0.5",
+    )
+    moves = results["moves"] if isinstance(results, dict) else results
+    burn = next(m for m in moves if m["vm"] == "burn50")
+    assert {"vm", "from", "to", "result", "mode", "reason", "seconds", "downtime_ms"} <= set(burn)
+    assert burn["result"] == "migrated", burn
+    assert burn["from"] == "host1" and burn["to"] in ("host2", "host3")
+    assert burn["mode"].startswith("live") and burn["seconds"] > 0
+    # The guest runs on the destination, and only there.
+    running = [g.host for g in lab.guests() if g.name == "burn50" and g.state == "running"]
+    assert running == [burn["to"]]
+    assert not [g for g in lab.guests() if g.host == "host1"]
