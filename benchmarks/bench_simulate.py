@@ -273,8 +273,9 @@ def document(res: dict[str, Any], out: Path, img: Path, command: str) -> None:
             "",
             "Targets per day: energy ≤ LR-MMT-1.2 + 5 %, SLATAH ≤ 2 %, migrations ≤ 20 % of",
             "LR-MMT-1.2's. Memory: as in CloudSim's PlanetLab runs (guests request no RAM after",
-            "creation, so no policy there is held to host memory); the overcommit column counts",
-            "host-intervals whose guests' provisioned RAM exceeded the host's 4 GiB anyway.",
+            "creation, so no policy there is held to host memory; our planner is told the same);",
+            "the overcommit column counts host-intervals where a decision moved guests onto a",
+            "host whose guests' provisioned RAM then exceeded its 4 GiB (THR-MMT: 7-11 k).",
             "",
             "| day | energy kWh (target) | SLATAH % | PDM % | SLAV | ESV | migrations (target) "
             "| THR-MMT-0.8 kWh / SLATAH % / migr. | overcommit | met |",
