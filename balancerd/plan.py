@@ -96,10 +96,12 @@ def order_moves(
         for gid in anti_of.get(g, ()):
             occupied[gid][h] = occupied[gid].get(h, 0) + sign
 
+    staged_vms: set[int] = set()  # each guest is staged at most once: the loop ends
+
     def stage() -> _Step | None:
         """Deadlock: send the smallest blocked guest to the roomiest host that takes it."""
         for s in sorted(pending, key=lambda s: p.mem[s.vm]):
-            if s.dst != s.final_dst:
+            if s.dst != s.final_dst or s.vm in staged_vms:
                 continue
             best = -1
             best_room = -1e18
@@ -114,6 +116,7 @@ def order_moves(
                     best, best_room = h, room
             if best >= 0:
                 s.dst = best
+                staged_vms.add(s.vm)
                 return s
         return None
 
