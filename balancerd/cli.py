@@ -34,7 +34,11 @@ EXIT_BAD_INPUT = 2
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (a broken or heavy command
     never stops the others from running)."""
-    parser = argparse.ArgumentParser(prog="balancerd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="balancerd",
+        description="Policy-driven load balancing for KVM/libvirt clusters.",
+        epilog="Exit status: 0 ok, 1 a failure, 2 bad input (config or policy file).",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
