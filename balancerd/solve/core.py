@@ -32,6 +32,7 @@ from balancerd.solve.heuristic import (
     build_units,
     consolidate,
     limit_caps,
+    moves_and_bytes,
     repair,
 )
 from balancerd.solve.ilp import PENALTY, POWER_ON_COST, SPREAD, IlpResult, solve_ilp
@@ -110,16 +111,6 @@ def objective_value(p: Problem, host_of: list[int]) -> float:
 
 def score(p: Problem, host_of: list[int]) -> float:
     return power_score(p, host_of) if p.objective == "power-save" else balance_score(p, host_of)
-
-
-def _moves(p: Problem, host_of: list[int]) -> tuple[int, float]:
-    n = 0
-    b = 0.0
-    for g in range(p.n_guests):
-        if host_of[g] != p.cur[g]:
-            n += 1
-            b += p.mem[g]
-    return n, b
 
 
 def _forced(p: Problem) -> bool:
@@ -251,7 +242,7 @@ def _prefer_fewer_moves(
     tol = p.policy.solver.gap * max(score(p, ranked[0][2]), 1e-9)
     near = [t for t in ranked if t[0] <= best_obj + tol]
     rest = [t for t in ranked if t[0] > best_obj + tol]
-    near.sort(key=lambda t: (_moves(p, t[2])[0], t[0]))
+    near.sort(key=lambda t: (moves_and_bytes(p, t[2])[0], t[0]))
     return near + rest
 
 
@@ -380,7 +371,7 @@ def solve(
     carried: list[Violation] = []
     for obj, label, host_of in ranked:
         target = Placement({p.guests[g]: p.hosts[host_of[g]] for g in range(p.n_guests)})
-        n, b = _moves(p, host_of)
+        n, b = moves_and_bytes(p, host_of)
         if n > bud.max_moves or b > bud.max_bytes:
             notes.append(f"{label}: over the migration budget; dropped")
             continue

@@ -179,7 +179,8 @@ class RepairResult:
     complete: bool  # every host under its cap and every forced move done
 
 
-def _moves(p: Problem, host_of: list[int]) -> tuple[int, float]:
+def moves_and_bytes(p: Problem, host_of: list[int]) -> tuple[int, float]:
+    """Guests moved by ``host_of`` and the memory they carry (bytes)."""
     n = 0
     b = 0.0
     for g in range(p.n_guests):
@@ -348,7 +349,7 @@ def repair(
         if u.cur >= 0 and h != u.cur:
             st.lift(u)
             st.drop(u, u.cur if st.fits(u, u.cur, cap_c, cap_m) else h)
-    moves, moved_bytes = _moves(p, st.host_of)
+    moves, moved_bytes = moves_and_bytes(p, st.host_of)
     return RepairResult(st.host_of, moves, moved_bytes, complete)
 
 
@@ -602,7 +603,7 @@ def consolidate(
     other active hosts, best fit, within the hard limits and the budget."""
     cap_c, cap_m = limit_caps(p)
     st = State(p, units, start)
-    moves, moved_bytes = _moves(p, start)
+    moves, moved_bytes = moves_and_bytes(p, start)
     unit_on: list[list[int]] = [[] for _ in range(p.n_hosts)]
     for i, u in enumerate(units):
         hs = {st.host_of[g] for g in u.members}
@@ -664,7 +665,7 @@ def consolidate(
         unit_on[h] = []
         active.discard(h)
         closed.add(h)
-        moves, moved_bytes = _moves(p, st.host_of)
+        moves, moved_bytes = moves_and_bytes(p, st.host_of)
     return Candidate(
         st.host_of, power_score(p, st.host_of), moves, moved_bytes, True, "consolidate"
     )
