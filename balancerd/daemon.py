@@ -408,6 +408,8 @@ class Daemon:
         if not act:
             why = "freeze window" if active.frozen else "recommend mode"
             log.info("plan not executed (%s) policy=%s moves=%d", why, policy.name, len(plan.moves))
+            for _move in plan.moves:
+                self.stats.record_skip("freeze" if active.frozen else "recommend")
         elif plan.power_on:
             # Capacity first: switch hosts on; their guests move in a later cycle, once up.
             self._switch_power(plan, snapshot, policy, now_s, only_on=True)
