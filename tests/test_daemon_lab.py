@@ -32,6 +32,7 @@ kind: Policy
 metadata: {name: NAME}
 spec:
   objective: OBJECTIVE
+  mode: MODE
   limits: {max_cpu_util: 0.9, max_mem_util: 0.9, mem_headroom_mib: 64}
   hysteresis: {min_improvement: 0.02, cooldown_s: 5}
   budget: {max_moves: 6}
@@ -142,18 +143,19 @@ def boot(lab_factory: Any, spec: LabSpec) -> Lab:
 
 
 def start(
-    lab: Lab, work: Path, name: str, objective: str, **overrides: float
+    lab: Lab, work: Path, name: str, objective: str, mode: str = "automatic", **overrides: float
 ) -> tuple[Path, Path, int, NotifySocket, DaemonProc]:
     """Policy, config, notify socket and a running daemon: (policy, config, port, ...)."""
-    policy = write_policy(work / "policy.yaml", name, objective)
+    policy = write_policy(work / "policy.yaml", name, objective, mode)
     port = free_port()
     config = write_config(lab, work, policy, port, **overrides)
     notify = NotifySocket(work / "notify.sock")
     return policy, config, port, notify, DaemonProc(config, notify, work / "daemon.log")
 
 
-def write_policy(path: Path, name: str, objective: str) -> Path:
-    path.write_text(GOOD_POLICY.replace("NAME", name).replace("OBJECTIVE", objective))
+def write_policy(path: Path, name: str, objective: str, mode: str = "automatic") -> Path:
+    text = GOOD_POLICY.replace("NAME", name).replace("OBJECTIVE", objective)
+    path.write_text(text.replace("MODE", mode))
     return path
 
 
@@ -330,3 +332,24 @@ def test_a_hung_libvirt_call_starves_the_watchdog_until_progress_returns(
         rc = daemon.stop()
         notify.close()
     assert rc == 0, daemon.output()[-3000:]
+
+
+def test_recommend_mode_plans_and_exports_but_moves_nothing(lab_factory: Any, work: Path) -> None:
+    guests = (GuestSpec("r1", "host1", burn_pct=60), GuestSpec("r2", "host1", burn_pct=60))
+    lab = boot(lab_factory, LabSpec(hosts=2, guests=guests, host_cpus=1))
+    *_, port, notify, daemon = start(lab, work, "advice", "balance", mode="recommend")
+    try:
+        assert notify.wait_for("READY=1", 60), daemon.output()
+        # The plan is computed and exported (two guests on one host, one empty host)...
+        assert wait_metric(port, "balancerd_plan_moves", lambda v: v >= 1, 60), daemon.output()
+        assert wait_metric(
+            port, "balancerd_skipped_total{", lambda v: v >= 1, 30, label='reason="recommend"'
+        )
+        assert "plan not executed (recommend mode)" in daemon.output()
+        # ...but nothing moves.
+        assert placement(lab) == {"r1": "host1", "r2": "host1"}
+        assert "result=migrated" not in daemon.output()
+    finally:
+        rc = daemon.stop()
+        notify.close()
+    assert rc == 0
