@@ -33,6 +33,7 @@ from balancerd.execute.executor import execute
 from balancerd.execute.journal import Journal
 from balancerd.execute.move import FAILED, MIGRATED, SKIPPED, Engine, MoveResult
 from balancerd.execute.reconcile import reconcile
+from balancerd.forecast import DemandHistory
 from balancerd.hypervisor.base import Hypervisor, JobStats
 from balancerd.metrics import DaemonStats, register, serve
 from balancerd.model import Move, Plan, Snapshot
@@ -146,6 +147,7 @@ class Daemon:
         self.journal = Journal(state_dir / JOURNAL_FILE)
         self.power = _load_tracker(state_dir / POWER_FILE)
         self.known_capacity: dict[str, Capacity] = {}  # last seen while up
+        self.demand = DemandHistory(keep_s=_forecast_window_s(loaded))
         self.drivers: dict[str, PowerDriver] = drivers_for(loaded.config.hosts)
         self.scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -292,6 +294,7 @@ class Daemon:
         with self._lock:
             old = self.rt.loaded.config
             self.rt.loaded = loaded
+            self.demand.keep_s = _forecast_window_s(loaded)
             if (
                 old.hosts != loaded.config.hosts
                 or old.host_timeout_s != loaded.config.host_timeout_s
@@ -355,6 +358,7 @@ class Daemon:
                 if h.up:
                     self.known_capacity[h.name] = Capacity(cpus=h.cpus, mem_bytes=h.mem_bytes)
             self.power.observe(snapshot, time.time())
+            self.demand.record(snapshot, time.time())
             with self._lock:
                 self.rt.snapshot = snapshot
             self.stats.set_snapshot(snapshot)
@@ -399,7 +403,9 @@ class Daemon:
         self.stats.set_freeze(active.frozen)
         now_s = time.time()
         self.notifier.status(f"planning with policy {policy.name}")
-        plan = decide(snapshot, policy, last_moved_s=self.rt.last_moved_s, now_s=now_s)
+        # Plan with each guest's forecast demand (spec.forecast), act on the real snapshot.
+        planning = self.demand.planning_snapshot(snapshot, policy.forecast, now_s)
+        plan = decide(planning, policy, last_moved_s=self.rt.last_moved_s, now_s=now_s)
         self.stats.set_plan(plan)
         self.rt.last_plan = plan
         _log_plan(plan, policy)
@@ -549,6 +555,11 @@ def _log_plan(plan: Plan, policy: Policy) -> None:
             m.wave,
             extra={"VM": m.vm, "POLICY": policy.name},
         )
+
+
+def _forecast_window_s(loaded: Loaded) -> float:
+    """How much demand history the loaded policies need."""
+    return max(p.forecast.window_s for p in loaded.policies.values())
 
 
 def _load_tracker(path: Path) -> PowerTracker:

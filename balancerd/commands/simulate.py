@@ -66,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--forecast-window",
         type=int,
-        default=Forecast.window,
-        help="readings per guest the planning demand looks back on",
+        default=0,
+        help="readings per guest the planning demand looks back on "
+        "(default: the policy's spec.forecast.window_s / the trace interval)",
     )
     parser.add_argument(
         "--forecast-latest-floor",
@@ -77,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--forecast-quantile",
         type=float,
-        default=Forecast.quantile,
-        help="planning demand = max(latest, this quantile of the window)",
+        default=0.0,
+        help="planning demand = this quantile of the window "
+        "(default: the policy's spec.forecast.quantile)",
     )
     parser.add_argument(
         "--ilp",
@@ -105,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bar.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def controller_for(args: argparse.Namespace) -> Controller:
+def controller_for(args: argparse.Namespace, interval_s: float) -> Controller:
     if args.baseline:
         m = BASELINE_RE.match(args.baseline)
         if not m:
@@ -118,14 +120,16 @@ def controller_for(args: argparse.Namespace) -> Controller:
         return ThrMmt(float(m.group(1)))
     from balancerd.policy.load import load_policy
 
-    if not 0 < args.forecast_quantile <= 1 or args.forecast_window < 1:
+    if not 0 <= args.forecast_quantile <= 1 or args.forecast_window < 0:
         raise ConfigError(["--forecast-quantile must be in (0, 1], --forecast-window >= 1"])
     policy = load_policy(args.policy)
+    # The daemon's rule (spec.forecast) in trace readings, unless overridden here.
+    window = args.forecast_window or max(1, round(policy.forecast.window_s / interval_s))
     return PolicyController(
         policy,
         forecast=Forecast(
-            window=args.forecast_window,
-            quantile=args.forecast_quantile,
+            window=window,
+            quantile=args.forecast_quantile or policy.forecast.quantile,
             latest_floor=args.forecast_latest_floor,
         ),
         decide_kwargs={} if args.ilp else {"use_ilp": False},
@@ -234,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         workload = read_trace(args.trace, max_samples=samples)
     spec = cluster_spec(args, workload)
     cluster = build_cluster(spec, workload)
-    controller = controller_for(args)
+    controller = controller_for(args, workload.interval_s)
     sim = Simulation(cluster, workload, intervals=args.intervals)
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, controller.name) if show else None

@@ -34,6 +34,7 @@ from balancerd.errors import PolicyError
 from balancerd.policy.model import (
     Budget,
     Constraints,
+    DemandForecast,
     HostRule,
     Hysteresis,
     Limits,
@@ -593,6 +594,18 @@ SPEC = obj(
                 cls=Hysteresis,
             ),
             "against moving guests back and forth",
+        ),
+        "forecast": fld(
+            obj(
+                {
+                    "quantile": fld(
+                        FRACTION, "plan each guest's CPU at this quantile of its readings"
+                    ),
+                    "window_s": fld(POSITIVE, "seconds of readings the quantile looks back on"),
+                },
+                cls=DemandForecast,
+            ),
+            "planning demand from each guest's recent CPU readings",
         ),
         "budget": fld(
             obj(

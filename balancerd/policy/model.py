@@ -31,6 +31,15 @@ class Hysteresis:
 
 
 @dataclass(frozen=True)
+class DemandForecast:
+    """Each guest's CPU demand for planning: this quantile of its readings in the last
+    ``window_s`` (plan for the busy moments, not the average)."""
+
+    quantile: float = 0.9
+    window_s: float = 7200.0
+
+
+@dataclass(frozen=True)
 class Budget:
     max_moves: int = 20  # per cycle
     max_bytes: int = 64 * 1024**3  # guest memory moved per cycle
@@ -108,6 +117,7 @@ class Policy:
     resources: Resources = field(default_factory=Resources)
     limits: Limits = field(default_factory=Limits)
     hysteresis: Hysteresis = field(default_factory=Hysteresis)
+    forecast: DemandForecast = field(default_factory=DemandForecast)
     budget: Budget = field(default_factory=Budget)
     constraints: Constraints = field(default_factory=Constraints)
     power: Power = field(default_factory=Power)
