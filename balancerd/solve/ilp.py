@@ -322,6 +322,10 @@ def _run_cbc(prob: pulp.LpProblem, time_limit_s: float, gap: float) -> _Run:
         objective = _finite(pulp.value(prob.objective))
     if status == "optimal" and bound is None:
         bound = objective
+    if bound is not None and objective is not None and bound > objective:
+        # CBC prints the bound rounded ("Lower bound: 0.165" for 0.164625); a lower bound
+        # never exceeds a found solution's objective.
+        bound = objective
     return _Run(status, has_solution, objective, bound, _gap(objective, bound), result_text)
 
 
