@@ -65,6 +65,12 @@ def cli(*args: str) -> str:
     return "balancerd simulate " + " ".join(shlex.quote(a) for a in args)
 
 
+def planetlab_cli(*controller: str) -> str:
+    """The command for one PlanetLab day (20110303 shown) with ``controller`` arguments."""
+    trace = "../shared/traces/planetlab/20110303"
+    return cli("--trace", trace, "--scenario", "cloudsim-planetlab", *controller, "--json")
+
+
 def run_one(kind: str, trace: Path, controller: Controller, intervals: int) -> dict[str, Any]:
     if kind == "bitbrains":
         w = read_bitbrains(trace, max_samples=(intervals + 1) if intervals else 289)
@@ -256,16 +262,7 @@ def document(res: dict[str, Any], out: Path, img: Path, command: str) -> None:
             "",
             "Command per row (day = 20110303 shown):",
             "",
-            "    "
-            + cli(
-                "--trace",
-                "../shared/traces/planetlab/20110303",
-                "--scenario",
-                "cloudsim-planetlab",
-                "--baseline",
-                "thr-mmt-0.8",
-                "--json",
-            ),
+            "    " + planetlab_cli("--baseline", "thr-mmt-0.8"),
             "",
         ]
         lines += [
@@ -299,16 +296,7 @@ def document(res: dict[str, Any], out: Path, img: Path, command: str) -> None:
             "",
             "Command per row:",
             "",
-            "    "
-            + cli(
-                "--trace",
-                "../shared/traces/planetlab/20110303",
-                "--scenario",
-                "cloudsim-planetlab",
-                "--policy",
-                rel(POWER_SAVE),
-                "--json",
-            ),
+            "    " + planetlab_cli("--policy", rel(POWER_SAVE)),
             "",
         ]
         lines += [
@@ -335,16 +323,7 @@ def document(res: dict[str, Any], out: Path, img: Path, command: str) -> None:
             )
         lines += [
             "",
-            "    "
-            + cli(
-                "--trace",
-                "../shared/traces/planetlab/20110303",
-                "--scenario",
-                "cloudsim-planetlab",
-                "--policy",
-                rel(POWER_SAVE_ALL),
-                "--json",
-            ),
+            "    " + planetlab_cli("--policy", rel(POWER_SAVE_ALL)),
             "",
         ]
         lines += [
