@@ -8,20 +8,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 
 from balancerd.config import HostConfig
+from balancerd.model import Capacity as Capacity  # re-exported: daemon.py imports it here
 from balancerd.model import Host, HostSample, Snapshot, Vm, VmSample
+from balancerd.units import NS
 
 ClusterSample = tuple[HostSample, ...]  # one sample_all(): every host at about one instant
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """Capacity to plan with instead of what a host reports (0 = use the reported value)."""
-
-    cpus: int = 0
-    mem_bytes: int = 0
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -58,7 +51,7 @@ def _vm_cpu_utils(history: Sequence[ClusterSample], host: str, uuid: str) -> lis
             continue
         if prev is not None:
             prev_at_s, prev_vm = prev
-            elapsed_ns = (hs.sampled_at_s - prev_at_s) * 1e9
+            elapsed_ns = (hs.sampled_at_s - prev_at_s) * NS
             cpu_ns = vm.cpu_time_ns - prev_vm.cpu_time_ns
             if elapsed_ns > 0 and cpu_ns >= 0 and vm.vcpus > 0:
                 utils.append(min(1.0, cpu_ns / (elapsed_ns * vm.vcpus)))

@@ -94,6 +94,15 @@ class Host:
 
 
 @dataclass(frozen=True)
+class Capacity:
+    """A host's CPUs and memory to plan with instead of what it reports (0 = use the
+    reported value); from the daemon config, or last seen while the host was up."""
+
+    cpus: int = 0
+    mem_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class Snapshot:
     taken_at_s: float
     hosts: tuple[Host, ...]

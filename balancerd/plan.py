@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from balancerd.model import Move, Placement, Plan, Snapshot, SolverReport
 from balancerd.policy.model import Migration, Policy
 from balancerd.solve.problem import HostCapacity, Problem, build_problem, power_weight
-
-MIB = 1024 * 1024
+from balancerd.units import MIB
 
 
 def expected_seconds(mem_bytes: int, dirty_rate_bytes_s: float | None, m: Migration) -> float:

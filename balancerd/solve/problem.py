@@ -13,19 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from balancerd.model import Snapshot
+from balancerd.model import Capacity, Snapshot
 from balancerd.policy.model import Policy
+from balancerd.units import GIB as GIB  # re-exported: ilp.py, explain.py import it here
 
-GIB = 1024**3
 EPS = 1e-9
 
-
-@dataclass(frozen=True)
-class HostCapacity:
-    """Capacity to plan with instead of what the host reports (0 = use the host's)."""
-
-    cpus: float = 0.0
-    mem_bytes: int = 0
+HostCapacity = Capacity  # the one capacity type (balancerd.model); the old name still works
 
 
 @dataclass
