@@ -9,9 +9,8 @@ from typing import Any
 from balancerd.config import load_config
 from balancerd.daemon_state import read_daemon_status
 from balancerd.model import Snapshot
+from balancerd.units import GIB, MIB
 from balancerd.wiring import open_hypervisor, sample_snapshot
-
-GIB = 1024**3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +80,7 @@ def render_table(snapshot: Snapshot) -> str:
         )
         for v in vms:
             lines.append(
-                f"  - {v.name:<20} {v.state:<8} {v.vcpus} vCPU {v.mem_bytes / 2**20:>7.0f} MiB "
+                f"  - {v.name:<20} {v.state:<8} {v.vcpus} vCPU {v.mem_bytes / MIB:>7.0f} MiB "
                 f"cpu {100 * v.cpu_util:5.1f}%"
             )
     return "\n".join(lines)

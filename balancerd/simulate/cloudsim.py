@@ -27,6 +27,7 @@ import numpy.typing as npt
 from balancerd.simulate.engine import View
 from balancerd.simulate.scenario import Cluster
 from balancerd.simulate.traces import Workload
+from balancerd.units import MIB
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -109,7 +110,7 @@ def spread_initial(c: Cluster, workload: Workload) -> IntArray:
     decreasing memory in use, each on the host with the most free memory where its CPU
     demand still fits (any host with the most free memory if none)."""
     host_of = np.full(c.n_vms, -1, dtype=np.int64)
-    mem = workload.mem_used_bytes[:, 0] / 1024**2 if workload.mem_used_bytes.size else c.vm_mem_mb
+    mem = workload.mem_used_bytes[:, 0] / MIB if workload.mem_used_bytes.size else c.vm_mem_mb
     cpu = workload.cpu_util[:, 0] * c.vm_mips
     mem_free = c.host_mem_mb.copy()
     cpu_free = c.host_cap_mips.copy()

@@ -31,6 +31,7 @@ import numpy.typing as npt
 from balancerd.simulate.metrics import SlaAccumulator
 from balancerd.simulate.scenario import Cluster
 from balancerd.simulate.traces import Workload
+from balancerd.units import MIB
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -371,7 +372,7 @@ class Simulation:
                 self.remove_finished(prev)
             if self.use_mem_usage:
                 col = min(k, self.w.n_samples - 1)
-                self.vm_mem_now = self.w.mem_used_bytes[:, col] / 1024**2
+                self.vm_mem_now = self.w.mem_used_bytes[:, col] / MIB
             pre = self.state(t)
             if prev is not None:
                 e_iv += self.account(prev, pre)

@@ -31,8 +31,9 @@ from balancerd.model import Plan, Snapshot
 from balancerd.policy.model import HostRule, Policy
 from balancerd.simulate.cloudsim import initial_for
 from balancerd.simulate.engine import View
-from balancerd.simulate.scenario import MIB, Cluster
+from balancerd.simulate.scenario import Cluster
 from balancerd.simulate.traces import Workload
+from balancerd.units import MIB
 
 IntArray = npt.NDArray[np.int64]
 log = logging.getLogger(__name__)

@@ -27,8 +27,7 @@ from balancerd.simulate.power import (
     SpecPowerModel,
 )
 from balancerd.simulate.traces import Workload
-
-MIB = 1024**2
+from balancerd.units import MIB
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from balancerd.errors import ConfigError
+from balancerd.units import KIB
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -219,7 +220,7 @@ def read_bitbrains(
         m = min(n, len(v.cpu_usage_mhz))
         if v.cpu_capacity_mhz > 0:
             cpu[i, :m] = np.minimum(1.0, np.array(v.cpu_usage_mhz[:m]) / v.cpu_capacity_mhz)
-        mem[i, :m] = np.array(v.mem_usage_kb[:m]) * 1024.0
+        mem[i, :m] = np.array(v.mem_usage_kb[:m]) * KIB
     return Workload(
         kind="bitbrains",
         names=tuple(v.name for v in good),
@@ -227,7 +228,7 @@ def read_bitbrains(
         interval_s=300.0,
         vm_cores=tuple(v.cores for v in good),
         vm_cpu_mhz=tuple(v.cpu_capacity_mhz for v in good),
-        vm_mem_bytes=tuple(int(v.mem_capacity_kb * 1024) for v in good),
+        vm_mem_bytes=tuple(int(v.mem_capacity_kb * KIB) for v in good),
         mem_used_bytes=mem,
     )
 
