@@ -33,30 +33,27 @@ from prometheus_client.registry import Collector
 
 from balancerd.errors import ConfigError
 from balancerd.model import Plan, Snapshot
+from balancerd.outcomes import (
+    CycleResult,
+    FallbackKind,
+    MigrationMode,
+    MoveOutcome,
+    PowerAction,
+    ReconcileOutcome,
+    SkipKind,
+)
 
 PREFIX = "balancerd"
 
-# Label values created at zero from the start, so rate()/increase() panels have series
-# before the first event. Other values are accepted and appear when first counted.
-MIGRATION_MODES = ("live", "cold")
-MIGRATION_RESULTS = ("success", "failed", "aborted")
-SKIP_REASONS = (
-    "disk-missing",
-    "cache-mode",
-    "no-memory",
-    "cpu-incompatible",
-    "version",
-    "network",
-    "in-job",
-    "gone",
-    "already-there",
-    "freeze",
-    "recommend",
-    "other",
-)
-FALLBACK_KINDS = ("cold",)
-RECONCILE_OUTCOMES = ("completed", "rolled-back", "cleaned", "unknown")
-CYCLE_RESULTS = ("ok", "error")
+# Label values come from the enums the engine and daemon emit, and are created at zero
+# from the start, so rate()/increase() panels have series before the first event.
+MIGRATION_MODES = tuple(m.value for m in MigrationMode)
+MIGRATION_RESULTS = tuple(o.value for o in MoveOutcome)
+SKIP_REASONS = tuple(k.value for k in SkipKind)
+FALLBACK_KINDS = tuple(k.value for k in FallbackKind)
+RECONCILE_OUTCOMES = tuple(o.value for o in ReconcileOutcome)
+CYCLE_RESULTS = tuple(r.value for r in CycleResult)
+POWER_ACTIONS = tuple(a.value for a in PowerAction)
 SOLVER_STATUSES = ("optimal", "feasible", "time-limit", "infeasible", "not-run", "error")
 
 _LABEL_VALUE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -161,7 +158,7 @@ class DaemonStats:
         self._s.skipped = dict.fromkeys(SKIP_REASONS, 0)
         self._s.reconciliations = dict.fromkeys(RECONCILE_OUTCOMES, 0)
         self._s.cycles = dict.fromkeys(CYCLE_RESULTS, 0)
-        for action in ("on", "off"):
+        for action in POWER_ACTIONS:
             for result in ("success", "failed"):
                 self._s.power_actions[(action, result)] = 0
 
@@ -199,46 +196,45 @@ class DaemonStats:
 
     # --- events ----------------------------------------------------------------------
 
-    def migration_started(
-        self, vm: str, src: str, dst: str, mode: str = "live", migration_id: str = ""
-    ) -> None:
+    def migration_started(self, vm: str, src: str, dst: str, migration_id: str = "") -> None:
         with self._lock:
-            self._s.in_flight[vm] = InFlight(vm, src, dst, mode, self._clock(), migration_id)
+            self._s.in_flight[vm] = InFlight(vm, src, dst, "live", self._clock(), migration_id)
 
     def migration_finished(
         self,
         vm: str,
-        mode: str,
-        result: str,
+        mode: MigrationMode,
+        outcome: MoveOutcome,
         duration_s: float | None = None,
         downtime_s: float | None = None,
     ) -> None:
-        """One migration ended. ``mode``: live | cold (how it finally ran); ``result``:
-        success | failed | aborted. Duration and downtime are observed for successes."""
-        mode, result = label_class(mode), label_class(result)
+        """One planned move ended. ``mode``: how it finally ran; duration and downtime are
+        observed for migrated guests."""
         with self._lock:
             self._s.in_flight.pop(vm, None)
-            key = (mode, result)
+            key = (mode.value, outcome.value)
             self._s.migrations[key] = self._s.migrations.get(key, 0) + 1
-            if result == "success":
+            if outcome is MoveOutcome.MIGRATED:
                 if duration_s is not None:
-                    hist = self._s.migration_s.setdefault(mode, _Histogram(MIGRATION_BUCKETS_S))
+                    hist = self._s.migration_s.setdefault(
+                        mode.value, _Histogram(MIGRATION_BUCKETS_S)
+                    )
                     hist.observe(max(0.0, duration_s))
                 if downtime_s is not None:
-                    hist = self._s.downtime_s.setdefault(mode, _Histogram(DOWNTIME_BUCKETS_S))
+                    hist = self._s.downtime_s.setdefault(mode.value, _Histogram(DOWNTIME_BUCKETS_S))
                     hist.observe(max(0.0, downtime_s))
 
-    def record_fallback(self, kind: str = "cold") -> None:
+    def record_fallback(self, kind: FallbackKind) -> None:
         """A live migration gave way to another way of moving the guest."""
-        _inc(self._lock, self._s.fallbacks, label_class(kind))
+        _inc(self._lock, self._s.fallbacks, kind.value)
 
-    def record_skip(self, reason: str) -> None:
-        """A plan step was skipped; ``reason`` is a short class such as ``disk-missing``."""
-        _inc(self._lock, self._s.skipped, label_class(reason))
+    def record_skip(self, kind: SkipKind) -> None:
+        """A plan step was skipped."""
+        _inc(self._lock, self._s.skipped, kind.value)
 
-    def record_reconciliation(self, outcome: str) -> None:
-        """One journal entry settled at start: completed | rolled-back | cleaned | unknown."""
-        _inc(self._lock, self._s.reconciliations, label_class(outcome))
+    def record_reconciliation(self, outcome: ReconcileOutcome) -> None:
+        """One journal entry settled at start (or after a move that ended unexpectedly)."""
+        _inc(self._lock, self._s.reconciliations, outcome.value)
 
     def record_reload(self, ok: bool) -> None:
         with self._lock:
@@ -247,9 +243,8 @@ class DaemonStats:
             else:
                 self._s.reload_failures += 1
 
-    def record_power_action(self, action: str, ok: bool) -> None:
-        """``action``: on | off."""
-        key = (label_class(action), "success" if ok else "failed")
+    def record_power_action(self, action: PowerAction, ok: bool) -> None:
+        key = (action.value, "success" if ok else "failed")
         with self._lock:
             self._s.power_actions[key] = self._s.power_actions.get(key, 0) + 1
 
@@ -258,7 +253,7 @@ class DaemonStats:
         with self._lock:
             now = self._clock()
             self._s.cycle_s.observe(max(0.0, duration_s))
-            result = "ok" if ok else "error"
+            result = (CycleResult.OK if ok else CycleResult.ERROR).value
             self._s.cycles[result] = self._s.cycles.get(result, 0) + 1
             self._s.last_cycle_at_s = now
             if ok:

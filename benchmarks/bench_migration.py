@@ -68,7 +68,7 @@ class Row:
     results: list[MoveResult]
 
     def cells(self) -> list[str]:
-        ok = [r for r in self.results if r.result == MIGRATED]
+        ok = [r for r in self.results if r.outcome == MIGRATED]
         dt = [r.downtime_ms for r in ok if r.downtime_ms is not None]
         total = [r.seconds for r in ok]
         modes = sorted({r.mode for r in ok})
@@ -104,7 +104,7 @@ def evacuate(hv: LibvirtHypervisor, lab: Lab, state: str, concurrent: int) -> fl
     elapsed = time.monotonic() - t0
     for r in results:
         print(f"  {r.line()}", flush=True)
-    if any(r.result != MIGRATED for r in results):
+    if any(r.outcome != MIGRATED for r in results):
         raise SystemExit("evacuation failed; see above")
     back = [Move(m.vm, m.dst, "host1", 0, 0.0) for m in moves]
     execute(
@@ -194,7 +194,7 @@ def main() -> int:
         dts = [
             x.downtime_ms
             for x in row.results
-            if x.result == MIGRATED and x.mode == mode and x.downtime_ms
+            if x.outcome == MIGRATED and x.mode == mode and x.downtime_ms
         ]
         return statistics.median(dts) if dts else None
 

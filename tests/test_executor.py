@@ -81,7 +81,7 @@ def test_limits_hold_cluster_wide_and_per_host() -> None:
     ]
     rec = Recorder()
     results = execute(moves, engine(max_concurrent=2, max_concurrent_per_host=1), run=rec)
-    assert [r.result for r in results] == [MIGRATED] * 7
+    assert [r.outcome for r in results] == [MIGRATED] * 7
     assert [r.vm for r in results] == [m.vm for m in moves]
     assert rec.max_total <= 2
     assert max(rec.max_per_host.values()) <= 1
@@ -95,7 +95,7 @@ def test_streamed_the_next_starts_when_one_ends() -> None:
     moves = [mv("a", "h1", "h2"), mv("b", "h3", "h4"), mv("c", "h5", "h6")]
     results = execute(moves, engine(max_concurrent=2, max_concurrent_per_host=1), run=rec)
     assert rec.gate_timeouts == []
-    assert [r.result for r in results] == [MIGRATED] * 3
+    assert [r.outcome for r in results] == [MIGRATED] * 3
     assert rec.max_total == 2
 
 
@@ -116,7 +116,7 @@ def test_later_wave_waits_only_for_earlier_moves_sharing_a_host() -> None:
     moves = [mv("x", "h1", "h2"), mv("y", "h3", "h1", wave=1), mv("z", "h5", "h6", wave=1)]
     results = execute(moves, engine(max_concurrent=3, max_concurrent_per_host=2), run=rec)
     assert rec.gate_timeouts == []
-    assert [r.result for r in results] == [MIGRATED] * 3
+    assert [r.outcome for r in results] == [MIGRATED] * 3
     assert rec.events.index(("end", "x")) < rec.events.index(("start", "y"))
     assert blocked_by(moves, 1) == [0] and blocked_by(moves, 2) == []
 
@@ -138,7 +138,7 @@ def test_a_failure_skips_only_the_moves_that_needed_it() -> None:
         mv("a", "h2", "h7", wave=2),  # the same guest again -> skipped
     ]
     results = execute(moves, engine(max_concurrent=2, max_concurrent_per_host=1), run=rec)
-    assert [r.result for r in results] == [FAILED, SKIPPED, MIGRATED, MIGRATED, SKIPPED]
+    assert [r.outcome for r in results] == [FAILED, SKIPPED, MIGRATED, MIGRATED, SKIPPED]
     assert "needs the room on h1 that a leaving it would free" in results[1].reason
     assert "earlier move of a h1->h2 was failed" in results[4].reason
     assert "b" not in rec.order("start")
@@ -156,8 +156,8 @@ def test_heartbeat_is_fed_and_stop_skips_what_has_not_started() -> None:
         run=rec,
         should_stop=stop.is_set,
     )
-    assert results[0].result == MIGRATED
-    assert [r.result for r in results[1:]] == [SKIPPED, SKIPPED]
+    assert results[0].outcome == MIGRATED
+    assert [r.outcome for r in results[1:]] == [SKIPPED, SKIPPED]
     assert "stopping" in results[1].reason
     assert beats
 
@@ -169,5 +169,5 @@ def test_a_runner_that_raises_fails_one_step_only() -> None:
         return MoveResult(m.vm, m.src, m.dst, MIGRATED, "live", "", 0.0)
 
     results = execute([mv("boom", "h1", "h2"), mv("ok", "h3", "h4")], engine(), run=runner)
-    assert [r.result for r in results] == [FAILED, MIGRATED]
+    assert [r.outcome for r in results] == [FAILED, MIGRATED]
     assert "bug" in results[0].reason

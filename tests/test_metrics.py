@@ -25,6 +25,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from balancerd.errors import ConfigError
 from balancerd.metrics import DaemonStats, parse_listen, register, render, serve
 from balancerd.model import Host, Move, Placement, Plan, Snapshot, SolverReport, Vm
+from balancerd.outcomes import (
+    FallbackKind,
+    PowerAction,
+    ReconcileOutcome,
+    SkipKind,
+)
+from balancerd.outcomes import MigrationMode as Mode
+from balancerd.outcomes import MoveOutcome as Outcome
 
 GIB = 1024**3
 
@@ -68,19 +76,21 @@ def full_stats() -> DaemonStats:
     stats.set_snapshot(snap)
     stats.set_policy("balance-weekdays", "balance", "automatic")
     stats.set_plan(plan_for(snap))
-    stats.migration_started("web-1", "h1", "h2", "live", "m-1")
-    stats.migration_finished("web-1", "live", "success", duration_s=12.5, downtime_s=0.08)
-    stats.migration_finished("db-1", "live", "failed")
-    stats.record_fallback("cold")
-    stats.migration_finished("db-1", "cold", "success", duration_s=40.0, downtime_s=35.0)
-    stats.record_skip("disk-missing")
-    stats.record_skip("cache-mode")
-    stats.record_reconciliation("completed")
+    stats.migration_started("web-1", "h1", "h2", "m-1")
+    stats.migration_finished("web-1", Mode.LIVE, Outcome.MIGRATED, duration_s=12.5, downtime_s=0.08)
+    stats.migration_finished("db-1", Mode.NONE, Outcome.FAILED)
+    stats.record_fallback(FallbackKind.OFFLINE)
+    stats.migration_finished(
+        "db-1", Mode.OFFLINE, Outcome.MIGRATED, duration_s=40.0, downtime_s=35.0
+    )
+    stats.record_skip(SkipKind.DISK_MISSING)
+    stats.record_skip(SkipKind.CACHE_MODE)
+    stats.record_reconciliation(ReconcileOutcome.SETTLED)
     stats.record_reload(ok=False)
-    stats.record_power_action("off", ok=True)
+    stats.record_power_action(PowerAction.OFF, ok=True)
     stats.set_host_power("h3", on=False)
     stats.record_cycle(3.2, ok=True)
-    stats.migration_started("web-2", "h1", "h3", "live")
+    stats.migration_started("web-2", "h1", "h3")
     return stats
 
 
@@ -152,15 +162,16 @@ def test_unknown_gap_and_scores_are_nan_not_missing() -> None:
 
 def test_counters_and_histograms() -> None:
     s = scrape(full_stats())
-    assert value(s, "balancerd_migrations_total", mode="live", result="success") == 1.0
-    assert value(s, "balancerd_migrations_total", mode="live", result="failed") == 1.0
-    assert value(s, "balancerd_migrations_total", mode="cold", result="success") == 1.0
-    assert value(s, "balancerd_migrations_total", mode="cold", result="aborted") == 0.0
-    assert value(s, "balancerd_fallbacks_total", kind="cold") == 1.0
+    assert value(s, "balancerd_migrations_total", mode="live", result="migrated") == 1.0
+    assert value(s, "balancerd_migrations_total", mode="none", result="failed") == 1.0
+    assert value(s, "balancerd_migrations_total", mode="offline", result="migrated") == 1.0
+    assert value(s, "balancerd_migrations_total", mode="paused-fallback", result="failed") == 0.0
+    assert value(s, "balancerd_fallbacks_total", kind="offline") == 1.0
+    assert value(s, "balancerd_fallbacks_total", kind="pause") == 0.0
     assert value(s, "balancerd_skipped_total", reason="disk-missing") == 1.0
     assert value(s, "balancerd_skipped_total", reason="gone") == 0.0  # exists from the start
     assert value(s, "balancerd_reload_failures_total") == 1.0
-    assert value(s, "balancerd_reconciliations_total", outcome="completed") == 1.0
+    assert value(s, "balancerd_reconciliations_total", outcome="settled") == 1.0
     assert value(s, "balancerd_cycles_total", result="ok") == 1.0
     assert value(s, "balancerd_power_actions_total", action="off", result="success") == 1.0
     # Histogram buckets are cumulative: 12.5 s lands in le=20 and above, not in le=10.
@@ -169,18 +180,23 @@ def test_counters_and_histograms() -> None:
     assert value(s, h, mode="live", le="20.0") == 1.0
     assert value(s, h, mode="live", le="+Inf") == 1.0
     assert value(s, "balancerd_migration_duration_seconds_sum", mode="live") == 12.5
-    assert value(s, "balancerd_migration_downtime_seconds_bucket", mode="cold", le="+Inf") == 1.0
+    assert value(s, "balancerd_migration_downtime_seconds_bucket", mode="offline", le="+Inf") == 1.0
     assert value(s, "balancerd_cycle_duration_seconds_count") == 1.0
     assert value(s, "balancerd_last_success_timestamp_seconds") > 1.6e9
 
 
-def test_free_text_reasons_become_a_label_class() -> None:
-    stats = DaemonStats()
-    stats.record_skip("No Memory")
-    stats.record_skip('disk "/var/x" missing; see log')
-    s = scrape(stats)
-    assert value(s, "balancerd_skipped_total", reason="no-memory") == 1.0
-    assert value(s, "balancerd_skipped_total", reason="other") == 1.0
+def test_every_outcome_the_engine_can_emit_is_a_series_from_the_start() -> None:
+    """Label values are declared from the enums: none can drift from the dashboard."""
+    s = scrape(DaemonStats())
+    for mode in Mode:
+        for outcome in Outcome:
+            assert value(s, "balancerd_migrations_total", mode=mode, result=outcome) == 0.0
+    for kind in SkipKind:
+        assert value(s, "balancerd_skipped_total", reason=kind) == 0.0
+    for fallback in FallbackKind:
+        assert value(s, "balancerd_fallbacks_total", kind=fallback) == 0.0
+    for rec in ReconcileOutcome:
+        assert value(s, "balancerd_reconciliations_total", outcome=rec) == 0.0
 
 
 # --- no stale series ------------------------------------------------------------------
@@ -219,8 +235,10 @@ def test_updates_from_threads_while_scraping_lose_nothing() -> None:
 
     def work() -> None:
         for i in range(per_thread):
-            stats.record_skip("in-job")
-            stats.migration_finished(f"vm{i}", "live", "success", duration_s=1.0, downtime_s=0.01)
+            stats.record_skip(SkipKind.IN_JOB)
+            stats.migration_finished(
+                f"vm{i}", Mode.LIVE, Outcome.MIGRATED, duration_s=1.0, downtime_s=0.01
+            )
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
@@ -231,7 +249,7 @@ def test_updates_from_threads_while_scraping_lose_nothing() -> None:
         t.join()
     s = scrape(stats)
     assert value(s, "balancerd_skipped_total", reason="in-job") == 4 * per_thread
-    assert value(s, "balancerd_migrations_total", mode="live", result="success") == 4 * per_thread
+    assert value(s, "balancerd_migrations_total", mode="live", result="migrated") == 4 * per_thread
     assert value(s, "balancerd_migration_duration_seconds_count", mode="live") == 4 * per_thread
 
 
@@ -363,7 +381,7 @@ def test_real_prometheus_finds_data_for_every_dashboard_panel(tmp_path: Path) ->
             )
             assert len(rows) == 1
             # Counters move between scrapes and increase() sees it.
-            stats.record_skip("network")
+            stats.record_skip(SkipKind.NETWORK)
             prom.wait_for('increase(balancerd_skipped_total{reason="network"}[5m]) > 0')
     finally:
         server.close()

@@ -175,7 +175,7 @@ def test_quiet_guest_live_migrates_within_max_downtime(ctx: Ctx) -> None:
     mig = Migration(bandwidth_mib_s=100, max_downtime_ms=300)
     r = run_move(engine(ctx, mig), Move("quiet", "host1", "host2", 0, 0.0))
     print(f"\nquiet live: {r.line()}")
-    assert r.result == MIGRATED, r.reason
+    assert r.outcome == MIGRATED, r.reason
     assert r.mode == "live"
     assert r.downtime_ms is not None and 0 < r.downtime_ms <= mig.max_downtime_ms
     assert r.bytes_sent > 0 and r.iterations >= 1
@@ -189,7 +189,7 @@ def test_non_converging_guest_ends_running_on_destination_via_pause(ctx: Ctx) ->
     try:
         r = run_move(engine(ctx, STALLING), Move("dirty", "host1", "host2", 0, 0.0))
         print(f"\ndirty live: {r.line()}")
-        assert r.result == MIGRATED, r.reason
+        assert r.outcome == MIGRATED, r.reason
         assert r.mode == "paused-fallback"
         assert active_hosts(ctx, "dirty") == {"host2": "running"}
         assert r.downtime_ms is not None and r.downtime_ms > 0
@@ -197,7 +197,7 @@ def test_non_converging_guest_ends_running_on_destination_via_pause(ctx: Ctx) ->
         # The same guest, cold, back: all memory goes while it is paused.
         cold = run_move(engine(ctx, STALLING, live=False), Move("dirty", "host2", "host1", 0, 0.0))
         print(f"dirty cold: {cold.line()}")
-        assert cold.result == MIGRATED, cold.reason
+        assert cold.outcome == MIGRATED, cold.reason
         assert cold.mode == "offline"
         assert active_hosts(ctx, "dirty") == {"host1": "running"}
         assert cold.downtime_ms is not None
@@ -223,7 +223,7 @@ def test_preflight_skips_with_the_reason(ctx: Ctx, vm: str, expected: str) -> No
     before = len(journal.entries(1000))
     r = run_move(engine(ctx, Migration()), Move(vm, "host1", "host2", 0, 0.0))
     print(f"\n{r.line()}")
-    assert r.result == SKIPPED
+    assert r.outcome == SKIPPED
     assert expected in r.reason, r.reason
     assert active_hosts(ctx, vm) == {"host1": "running"}  # nothing attempted
     assert len(journal.entries(1000)) == before
@@ -234,7 +234,7 @@ def test_a_guest_moved_by_an_operator_is_skipped(ctx: Ctx) -> None:
     assert where is not None
     other = "host1" if where == "host2" else "host2"
     r = run_move(engine(ctx, Migration()), Move("quiet", other, where, 0, 0.0))
-    assert r.result == SKIPPED
+    assert r.outcome == SKIPPED
     assert f"guest is no longer on {other} (already on {where})" in r.reason
     assert active_hosts(ctx, "quiet") == {where: "running"}
 
@@ -249,7 +249,7 @@ def test_reconcile_resumes_a_guest_we_left_paused(ctx: Ctx) -> None:
     journal.phase(entry, "paused")
     ctx.hv.suspend(where, "quiet")
     assert active_hosts(ctx, "quiet") == {where: "paused"}
-    recs = [r for r in reconcile(ctx.hv, journal) if r.migration_id == entry]
+    recs = [r for r in reconcile(ctx.hv, journal) if r.entry_id == entry]
     assert [r.actions for r in recs] == [(f"resumed on {where}",)]
     assert active_hosts(ctx, "quiet") == {where: "running"}
     assert entry not in [e.id for e in journal.open_entries()]
@@ -325,7 +325,7 @@ def test_destination_libvirtd_killed_mid_migration(ctx: Ctx) -> None:
         assert not worker.is_alive()
         (r,) = box
         print(f"\n{r.line()}")
-        assert r.result == FAILED
+        assert r.outcome == FAILED
         assert "live migration of victim host1->host2 failed" in r.reason
         assert "guest" in r.reason or "host2 does not answer" in r.reason
         assert ctx.hv.domain_state("host1", "victim") == "running"

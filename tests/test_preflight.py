@@ -9,6 +9,7 @@ import pytest
 from balancerd.execute.preflight import check
 from balancerd.hypervisor.base import DiskFacts, DomainFacts, HostFacts, InterfaceFacts
 from balancerd.model import Move
+from balancerd.outcomes import SkipKind
 from balancerd.policy.model import Migration
 
 MIB = 1024 * 1024
@@ -109,7 +110,27 @@ def test_all_good() -> None:
 def test_each_failed_check_says_what(name: str, kwargs: dict[str, object], expected: str) -> None:
     problem = run(**kwargs)  # type: ignore[arg-type]
     assert problem is not None, name
-    assert expected in problem, (name, problem)
+    assert expected in problem.reason, (name, problem)
+    assert problem.kind is EXPECTED_KIND[name], (name, problem)
+
+
+EXPECTED_KIND = {
+    "disk missing": SkipKind.DISK_MISSING,
+    "cdrom image missing": SkipKind.DISK_MISSING,
+    "writeback cache": SkipKind.CACHE_MODE,
+    "default cache on a writable disk": SkipKind.CACHE_MODE,
+    "same host uuid": SkipKind.SAME_HOST,
+    "same host name": SkipKind.SAME_HOST,
+    "same name": SkipKind.SAME_HOST,
+    "older libvirt": SkipKind.VERSION,
+    "older QEMU": SkipKind.VERSION,
+    "cpu": SkipKind.CPU_INCOMPATIBLE,
+    "network": SkipKind.NETWORK,
+    "bridge": SkipKind.NETWORK,
+    "memory": SkipKind.NO_MEMORY,
+    "in a job": SkipKind.IN_JOB,
+    "shut off": SkipKind.NOT_RUNNING,
+}
 
 
 def test_policy_exemptions() -> None:

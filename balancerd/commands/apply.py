@@ -22,8 +22,8 @@ from balancerd.config import load_config
 from balancerd.decide import decide
 from balancerd.execute.executor import execute
 from balancerd.execute.journal import Journal
-from balancerd.execute.move import FAILED
 from balancerd.execute.reconcile import reconcile
+from balancerd.outcomes import MoveOutcome
 from balancerd.policy.load import load_policy
 from balancerd.wiring import open_hypervisor, sample_snapshot
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         engine = build_engine(config, policy, hv, journal, progress_printer(err))
         results = execute(plan.moves, engine)
         print_results(results, args.json, sys.stdout)
-        return 1 if any(r.result == FAILED for r in results) else 0
+        return 1 if any(r.outcome is MoveOutcome.FAILED for r in results) else 0
     finally:
         journal.close()
         hv.close()

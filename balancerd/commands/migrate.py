@@ -19,10 +19,11 @@ from balancerd.errors import ConfigError, HypervisorError, MigrationError
 from balancerd.execute.converge import describe_progress
 from balancerd.execute.executor import execute
 from balancerd.execute.journal import Journal
-from balancerd.execute.move import MIGRATED, Engine, MoveProgress, MoveResult
+from balancerd.execute.move import Engine, MoveProgress, MoveResult
 from balancerd.execute.reconcile import Reconciliation, reconcile
 from balancerd.hypervisor.base import Hypervisor, JobStats
 from balancerd.model import Move
+from balancerd.outcomes import MigrationMode, MoveOutcome, SkipKind
 from balancerd.policy.load import load_policy
 from balancerd.policy.model import Policy
 
@@ -122,11 +123,22 @@ def run(args: argparse.Namespace) -> int:
         move = Move(vm=args.vm, src=src, dst=args.host, mem_bytes=0, expected_s=0.0)
         engine = build_engine(config, policy, hv, journal, progress_printer(sys.stderr))
         if src == args.host:
-            results = [MoveResult(args.vm, src, args.host, "skipped", "", f"already on {src}", 0.0)]
+            results = [
+                MoveResult(
+                    args.vm,
+                    src,
+                    args.host,
+                    MoveOutcome.SKIPPED,
+                    MigrationMode.NONE,
+                    f"already on {src}",
+                    0.0,
+                    skip_kind=SkipKind.GONE,
+                )
+            ]
         else:
             results = execute([move], engine)
         print_results(results, args.json, sys.stdout)
-        return 0 if results[0].result == MIGRATED else 1
+        return 0 if results[0].outcome is MoveOutcome.MIGRATED else 1
     finally:
         journal.close()
         hv.close()

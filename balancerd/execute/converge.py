@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from balancerd.hypervisor.base import JobStats
+from balancerd.outcomes import MigrationMode
 from balancerd.policy.model import Migration
 
 MIB = 1024 * 1024
@@ -59,15 +60,8 @@ class Action(enum.Enum):
     ABORT = "abort"
 
 
-class Mode(enum.StrEnum):
-    """How a move was finally carried out (recorded per move)."""
-
-    LIVE = "live"
-    LIVE_DOWNTIME_RAISE = "live+downtime-raise"
-    AUTO_CONVERGE = "auto-converge"
-    PAUSED_FALLBACK = "paused-fallback"
-    OFFLINE = "offline"
-    NONE = ""  # nothing was attempted (skipped) or nothing completed
+# How a move was finally carried out: one enum shared with metrics and the journal.
+Mode = MigrationMode
 
 
 @dataclass(frozen=True)

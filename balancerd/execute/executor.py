@@ -21,8 +21,9 @@ import threading
 from collections.abc import Callable, Sequence
 
 from balancerd.execute.converge import Mode
-from balancerd.execute.move import FAILED, MIGRATED, SKIPPED, Engine, MoveResult, run_move
+from balancerd.execute.move import Engine, MoveResult, run_move
 from balancerd.model import Move
+from balancerd.outcomes import MoveOutcome, SkipKind
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,15 @@ def broken_dependency(moves: Sequence[Move], i: int, results: dict[int, MoveResu
     m = moves[i]
     for j in blocked_by(moves, i):
         r = results.get(j)
-        if r is None or r.result == MIGRATED:
+        if r is None or r.outcome is MoveOutcome.MIGRATED:
             continue
         p = moves[j]
         if p.vm == m.vm:
-            return f"the earlier move of {m.vm} {p.src}->{p.dst} was {r.result}"
+            return f"the earlier move of {m.vm} {p.src}->{p.dst} was {r.outcome}"
         if p.src == m.dst:
             return (
                 f"needs the room on {m.dst} that {p.vm} leaving it would free, "
-                f"and that move was {r.result}"
+                f"and that move was {r.outcome}"
             )
     return ""
 
@@ -82,21 +83,25 @@ def execute(
             r = run(engine, m)
         except Exception as exc:  # run_move never raises; a custom runner might
             log.exception("move %s failed unexpectedly", m.vm)
-            r = MoveResult(m.vm, m.src, m.dst, FAILED, Mode.NONE, f"unexpected error: {exc!r}", 0.0)
+            r = MoveResult(
+                m.vm, m.src, m.dst, MoveOutcome.FAILED, Mode.NONE, f"unexpected error: {exc!r}", 0.0
+            )
         done.put((i, r))
 
     def per_host(host: str) -> int:
         return sum(1 for m in running.values() if host in (m.src, m.dst))
 
-    def skip(i: int, reason: str) -> None:
+    def skip(i: int, kind: SkipKind, reason: str) -> None:
         m = moves[i]
-        results[i] = MoveResult(m.vm, m.src, m.dst, SKIPPED, Mode.NONE, reason, 0.0)
+        results[i] = MoveResult(
+            m.vm, m.src, m.dst, MoveOutcome.SKIPPED, Mode.NONE, reason, 0.0, skip_kind=kind
+        )
         log.warning("%s %s->%s skipped: %s", m.vm, m.src, m.dst, reason, extra={"VM": m.vm})
 
     while pending or running:
         if should_stop():
             for i in pending:
-                skip(i, "not started: balancerd is stopping")
+                skip(i, SkipKind.STOPPING, "not started: balancerd is stopping")
             pending = []
         for i in list(pending):
             if len(running) >= n_max:
@@ -106,7 +111,7 @@ def execute(
             why = broken_dependency(moves, i, results)
             if why:
                 pending.remove(i)
-                skip(i, why)
+                skip(i, SkipKind.DEPENDENCY, why)
                 continue
             m = moves[i]
             if per_host(m.src) >= per_host_max or per_host(m.dst) >= per_host_max:
@@ -118,7 +123,7 @@ def execute(
             # Nothing runs, so the first pending move had nothing to wait for and started,
             # or everything left was just skipped. Anything else is a scheduling bug.
             for i in pending:
-                skip(i, "internal error: could not be scheduled")
+                skip(i, SkipKind.OTHER, "internal error: could not be scheduled")
             pending = []
             continue
         try:

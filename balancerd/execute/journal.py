@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     outcome TEXT,                        -- NULL while open; migrated | failed | settled
     mode TEXT NOT NULL DEFAULT '',
     detail TEXT NOT NULL DEFAULT '',
-    finished_at REAL
+    finished_at REAL,
+    migration_id TEXT NOT NULL DEFAULT ''  -- the ID in logs, journald, JSON and status
 );
 CREATE INDEX IF NOT EXISTS migrations_open ON migrations(outcome);
 CREATE TABLE IF NOT EXISTS reconciliations (
@@ -64,6 +65,7 @@ class Entry:
     outcome: str | None
     mode: str
     detail: str
+    migration_id: str = ""
 
 
 def process_start(pid: int) -> str:
@@ -91,6 +93,11 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
+        if "migration_id" not in columns:  # a journal written before migration IDs
+            self._db.execute(
+                "ALTER TABLE migrations ADD COLUMN migration_id TEXT NOT NULL DEFAULT ''"
+            )
         self._db.commit()
         self._pid = os.getpid()
         self._pid_start = process_start(self._pid)
@@ -99,13 +106,32 @@ class Journal:
         with self._lock:
             self._db.close()
 
-    def begin(self, vm: str, vm_uuid: str, src: str, dst: str, vm_state: str) -> int:
+    def begin(
+        self,
+        vm: str,
+        vm_uuid: str,
+        src: str,
+        dst: str,
+        vm_state: str,
+        *,
+        migration_id: str = "",
+    ) -> int:
         """Record the intent to migrate; returns the entry id."""
         with self._lock:
             cur = self._db.execute(
                 "INSERT INTO migrations (vm, vm_uuid, src, dst, vm_state, pid, pid_start,"
-                " phase, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'intent', ?)",
-                (vm, vm_uuid, src, dst, vm_state, self._pid, self._pid_start, time.time()),
+                " phase, started_at, migration_id) VALUES (?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?)",
+                (
+                    vm,
+                    vm_uuid,
+                    src,
+                    dst,
+                    vm_state,
+                    self._pid,
+                    self._pid_start,
+                    time.time(),
+                    migration_id,
+                ),
             )
             self._db.commit()
             assert cur.lastrowid is not None
@@ -136,7 +162,7 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, vm, vm_uuid, src, dst, vm_state, pid, pid_start, phase,"
-                f" started_at, outcome, mode, detail FROM migrations {where}",
+                f" started_at, outcome, mode, detail, migration_id FROM migrations {where}",
                 args,
             ).fetchall()
         return [Entry(*row) for row in rows]

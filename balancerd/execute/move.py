@@ -19,11 +19,12 @@ from balancerd.execute.preflight import preflight
 from balancerd.execute.reconcile import settle
 from balancerd.hypervisor.base import Hypervisor, JobStats, MigrationRequest
 from balancerd.model import Move
+from balancerd.outcomes import MigrationMode, MoveOutcome, SkipKind, new_migration_id
 from balancerd.policy.model import Migration
 
 log = logging.getLogger(__name__)
 
-MIGRATED, SKIPPED, FAILED = "migrated", "skipped", "failed"
+MIGRATED, SKIPPED, FAILED = MoveOutcome.MIGRATED, MoveOutcome.SKIPPED, MoveOutcome.FAILED
 
 
 @dataclass(frozen=True)
@@ -31,22 +32,26 @@ class MoveResult:
     vm: str
     src: str
     dst: str
-    result: str  # migrated | skipped | failed
-    mode: str  # converge.Mode value; "" when nothing completed
+    outcome: MoveOutcome
+    mode: MigrationMode  # NONE when nothing completed
     reason: str  # why skipped/failed, or notes on a migration
     seconds: float
     downtime_ms: float | None = None
     bytes_sent: int = 0
     iterations: int = 0
     paused_ms: float | None = None  # our own bound on the pause (paused-fallback, offline)
+    skip_kind: SkipKind | None = None  # set when outcome is SKIPPED
+    migration_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "vm": self.vm,
             "from": self.src,
             "to": self.dst,
-            "result": self.result,
+            "migration_id": self.migration_id,
+            "result": str(self.outcome),
             "mode": str(self.mode),
+            "skip_kind": None if self.skip_kind is None else str(self.skip_kind),
             "reason": self.reason,
             "seconds": round(self.seconds, 3),
             "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 1),
@@ -56,8 +61,8 @@ class MoveResult:
         }
 
     def line(self) -> str:
-        head = f"{self.vm} {self.src}->{self.dst} {self.result}"
-        if self.result != MIGRATED:
+        head = f"{self.vm} {self.src}->{self.dst} {self.outcome}"
+        if self.outcome is not MoveOutcome.MIGRATED:
             return f"{head}: {self.reason}"
         downtime = "?" if self.downtime_ms is None else f"{self.downtime_ms:.0f} ms"
         if self.paused_ms is not None:
@@ -81,6 +86,10 @@ def _no_heartbeat() -> None:
     pass
 
 
+def _no_start(_m: Move, _migration_id: str) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Engine:
     """Everything one move needs, wired by the daemon/CLI."""
@@ -91,6 +100,8 @@ class Engine:
     journal: Journal | None = None
     heartbeat: Callable[[], None] = field(default=_no_heartbeat)
     progress: MoveProgress = field(default=_no_progress)
+    # (move, migration ID) once preflight passed and the intent is journalled
+    on_start: Callable[[Move, str], None] = field(default=_no_start)
     sample_interval_s: float = 1.0
     # False: no live attempt, migrate cold at once (benchmarks; guests known not to converge)
     live: bool = True
@@ -119,17 +130,29 @@ class _Run:
         self.m = move
         self.t0 = time.monotonic()
         self.entry: int | None = None
+        self.migration_id = new_migration_id()
         self.what = f"{move.vm} {move.src}->{move.dst}"
+        self.log_fields = {
+            "VM": move.vm,
+            "HOST": move.src,
+            "MIGRATION_ID": self.migration_id,
+        }
 
     def journal(self, fn: Callable[[Journal], None]) -> None:
         if self.e.journal is not None:
             try:
                 fn(self.e.journal)
             except Exception as exc:  # the journal must not take a migration down
-                log.error("journal write failed for %s: %s", self.what, exc)
+                log.error("journal write failed for %s: %s", self.what, exc, extra=self.log_fields)
 
     def result(
-        self, result: str, mode: str, reason: str, keep_open: bool = False, **kw: Any
+        self,
+        outcome: MoveOutcome,
+        mode: MigrationMode,
+        reason: str,
+        keep_open: bool = False,
+        skip_kind: SkipKind | None = None,
+        **kw: Any,
     ) -> MoveResult:
         """The move's result; the journal entry gets it as its outcome unless ``keep_open``
         (the job may still run: reconcile settles it at the next start)."""
@@ -137,17 +160,19 @@ class _Run:
             self.m.vm,
             self.m.src,
             self.m.dst,
-            result,
+            outcome,
             mode,
             reason,
             time.monotonic() - self.t0,
+            skip_kind=skip_kind,
+            migration_id=self.migration_id,
             **kw,
         )
         if self.entry is not None and not keep_open:
             entry = self.entry
-            self.journal(lambda j: j.finish(entry, result, mode, reason))
-        level = logging.INFO if result == MIGRATED else logging.WARNING
-        log.log(level, "%s", r.line(), extra={"VM": self.m.vm, "HOST": self.m.src})
+            self.journal(lambda j: j.finish(entry, outcome, mode, reason))
+        level = logging.INFO if outcome is MoveOutcome.MIGRATED else logging.WARNING
+        log.log(level, "%s [%s]", r.line(), self.migration_id, extra=self.log_fields)
         return r
 
 
@@ -157,7 +182,7 @@ def run_move(engine: Engine, move: Move) -> MoveResult:
     try:
         return _run_move(run)
     except Exception as exc:  # a bug or an unexpected error: fail this step only
-        log.exception("%s: unexpected error", run.what)
+        log.exception("%s: unexpected error", run.what, extra=run.log_fields)
         return run.result(FAILED, Mode.NONE, f"unexpected error: {exc!r}")
 
 
@@ -168,11 +193,14 @@ def _run_move(run: _Run) -> MoveResult:
     pf = preflight(hv, m, mig, e.headroom_bytes)
     e.heartbeat()
     if not pf.ok or pf.facts is None:
-        return run.result(SKIPPED, Mode.NONE, pf.reason)
+        return run.result(SKIPPED, Mode.NONE, pf.reason, skip_kind=pf.kind)
     facts = pf.facts
     if e.journal is not None:
-        run.entry = e.journal.begin(m.vm, facts.uuid, m.src, m.dst, facts.state)
+        run.entry = e.journal.begin(
+            m.vm, facts.uuid, m.src, m.dst, facts.state, migration_id=run.migration_id
+        )
     entry = run.entry
+    e.on_start(m, run.migration_id)
     rules = StallRules.for_vm(mig, m.vm)
     req = MigrationRequest(
         vm=m.vm,
@@ -330,8 +358,8 @@ def _verified(
         "iterations": src_stats.iteration if src_stats else 0,
     }
     if problems:
-        return run.result(FAILED, str(mode), "verification: " + "; ".join(problems), **kw)
-    return run.result(MIGRATED, str(mode), note, **kw)
+        return run.result(FAILED, mode, "verification: " + "; ".join(problems), **kw)
+    return run.result(MIGRATED, mode, note, **kw)
 
 
 def _completed_stats(hv: Hypervisor, host: str, vm: str) -> JobStats | None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from balancerd.errors import HypervisorError
 from balancerd.hypervisor.base import DomainFacts, HostFacts, Hypervisor
 from balancerd.model import Move
+from balancerd.outcomes import SkipKind
 from balancerd.policy.model import Migration
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,23 @@ MIGRATABLE_STATES = ("running", "paused")
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """Why preflight refuses a step: a bounded kind and the message for the operator."""
+
+    kind: SkipKind
+    reason: str  # e.g. "disk /x.qcow2 not found on host2"
+
+
+@dataclass(frozen=True)
 class PreflightResult:
     ok: bool
     reason: str = ""  # why the step is skipped, e.g. "disk /x.qcow2 not found on host2"
     facts: DomainFacts | None = None  # the guest as found on the source
+    kind: SkipKind | None = None  # set when not ok
+
+    @classmethod
+    def refused(cls, refusal: Refusal, facts: DomainFacts | None = None) -> PreflightResult:
+        return cls(False, refusal.reason, facts, refusal.kind)
 
 
 def _version(v: int) -> str:
@@ -56,53 +70,70 @@ def check(
     headroom_bytes: int,
     cpu_ok: bool,
     path_visible: Mapping[str, bool],
-) -> str | None:
+) -> Refusal | None:
     """The first failed requirement for ``move``, or None when every check passes."""
     vm, d = move.vm, move.dst
     if src.name == dst.name or (src.host_uuid and src.host_uuid == dst.host_uuid):
-        return f"source and destination are the same host ({src.name} uuid {src.host_uuid})"
+        return Refusal(
+            SkipKind.SAME_HOST,
+            f"source and destination are the same host ({src.name} uuid {src.host_uuid})",
+        )
     if src.hostname and src.hostname == dst.hostname:
-        return f"{src.name} and {d} report the same host name {src.hostname!r}"
+        return Refusal(
+            SkipKind.SAME_HOST, f"{src.name} and {d} report the same host name {src.hostname!r}"
+        )
     if facts.state not in MIGRATABLE_STATES:
-        return f"guest is {facts.state}, not running"
+        return Refusal(SkipKind.NOT_RUNNING, f"guest is {facts.state}, not running")
     if facts.in_job:
-        return "guest is already in a job (another migration or save?)"
+        return Refusal(SkipKind.IN_JOB, "guest is already in a job (another migration or save?)")
     if not mig.allow_backward:
         if dst.libvirt_version < src.libvirt_version:
-            return (
-                f"libvirt on {d} ({_version(dst.libvirt_version)}) is older than on "
-                f"{src.name} ({_version(src.libvirt_version)}); allow_backward is off"
+            return Refusal(
+                SkipKind.VERSION,
+                (
+                    f"libvirt on {d} ({_version(dst.libvirt_version)}) is older than on "
+                    f"{src.name} ({_version(src.libvirt_version)}); allow_backward is off"
+                ),
             )
         if dst.hypervisor_version < src.hypervisor_version:
-            return (
-                f"QEMU on {d} ({_version(dst.hypervisor_version)}) is older than on "
-                f"{src.name} ({_version(src.hypervisor_version)}); allow_backward is off"
+            return Refusal(
+                SkipKind.VERSION,
+                (
+                    f"QEMU on {d} ({_version(dst.hypervisor_version)}) is older than on "
+                    f"{src.name} ({_version(src.hypervisor_version)}); allow_backward is off"
+                ),
             )
     if not cpu_ok:
-        return f"guest CPU model is not compatible with {d}"
+        return Refusal(SkipKind.CPU_INCOMPATIBLE, f"guest CPU model is not compatible with {d}")
     copy_storage = vm in mig.copy_storage_vms
     for disk in facts.disks:
         if disk.path and not copy_storage and not path_visible.get(disk.path, False):
-            return f"disk {disk.path} not found on {d}"
+            return Refusal(SkipKind.DISK_MISSING, f"disk {disk.path} not found on {d}")
         if (
             disk.cache not in SAFE_CACHE_MODES
             and not disk.readonly
             and vm not in mig.unsafe_cache_vms
         ):
-            return (
-                f"disk {disk.path or disk.target} has cache='{disk.cache}' (must be 'none'; "
-                f"list the guest in unsafe_cache_vms to accept the risk)"
+            return Refusal(
+                SkipKind.CACHE_MODE,
+                (
+                    f"disk {disk.path or disk.target} has cache='{disk.cache}' (must be 'none'; "
+                    f"list the guest in unsafe_cache_vms to accept the risk)"
+                ),
             )
     for iface in facts.interfaces:
         if iface.kind == "network" and iface.source not in dst.networks:
-            return f"network {iface.source!r} not active on {d}"
+            return Refusal(SkipKind.NETWORK, f"network {iface.source!r} not active on {d}")
         if iface.kind == "bridge" and iface.source not in dst.bridges:
-            return f"bridge {iface.source!r} not found on {d}"
+            return Refusal(SkipKind.NETWORK, f"bridge {iface.source!r} not found on {d}")
     need = facts.mem_bytes + headroom_bytes
     if dst.mem_free_bytes < need:
-        return (
-            f"{d} has {dst.mem_free_bytes / MIB:.0f} MiB free, needs "
-            f"{facts.mem_bytes / MIB:.0f} MiB + {headroom_bytes / MIB:.0f} MiB headroom"
+        return Refusal(
+            SkipKind.NO_MEMORY,
+            (
+                f"{d} has {dst.mem_free_bytes / MIB:.0f} MiB free, needs "
+                f"{facts.mem_bytes / MIB:.0f} MiB + {headroom_bytes / MIB:.0f} MiB headroom"
+            ),
         )
     return None
 
@@ -111,15 +142,21 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
     """Gather the facts for ``move`` from the hosts and check them."""
     vm, s, d = move.vm, move.src, move.dst
     if s == d:
-        return PreflightResult(False, f"source and destination are the same host ({s})")
+        return PreflightResult.refused(
+            Refusal(SkipKind.SAME_HOST, f"source and destination are the same host ({s})")
+        )
     try:
         dst = hv.host_facts(d)
     except HypervisorError as exc:
-        return PreflightResult(False, f"destination {d} does not answer: {exc.detail}")
+        return PreflightResult.refused(
+            Refusal(SkipKind.HOST_DOWN, f"destination {d} does not answer: {exc.detail}")
+        )
     try:
         src_state = hv.domain_state(s, vm)
     except HypervisorError as exc:
-        return PreflightResult(False, f"source {s} does not answer: {exc.detail}")
+        return PreflightResult.refused(
+            Refusal(SkipKind.HOST_DOWN, f"source {s} does not answer: {exc.detail}")
+        )
     if src_state is None:
         where = ""
         try:
@@ -127,7 +164,7 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
                 where = f" (already on {d})"
         except HypervisorError:
             pass
-        return PreflightResult(False, f"guest is no longer on {s}{where}")
+        return PreflightResult.refused(Refusal(SkipKind.GONE, f"guest is no longer on {s}{where}"))
     try:
         src = hv.host_facts(s)
         facts = hv.domain_facts(s, vm)
@@ -138,9 +175,11 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
             visible = {k.path: hv.path_visible(d, k.path) for k in facts.disks if k.path}
         on_dst = hv.domain_state(d, vm)
     except HypervisorError as exc:
-        return PreflightResult(False, f"could not read facts: {exc}")
+        return PreflightResult.refused(Refusal(SkipKind.HOST_DOWN, f"could not read facts: {exc}"))
     if on_dst is not None:
-        return PreflightResult(False, f"a domain named {vm} already exists on {d} ({on_dst})")
+        return PreflightResult.refused(
+            Refusal(SkipKind.NAME_TAKEN, f"a domain named {vm} already exists on {d} ({on_dst})")
+        )
     problem = check(
         move,
         facts,
@@ -152,5 +191,5 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
         path_visible=visible,
     )
     if problem is not None:
-        return PreflightResult(False, problem, facts)
+        return PreflightResult.refused(problem, facts)
     return PreflightResult(True, "", facts)

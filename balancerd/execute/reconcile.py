@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from balancerd.errors import HypervisorError
 from balancerd.execute.journal import Journal
 from balancerd.hypervisor.base import Hypervisor
+from balancerd.outcomes import ReconcileOutcome
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,14 @@ class Reconciliation:
     actions: tuple[str, ...]  # what was done; () when the guest was already on one host
     detail: str  # where the guest runs now, or why it could not be settled
     settled: bool  # False: a host did not answer; the entry stays open for next time
-    migration_id: int | None = None
+    entry_id: int | None = None  # the journal entry
+    migration_id: str = ""
+
+    @property
+    def outcome(self) -> ReconcileOutcome:
+        if not self.settled:
+            return ReconcileOutcome.UNKNOWN
+        return ReconcileOutcome.SETTLED if self.actions else ReconcileOutcome.CLEANED
 
 
 def _alive(state: str | None) -> str | None:
@@ -151,7 +159,14 @@ def reconcile(
             )
         except HypervisorError as exc:
             r = Reconciliation(
-                entry.vm, entry.src, entry.dst, (), f"not settled: {exc}", False, entry.id
+                entry.vm,
+                entry.src,
+                entry.dst,
+                (),
+                f"not settled: {exc}",
+                False,
+                entry.id,
+                entry.migration_id,
             )
             log.warning(
                 "reconcile: migration %s %s->%s from pid %d not settled: %s",
@@ -160,7 +175,7 @@ def reconcile(
                 entry.dst,
                 entry.pid,
                 exc,
-                extra={"VM": entry.vm},
+                extra={"VM": entry.vm, "MIGRATION_ID": entry.migration_id},
             )
             done.append(r)
             continue
@@ -175,9 +190,18 @@ def reconcile(
             entry.phase,
             entry.pid,
             detail,
-            extra={"VM": entry.vm},
+            extra={"VM": entry.vm, "MIGRATION_ID": entry.migration_id},
         )
         done.append(
-            Reconciliation(entry.vm, entry.src, entry.dst, tuple(actions), where, True, entry.id)
+            Reconciliation(
+                entry.vm,
+                entry.src,
+                entry.dst,
+                tuple(actions),
+                where,
+                True,
+                entry.id,
+                entry.migration_id,
+            )
         )
     return done

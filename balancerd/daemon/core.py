@@ -1,0 +1,481 @@
+"""The daemon's composition root: wires collection, cycles, the watchdog, stats, reload and
+signals together and owns the threads.
+
+Threads: APScheduler runs the collect job (every ``collect_interval_s``) and the cycle
+job (decide and act, every ``cycle_interval_s``; never overlapping, missed runs
+coalesced). The main thread only waits: it feeds the systemd watchdog while the jobs
+make progress, and performs reload/stop when a signal handler has set a flag.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CollectorRegistry
+
+from balancerd.collect import Capacity, SampleHistory, build_snapshot, capacity_from_config
+from balancerd.config import Config
+from balancerd.daemon.cycle import CycleActions, CycleInputs, CycleReport, run_cycle
+from balancerd.daemon.reload import Loaded, load_all
+from balancerd.daemon.stats import StatsRecorder
+from balancerd.daemon.watchdog import Watchdog
+from balancerd.daemon_state import write_daemon_status
+from balancerd.errors import BalancerdError, ConfigError
+from balancerd.execute.executor import execute
+from balancerd.execute.journal import Journal
+from balancerd.execute.move import Engine, MoveResult, run_move
+from balancerd.execute.reconcile import reconcile
+from balancerd.forecast import DemandHistory
+from balancerd.hypervisor.base import Hypervisor
+from balancerd.metrics import DaemonStats, register, serve
+from balancerd.model import Move, Plan, Snapshot
+from balancerd.notify import Notifier
+from balancerd.outcomes import MoveOutcome
+from balancerd.policy.model import Policy
+from balancerd.power import PowerResult, PowerTracker, apply_power, decide_power, drivers_for
+from balancerd.power.base import PowerDriver
+from balancerd.schedule import ActiveSchedule, active_schedule
+
+log = logging.getLogger(__name__)
+
+JOURNAL_FILE = "journal.sqlite"
+POWER_FILE = "power.json"
+
+HypervisorFactory = Callable[[Config], Hypervisor]
+
+
+@dataclass
+class _Runtime:
+    """What the jobs share; replaced pieces are swapped under the daemon's lock."""
+
+    loaded: Loaded
+    hypervisor: Hypervisor
+    history: SampleHistory
+    drivers: dict[str, PowerDriver]
+    snapshot: Snapshot | None = None
+    last_plan: Plan | None = None
+    last_report: CycleReport | None = None
+    last_moved_s: dict[str, float] = field(default_factory=dict)  # wall clock
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: str,
+        *,
+        hypervisor_factory: HypervisorFactory | None = None,
+        notifier: Notifier | None = None,
+        registry: CollectorRegistry | None = None,
+        serve_metrics: bool = True,
+        max_cycles: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config_path = config_path
+        self._hypervisor_factory = hypervisor_factory or _libvirt_hypervisor
+        self.notifier = notifier or Notifier.from_env()
+        self.registry = registry or CollectorRegistry()
+        self.stats = DaemonStats()
+        self.recorder = StatsRecorder(self.stats)
+        self.watchdog = Watchdog(self.notifier)
+        self._clock = clock
+        self._serve_metrics = serve_metrics
+        self._max_cycles = max_cycles  # stop after this many cycles (0 = run until signalled)
+        self.cycles_done = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._reload = False
+        self._ready_sent = False
+        self._server: Any = None  # the metrics HTTP server while running
+        loaded = load_all(config_path)
+        drivers = drivers_for(loaded.config.hosts)
+        self.rt = _Runtime(
+            loaded=loaded,
+            hypervisor=self._hypervisor_factory(loaded.config),
+            history=SampleHistory(loaded.config.smoothing_window),
+            drivers=drivers,
+        )
+        state_dir = Path(loaded.config.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(state_dir / JOURNAL_FILE)
+        self.power = _load_tracker(state_dir / POWER_FILE)
+        self.known_capacity: dict[str, Capacity] = {}  # last seen while up
+        self.demand = DemandHistory(keep_s=loaded.forecast_window_s)
+        self.scheduler = BackgroundScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
+        )
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self.rt.loaded.config
+
+    @property
+    def ready(self) -> bool:
+        return self._ready_sent
+
+    @property
+    def last_report(self) -> CycleReport | None:
+        return self.rt.last_report
+
+    def heartbeat(self) -> None:
+        self.watchdog.heartbeat()
+
+    def install_signal_handlers(self) -> None:
+        def on_hup(_sig: int, _frame: FrameType | None) -> None:
+            self.request_reload()
+
+        def on_term(_sig: int, _frame: FrameType | None) -> None:
+            self.request_stop()
+
+        signal.signal(signal.SIGHUP, on_hup)
+        # `kill -USR1 PID` writes every thread's stack to the log: where is it stuck?
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+
+    def request_stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload = True
+        self._wake.set()
+
+    def start(self) -> None:
+        """Reconcile the journal, serve metrics and start the scheduled jobs."""
+        self.notifier.status("starting: reconciling the migration journal")
+        self._reconcile()
+        register(self.registry, self.stats)
+        self._server = (
+            serve(self.config.metrics_listen, self.registry) if self._serve_metrics else None
+        )
+        self._apply_policy_metrics()
+        self._schedule_jobs()
+        self.scheduler.start()
+        log.info(
+            "started config=%s hosts=%d metrics=%s",
+            self.config_path,
+            len(self.config.hosts),
+            self.config.metrics_listen,
+        )
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or ``max_cycles``). Returns the exit status."""
+        self.start()
+        try:
+            self._main_loop()
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        self.notifier.stopping()
+        self.scheduler.shutdown(wait=False)
+        if self._server is not None:
+            self._server.close()
+        self.rt.hypervisor.close()
+        self.journal.close()
+        log.info("stopped")
+
+    def _main_loop(self) -> None:
+        tick_s = 1.0
+        if self.notifier.watchdog_ping_s:
+            tick_s = min(tick_s, self.notifier.watchdog_ping_s)
+        while not self._stop:
+            self._wake.wait(timeout=tick_s)
+            self._wake.clear()
+            if self._reload:
+                self._reload = False
+                self.reload()
+            self.watchdog.tick(ready=self._ready_sent, stall_timeout_s=self.config.stall_timeout_s)
+
+    def _schedule_jobs(self) -> None:
+        c = self.config
+        self.scheduler.add_job(
+            self.collect_job,
+            "interval",
+            seconds=c.collect_interval_s,
+            id="collect",
+            next_run_time=datetime.now().astimezone(),
+        )
+        self.scheduler.add_job(
+            self.cycle_job,
+            "interval",
+            seconds=c.cycle_interval_s,
+            id="cycle",
+        )
+
+    def _reschedule(self) -> None:
+        c = self.config
+        self.scheduler.reschedule_job("collect", trigger="interval", seconds=c.collect_interval_s)
+        self.scheduler.reschedule_job("cycle", trigger="interval", seconds=c.cycle_interval_s)
+
+    # --- reload -----------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Load -> validate everything the new files need -> swap. An invalid file keeps
+        everything as it was; nothing found after the swap can take the daemon down."""
+        self.notifier.reloading()
+        try:
+            loaded = load_all(self.config_path)
+            hosts_changed = (
+                self.config.hosts != loaded.config.hosts
+                or self.config.host_timeout_s != loaded.config.host_timeout_s
+            )
+            drivers = drivers_for(loaded.config.hosts) if hosts_changed else self.rt.drivers
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload rejected, keeping the running policy: %s", problem)
+            self.stats.record_reload(ok=False)
+            self.notifier.ready(status="reload rejected; running on the previous configuration")
+            return False
+        with self._lock:
+            old = self.rt.loaded.config
+            self.rt.loaded = loaded
+            self.demand.keep_s = loaded.forecast_window_s
+            if hosts_changed:
+                self.rt.hypervisor.close()
+                self.rt.hypervisor = self._hypervisor_factory(loaded.config)
+                self.rt.history = SampleHistory(loaded.config.smoothing_window)
+                self.rt.drivers = drivers
+            elif old.smoothing_window != loaded.config.smoothing_window:
+                self.rt.history = SampleHistory(loaded.config.smoothing_window)
+        if self.scheduler.running:
+            self._reschedule()
+        self.stats.record_reload(ok=True)
+        self._apply_policy_metrics()
+        log.info("reloaded config=%s policies=%s", self.config_path, ",".join(loaded.policies))
+        self.notifier.ready(status="reloaded")
+        return True
+
+    def active(self) -> tuple[ActiveSchedule, Policy]:
+        loaded = self.rt.loaded
+        active = active_schedule(
+            loaded.config.schedule, loaded.config.policy, datetime.now().astimezone()
+        )
+        return active, loaded.policies[active.policy]
+
+    def _apply_policy_metrics(self) -> None:
+        active, policy = self.active()
+        self.stats.set_policy(policy.name, policy.objective, policy.mode)
+        self.stats.set_freeze(active.frozen)
+
+    # --- jobs -------------------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        try:
+            done = reconcile(self.rt.hypervisor, self.journal, heartbeat=self.heartbeat)
+        except BalancerdError as exc:
+            log.error("reconcile at start failed: %s", exc)
+            return
+        self.recorder.reconciliations(done)
+
+    def collect_job(self) -> None:
+        with self.watchdog.job():
+            try:
+                self.collect_once()
+            except Exception:  # one failed job is logged once; the daemon goes on
+                log.exception("collect failed")
+
+    def collect_once(self) -> Snapshot:
+        with self._lock:
+            hv, history, config = self.rt.hypervisor, self.rt.history, self.config
+        sample = hv.sample_all()
+        history.add(sample)
+        snapshot = build_snapshot(
+            history.samples(),
+            window=history.window,
+            # A host that is off reports nothing: plan with what it had when it was up.
+            capacity={**self.known_capacity, **capacity_from_config(config.hosts)},
+            powered_off=self.power.powered_off(),
+        )
+        for h in snapshot.hosts:
+            if h.up:
+                self.known_capacity[h.name] = Capacity(cpus=h.cpus, mem_bytes=h.mem_bytes)
+        now_s = self._clock()
+        self.power.observe(snapshot, now_s)
+        self.demand.record(snapshot, now_s)
+        with self._lock:
+            self.rt.snapshot = snapshot
+        self.stats.set_snapshot(snapshot)
+        for h in snapshot.hosts:
+            self.stats.set_host_power(h.name, h.name not in self.power.powered_off())
+        self.heartbeat()
+        up = sum(h.up for h in snapshot.hosts)
+        if not self._ready_sent and up and len(history) >= 2:
+            self._ready_sent = True
+            self.notifier.ready(status=f"collecting: {up}/{len(snapshot.hosts)} hosts up")
+            log.info("ready hosts_up=%d hosts=%d", up, len(snapshot.hosts))
+        self._write_status("idle")
+        return snapshot
+
+    def cycle_job(self) -> None:
+        with self.watchdog.job():
+            self.cycle_once()
+
+    def cycle_once(self) -> CycleReport | None:
+        """One decide-and-act cycle; logged and counted, never raises."""
+        started_s = time.monotonic()
+        report: CycleReport | None = None
+        try:
+            report = self._cycle()
+        except Exception as exc:  # logged once, counted, and the next cycle runs
+            log.exception("cycle failed")
+            self.stats.record_cycle(time.monotonic() - started_s, ok=False, error=str(exc))
+        else:
+            self.stats.record_cycle(time.monotonic() - started_s, ok=True)
+        finally:
+            self.cycles_done += 1
+            if self._max_cycles and self.cycles_done >= self._max_cycles:
+                self.request_stop()
+        return report
+
+    def _cycle(self) -> CycleReport | None:
+        with self._lock:
+            snapshot = self.rt.snapshot
+        if snapshot is None or len(self.rt.history) < 2:
+            log.info("cycle skipped: not enough samples yet")
+            return None
+        active, policy = self.active()
+        self.stats.set_policy(policy.name, policy.objective, policy.mode)
+        self.stats.set_freeze(active.frozen)
+        now_s = self._clock()
+        self.notifier.status(f"planning with policy {policy.name}")
+        inputs = CycleInputs(
+            snapshot=snapshot,
+            # Plan with each guest's forecast demand (spec.forecast), act on the real snapshot.
+            planning=self.demand.planning_snapshot(snapshot, policy.forecast, now_s),
+            policy=policy,
+            active=active,
+            last_moved_s=dict(self.rt.last_moved_s),
+            now_s=now_s,
+            at=datetime.now().astimezone().isoformat(timespec="seconds"),
+        )
+
+        def on_plan(plan: Plan) -> None:
+            self.rt.last_plan = plan
+            self.recorder.plan(plan, policy)
+
+        report = run_cycle(inputs, _Actions(self), on_plan=on_plan)
+        self.recorder.cycle(report)
+        self.rt.last_report = report
+        self._write_status("idle")
+        self.notifier.status(report.status_line())
+        return report
+
+    def engine(self, policy: Policy) -> Engine:
+        """The move engine for ``policy``, wired to the journal, watchdog and stats."""
+
+        def on_start(move: Move, migration_id: str) -> None:
+            self.recorder.move_started(move.vm, move.src, move.dst, migration_id)
+            self._write_status("migrating")
+
+        return Engine(
+            hv=self.rt.hypervisor,
+            mig=policy.migration,
+            headroom_bytes=policy.limits.mem_headroom_bytes,
+            journal=self.journal,
+            heartbeat=self.heartbeat,
+            progress=lambda _m, _s, _msg: self.heartbeat(),
+            on_start=on_start,
+        )
+
+    def execute_plan(self, plan: Plan, policy: Policy) -> list[MoveResult]:
+        self.notifier.status(f"migrating {len(plan.moves)} guests ({policy.name})")
+        engine = self.engine(policy)
+        # Each move's end is recorded as it happens, so status and metrics follow the plan.
+        finished: set[int] = set()
+
+        def run(e: Engine, move: Move) -> MoveResult:
+            r = run_move(e, move)
+            if r.outcome is MoveOutcome.MIGRATED:
+                self.rt.last_moved_s[r.vm] = self._clock()
+            self.recorder.move_finished(r, policy.name)
+            finished.add(id(r))
+            return r
+
+        results = execute(plan.moves, engine, run=run, should_stop=lambda: self._stop)
+        for r in results:
+            if id(r) not in finished:  # skipped by the executor itself (dependency, stopping)
+                self.recorder.move_finished(r, policy.name)
+        return results
+
+    def switch_power(
+        self, plan: Plan, snapshot: Snapshot, policy: Policy, now_s: float, *, only_on: bool
+    ) -> list[PowerResult]:
+        decision = decide_power(
+            plan,
+            snapshot,
+            policy.power,
+            self.power.hosts,
+            now_s,
+            switchable=set(self.rt.drivers),
+        )
+        if only_on:
+            decision = replace(decision, power_off=())
+        if decision.empty:
+            return []
+        results = apply_power(decision, self.rt.drivers, self.power, now_s)
+        (Path(self.config.state_dir) / POWER_FILE).write_text(self.power.to_json())
+        return results
+
+    def _write_status(self, state: str) -> None:
+        active, policy = self.active()
+        report = self.rt.last_report
+        try:
+            write_daemon_status(
+                self.config.state_dir,
+                {
+                    "state": state,
+                    "policy": policy.name,
+                    "objective": policy.objective,
+                    "mode": policy.mode,
+                    "frozen": active.frozen,
+                    "last_cycle": {} if report is None else report.summary(),
+                    "in_flight": self.stats.summary().get("in_flight", []),
+                    "powered_off": list(self.power.powered_off()),
+                },
+            )
+        except OSError as exc:
+            log.warning("cannot write the status file: %s", exc)
+
+
+class _Actions(CycleActions):
+    """The daemon's executor and power switch, as a cycle sees them."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+
+    def execute(self, plan: Plan, policy: Policy) -> list[MoveResult]:
+        return self._d.execute_plan(plan, policy)
+
+    def switch_power(
+        self, plan: Plan, snapshot: Snapshot, policy: Policy, now_s: float, *, only_on: bool
+    ) -> list[PowerResult]:
+        return self._d.switch_power(plan, snapshot, policy, now_s, only_on=only_on)
+
+
+def _load_tracker(path: Path) -> PowerTracker:
+    try:
+        return PowerTracker.from_json(path.read_text())
+    except (OSError, ValueError):
+        return PowerTracker()
+
+
+def _libvirt_hypervisor(config: Config) -> Hypervisor:
+    from balancerd.wiring import open_hypervisor
+
+    return open_hypervisor(config)

@@ -1,0 +1,90 @@
+"""Typed outcomes shared by execute/, the daemon, the CLI and metrics.
+
+Every value here is also a Prometheus label value (lower case, no free text), so the
+metrics declare their label sets from these enums and a new outcome cannot drift from
+what the dashboard and alerts query.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+
+
+class MoveOutcome(enum.StrEnum):
+    """What became of one planned move."""
+
+    MIGRATED = "migrated"
+    SKIPPED = "skipped"  # nothing was attempted (preflight, dependency, freeze, ...)
+    FAILED = "failed"  # attempted; the guest still runs on exactly one host
+
+
+class MigrationMode(enum.StrEnum):
+    """How a move was finally carried out (recorded per move)."""
+
+    LIVE = "live"
+    LIVE_DOWNTIME_RAISE = "live-downtime-raise"
+    AUTO_CONVERGE = "auto-converge"
+    PAUSED_FALLBACK = "paused-fallback"  # pause-and-complete after a stall
+    OFFLINE = "offline"  # cold: paused while all memory is sent
+    NONE = "none"  # nothing was attempted (skipped) or nothing completed
+
+
+class FallbackKind(enum.StrEnum):
+    """A live migration that did not finish live."""
+
+    PAUSE = "pause"  # pause-and-complete
+    OFFLINE = "offline"  # a cold migration after the live one failed
+
+
+def fallback_of(mode: MigrationMode) -> FallbackKind | None:
+    if mode is MigrationMode.PAUSED_FALLBACK:
+        return FallbackKind.PAUSE
+    if mode is MigrationMode.OFFLINE:
+        return FallbackKind.OFFLINE
+    return None
+
+
+class SkipKind(enum.StrEnum):
+    """Why a step was skipped (bounded; the message says the rest)."""
+
+    SAME_HOST = "same-host"
+    NOT_RUNNING = "not-running"
+    IN_JOB = "in-job"
+    VERSION = "version"
+    CPU_INCOMPATIBLE = "cpu-incompatible"
+    DISK_MISSING = "disk-missing"
+    CACHE_MODE = "cache-mode"
+    NETWORK = "network"
+    NO_MEMORY = "no-memory"
+    GONE = "gone"  # the guest is no longer on the source
+    NAME_TAKEN = "name-taken"  # a domain of that name is already on the destination
+    HOST_DOWN = "host-down"  # a host does not answer
+    DEPENDENCY = "dependency"  # an earlier move it depended on did not happen
+    STOPPING = "stopping"  # the daemon is stopping
+    FREEZE = "freeze"  # a freeze window is open
+    RECOMMEND = "recommend"  # the policy only recommends
+    OTHER = "other"
+
+
+class ReconcileOutcome(enum.StrEnum):
+    """What start-up settlement did with one open journal entry."""
+
+    SETTLED = "settled"  # actions were taken so the guest runs on exactly one host
+    CLEANED = "cleaned"  # the guest already ran on one host; the entry was closed
+    UNKNOWN = "unknown"  # a host did not answer; the entry stays open for next time
+
+
+class CycleResult(enum.StrEnum):
+    OK = "ok"
+    ERROR = "error"
+
+
+class PowerAction(enum.StrEnum):
+    ON = "on"
+    OFF = "off"
+
+
+def new_migration_id() -> str:
+    """A short, unique migration ID (journal, journald MIGRATION_ID, JSON, status)."""
+    return uuid.uuid4().hex[:12]
