@@ -154,8 +154,9 @@ class Daemon:
         self._reload = True
         self._wake.set()
 
-    def start(self) -> None:
-        """Reconcile the journal, serve metrics and start the scheduled jobs."""
+    def start(self, *, schedule_jobs: bool = True) -> None:
+        """Reconcile the journal, serve metrics and start the scheduled jobs (tests drive
+        ``collect_once``/``cycle_once`` themselves with ``schedule_jobs=False``)."""
         self.notifier.status("starting: reconciling the migration journal")
         self._reconcile()
         register(self.registry, self.stats)
@@ -163,8 +164,9 @@ class Daemon:
             serve(self.config.metrics_listen, self.registry) if self._serve_metrics else None
         )
         self._apply_policy_metrics()
-        self._schedule_jobs()
-        self.scheduler.start()
+        if schedule_jobs:
+            self._schedule_jobs()
+            self.scheduler.start()
         log.info(
             "started config=%s hosts=%d metrics=%s",
             self.config_path,
@@ -183,7 +185,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.notifier.stopping()
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
         if self._server is not None:
             self._server.close()
         self.rt.hypervisor.close()

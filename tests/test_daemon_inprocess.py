@@ -1,0 +1,194 @@
+"""The daemon in-process (no root, no libvirt): a real Daemon wired to the simulated
+hypervisor runs collect and cycle jobs; plans, moves, metrics and the status file follow."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from balancerd.config import Config
+from balancerd.daemon import Daemon
+from balancerd.daemon_state import STATUS_FILE
+from balancerd.hypervisor.base import Hypervisor
+from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
+from balancerd.notify import Notifier
+from balancerd.outcomes import MoveOutcome, SkipKind
+from balancerd.units import GIB
+
+POLICY = """\
+apiVersion: balancerd/v1
+kind: Policy
+metadata: {name: inproc}
+spec:
+  objective: balance
+  mode: MODE
+  limits: {max_cpu_util: 0.9, max_mem_util: 0.9, mem_headroom_mib: 0}
+  hysteresis: {min_improvement: 0.01, cooldown_s: 0}
+  migration: {max_concurrent: 2, max_concurrent_per_host: 1}
+  forecast: {quantile: 0.5, window_s: 600}
+"""
+
+
+def write_config(folder: Path, mode: str = "automatic") -> Path:
+    (folder / "policy.yaml").write_text(POLICY.replace("MODE", mode))
+    hosts = "".join(f"  - {{name: h{i}, uri: 'qemu+tcp://10.0.0.{i}/system'}}\n" for i in (1, 2, 3))
+    config = folder / "balancerd.yaml"
+    config.write_text(
+        "hosts:\n"
+        + hosts
+        + textwrap.dedent(
+            f"""\
+            policy: policy.yaml
+            state_dir: {folder / "state"}
+            collect_interval_s: 10
+            cycle_interval_s: 60
+            smoothing_window: 2
+            """
+        )
+    )
+    return config
+
+
+def cluster() -> SimHypervisor:
+    """Four busy guests all on h1 of three 4-core hosts."""
+    hosts = [SimHost(f"h{i}", cpus=4, cpu_mhz=2000, mem_bytes=16 * GIB) for i in (1, 2, 3)]
+    hv = SimHypervisor(hosts)
+    for i in range(4):
+        hv.add_vm("h1", SimVm(f"vm{i}", vcpus=2, mem_bytes=1 * GIB))
+    return hv
+
+
+BUSY = {f"vm{i}": 1.5 for i in range(4)}
+
+
+class Harness:
+    def __init__(self, folder: Path, mode: str = "automatic") -> None:
+        self.hv = cluster()
+        self.registry = CollectorRegistry()
+        self.notes: list[str] = []
+
+        def factory(_config: Config) -> Hypervisor:
+            return self.hv
+
+        self.daemon = Daemon(
+            str(write_config(folder, mode)),
+            hypervisor_factory=factory,
+            notifier=Notifier(),
+            registry=self.registry,
+            serve_metrics=False,
+            clock=lambda: self.hv.clock_s + 1_000_000.0,
+        )
+        self.state = folder / "state"
+
+    def collect(self, times: int) -> None:
+        for _ in range(times):
+            self.hv.advance(10.0, BUSY)
+            self.daemon.collect_once()
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = generate_latest(self.registry).decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        raise AssertionError(f"no sample {name}{labels}")
+
+    def where(self) -> dict[str, list[str]]:
+        return {name: sorted(h.vms) for name, h in self.hv.hosts.items()}
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    h = Harness(tmp_path)
+    h.daemon.start(schedule_jobs=False)
+    yield h
+    h.daemon.shutdown()
+
+
+def test_a_cycle_plans_moves_records_metrics_and_status(harness: Harness) -> None:
+    harness.collect(3)
+    assert harness.daemon.ready
+    report = harness.daemon.cycle_once()
+    assert report is not None and report.executed
+    assert report.plan.moves, report.plan.reason
+    migrated = [r for r in report.results if r.outcome is MoveOutcome.MIGRATED]
+    assert len(migrated) == len(report.plan.moves)
+    # The guests really moved: h1 no longer holds all four, and each runs on one host only.
+    where = harness.where()
+    assert len(where["h1"]) < 4
+    assert sorted(vm for vms in where.values() for vm in vms) == [f"vm{i}" for i in range(4)]
+    # Every move carries a migration ID that the status file and the journal also show.
+    ids = [r.migration_id for r in migrated]
+    assert all(ids) and len(set(ids)) == len(ids)
+    status = json.loads((harness.state / STATUS_FILE).read_text())
+    assert status["last_cycle"]["migrated"] == len(migrated)
+    assert status["last_cycle"]["migration_ids"] == ids
+    assert {e.migration_id for e in harness.daemon.journal.entries()} >= set(ids)
+    # Metrics: the moves are counted under their enum labels, nothing is left in flight.
+    live = harness.metric("balancerd_migrations_total", mode="live", result="migrated")
+    assert live == len(migrated)
+    assert harness.metric("balancerd_migrations_in_flight") == 0.0
+    assert harness.metric("balancerd_cycles_total", result="ok") == 1.0
+    assert harness.metric("balancerd_plan_moves") == len(report.plan.moves)
+
+
+def test_a_migration_in_flight_shows_in_status_and_metrics(harness: Harness) -> None:
+    """While a move runs, the status file and the gauge show it with its ID."""
+    harness.collect(3)
+    seen: list[tuple[float, list[dict[str, object]]]] = []
+    original = harness.hv.migrate
+
+    def observing_migrate(req: object) -> None:
+        status = json.loads((harness.state / STATUS_FILE).read_text())
+        seen.append((harness.metric("balancerd_migrations_in_flight"), status["in_flight"]))
+        original(req)  # type: ignore[arg-type]
+
+    harness.hv.migrate = observing_migrate  # type: ignore[method-assign]
+    report = harness.daemon.cycle_once()
+    assert report is not None and report.results
+    assert seen, "no migration started"
+    gauge, in_flight = seen[0]
+    assert gauge >= 1.0
+    assert in_flight and in_flight[0]["migration_id"] in {r.migration_id for r in report.results}
+
+
+def test_recommend_mode_plans_and_counts_skips_but_moves_nothing(tmp_path: Path) -> None:
+    h = Harness(tmp_path, mode="recommend")
+    h.daemon.start(schedule_jobs=False)
+    try:
+        h.collect(3)
+        report = h.daemon.cycle_once()
+        assert report is not None
+        assert report.held_back is SkipKind.RECOMMEND
+        assert report.plan.moves and not report.results
+        assert h.where()["h1"] == [f"vm{i}" for i in range(4)]
+        skipped = h.metric("balancerd_skipped_total", reason="recommend")
+        assert skipped == len(report.plan.moves)
+    finally:
+        h.daemon.shutdown()
+
+
+def test_a_cycle_before_two_samples_does_nothing(harness: Harness) -> None:
+    harness.collect(1)
+    assert not harness.daemon.ready
+    assert harness.daemon.cycle_once() is None
+    assert harness.where()["h1"] == [f"vm{i}" for i in range(4)]
+
+
+def test_reload_with_a_bad_policy_keeps_the_running_one(harness: Harness, tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text(POLICY.replace("MODE", "sometimes"))
+    assert harness.daemon.reload() is False
+    assert harness.metric("balancerd_reload_failures_total") == 1.0
+    _, policy = harness.daemon.active()
+    assert policy.mode == "automatic"
+    (tmp_path / "policy.yaml").write_text(POLICY.replace("MODE", "recommend"))
+    assert harness.daemon.reload() is True
+    _, policy = harness.daemon.active()
+    assert policy.mode == "recommend"
