@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from balancerd.errors import ConfigError
-from balancerd.policy.load import (
+from balancerd.units import MIB
+from balancerd.validate import (
     COUNT,
     INVALID,
-    MIB,
     NAME,
     NON_NEGATIVE,
     POSITIVE,

@@ -15,8 +15,8 @@ import yaml
 from balancerd import cli
 from balancerd.commands import check_policy
 from balancerd.errors import PolicyError
-from balancerd.policy import load as policy_load
-from balancerd.policy.load import SCHEMA_PATH, Obj, load_policy, load_policy_text, schema_text
+from balancerd.policy import schema as policy_schema
+from balancerd.policy.load import load_policy, load_policy_text
 from balancerd.policy.model import (
     Budget,
     Constraints,
@@ -30,6 +30,9 @@ from balancerd.policy.model import (
     Resources,
     Solver,
 )
+from balancerd.policy.schema import SCHEMA_PATH, schema_text
+from balancerd.policy.spec import DOCUMENT, SPEC
+from balancerd.validate import Obj
 from balancerd.yamlpos import YamlError, load_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -639,7 +642,7 @@ def test_load_policy_reads_a_file_and_names_it(tmp_path: Path) -> None:
 
 def test_committed_schema_is_the_generated_one() -> None:
     assert SCHEMA_PATH.read_text() == schema_text(), (
-        "balancerd/policy/schema.json is stale: python -m balancerd.policy.load --write-schema"
+        "balancerd/policy/schema.json is stale: python -m balancerd.policy.schema --write"
     )
 
 
@@ -656,9 +659,9 @@ def _table_attrs(kind: Obj) -> set[str]:
 
 def test_table_covers_every_dataclass_field() -> None:
     """A field added to policy/model.py without a key in the table fails here."""
-    spec_attrs = _table_attrs(policy_load.SPEC)
+    spec_attrs = _table_attrs(SPEC)
     assert spec_attrs == {f.name for f in dataclasses.fields(Policy)} - {"name", "source"}
-    for field in policy_load.SPEC.fields.values():
+    for field in SPEC.fields.values():
         kind = field.kind
         if isinstance(kind, Obj) and kind.cls is not None:
             assert isinstance(kind.cls, type)
@@ -700,15 +703,20 @@ def test_schema_and_loader_agree_on_structural_errors(spec: str) -> None:
 
 
 def test_write_schema_writes_the_generated_text(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = tmp_path / "schema.json"
-    monkeypatch.setattr(policy_load, "SCHEMA_PATH", target)
-    assert policy_load.main(["--write-schema"]) == 0
+    assert policy_schema.main(["--check", "--file", str(target)]) == 1  # absent: stale
+    assert policy_schema.main(["--write", "--file", str(target)]) == 0
     assert target.read_text() == schema_text()
-    assert policy_load.main(["--check-schema"]) == 0
+    assert policy_schema.main(["--check", "--file", str(target)]) == 0
     target.write_text("{}\n")
-    assert policy_load.main(["--check-schema"]) == 1
+    assert policy_schema.main(["--check", "--file", str(target)]) == 1
+    assert f"{target} is stale: run python -m balancerd.policy.schema --write" in (
+        capsys.readouterr().out
+    )
+    assert policy_schema.main([]) == 0  # no option: prints the schema
+    assert capsys.readouterr().out == schema_text()
 
 
 # ------------------------------------------------------------------------ check-policy
@@ -752,7 +760,7 @@ def test_balance_yaml_mentions_every_key() -> None:
                 out += missing(field.kind, value[name], f"{path}.{name}")
         return out
 
-    assert missing(policy_load.DOCUMENT, written, "") == []
+    assert missing(DOCUMENT, written, "") == []
 
 
 def _cli_exit(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:

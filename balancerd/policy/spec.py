@@ -1,0 +1,289 @@
+"""The policy document described once: keys, kinds, ranges, units and help text.
+
+``DOCUMENT`` is the one description of a policy file. Validation walks it
+(``policy/load.py``), ``schema.json`` is generated from it (``policy/schema.py``), and the
+defaults come from the dataclasses in ``policy/model.py``. Rules that span several fields
+are in ``policy/rules.py``.
+"""
+
+from __future__ import annotations
+
+from balancerd.policy.model import (
+    Budget,
+    Constraints,
+    DemandForecast,
+    HostRule,
+    Hysteresis,
+    Limits,
+    Migration,
+    Policy,
+    Power,
+    PowerModel,
+    Resources,
+    Solver,
+)
+from balancerd.units import GIB, MIB
+from balancerd.validate import (
+    COUNT,
+    FRACTION,
+    NAME,
+    NAMES,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_COUNT,
+    Field,
+    Flag,
+    ListOf,
+    MapOf,
+    Number,
+    Obj,
+    Text,
+    fld,
+    obj,
+)
+
+API_VERSION = "balancerd/v1"
+KIND = "Policy"
+
+
+def _power_model() -> Obj:
+    return obj(
+        {
+            "idle_watts": fld(NON_NEGATIVE, "power drawn by a powered-on host with no load"),
+            "max_watts": fld(NON_NEGATIVE, "power drawn at full CPU load"),
+        },
+        cls=PowerModel,
+    )
+
+
+def _weight(attr: str, what: str) -> Field:
+    return fld(
+        obj(
+            {"weight": fld(NON_NEGATIVE, f"weight of {what} in the objective", attr)},
+            defaults=Resources,
+        ),
+        f"{what} settings",
+        inline=True,
+    )
+
+
+SPEC = obj(
+    {
+        "objective": fld(
+            Text(enum=("balance", "power-save")),
+            "balance: even out host utilization; power-save: pack guests on few hosts "
+            "and power off the empty ones",
+            required=True,
+        ),
+        "mode": fld(
+            Text(enum=("automatic", "recommend")),
+            "automatic: migrate; recommend: only compute and report the plan",
+        ),
+        "resources": fld(
+            obj(
+                {
+                    "cpu": _weight("cpu_weight", "CPU"),
+                    "memory": _weight("memory_weight", "memory"),
+                },
+                cls=Resources,
+            ),
+            "how much each resource counts when balancing",
+        ),
+        "limits": fld(
+            obj(
+                {
+                    "max_cpu_util": fld(FRACTION, "a host's CPU demand / capacity stays <= this"),
+                    "max_mem_util": fld(FRACTION, "a host's guest memory / memory stays <= this"),
+                    "mem_headroom_mib": fld(
+                        NON_NEGATIVE,
+                        "MiB kept free on each host for the host itself",
+                        "mem_headroom_bytes",
+                        scale=MIB,
+                        as_int=True,
+                    ),
+                    "cpu_overcommit": fld(POSITIVE, "allowed guest vCPUs per host CPU"),
+                },
+                cls=Limits,
+            ),
+            "capacity limits no placement may break",
+        ),
+        "hysteresis": fld(
+            obj(
+                {
+                    "min_improvement": fld(
+                        NON_NEGATIVE, "act only if the objective improves by at least this"
+                    ),
+                    "cooldown_s": fld(NON_NEGATIVE, "seconds a moved guest is left alone"),
+                },
+                cls=Hysteresis,
+            ),
+            "against moving guests back and forth",
+        ),
+        "forecast": fld(
+            obj(
+                {
+                    "quantile": fld(
+                        FRACTION, "plan each guest's CPU at this quantile of its readings"
+                    ),
+                    "window_s": fld(POSITIVE, "seconds of readings the quantile looks back on"),
+                },
+                cls=DemandForecast,
+            ),
+            "planning demand from each guest's recent CPU readings",
+        ),
+        "budget": fld(
+            obj(
+                {
+                    "max_moves": fld(COUNT, "migrations per cycle at most"),
+                    "max_gib": fld(
+                        NON_NEGATIVE,
+                        "GiB of guest memory moved per cycle at most",
+                        "max_bytes",
+                        scale=GIB,
+                        as_int=True,
+                    ),
+                },
+                cls=Budget,
+            ),
+            "how much one cycle may move",
+        ),
+        "constraints": fld(
+            obj(
+                {
+                    "pin": fld(
+                        MapOf(ListOf(NAME, min_items=1, unique=True), key_doc="VM name"),
+                        "VM -> the only hosts it may run on",
+                    ),
+                    "exclude_vms": fld(NAMES, "VMs never moved (still counted on their host)"),
+                    "exclude_hosts": fld(NAMES, "hosts neither source nor target of moves"),
+                    "affinity": fld(
+                        ListOf(ListOf(NAME, min_items=2, unique=True)),
+                        "groups of VMs that must share one host",
+                    ),
+                    "anti_affinity": fld(
+                        ListOf(ListOf(NAME, min_items=2, unique=True)),
+                        "groups of VMs that must run on distinct hosts",
+                    ),
+                    "host_rules": fld(
+                        ListOf(
+                            obj(
+                                {
+                                    "vms": fld(
+                                        ListOf(NAME, min_items=1, unique=True),
+                                        "VMs the rule applies to",
+                                        required=True,
+                                    ),
+                                    "hosts": fld(
+                                        ListOf(NAME, min_items=1, unique=True),
+                                        "hosts the rule names",
+                                        required=True,
+                                    ),
+                                    "kind": fld(
+                                        Text(enum=("must", "must_not", "should", "should_not")),
+                                        "must / must_not are hard; should / should_not cost "
+                                        "weight per guest that breaks them",
+                                        required=True,
+                                    ),
+                                    "weight": fld(
+                                        NON_NEGATIVE,
+                                        "cost per guest breaking a should / should_not rule",
+                                    ),
+                                },
+                                cls=HostRule,
+                            )
+                        ),
+                        "VMs that must / should (not) run on some hosts",
+                    ),
+                    "maintenance": fld(NAMES, "hosts to drain completely"),
+                },
+                cls=Constraints,
+            ),
+            "placement rules",
+        ),
+        "power": fld(
+            obj(
+                {
+                    "min_active_hosts": fld(COUNT, "never power off below this many hosts"),
+                    "reserve_hosts": fld(COUNT, "hosts kept on and empty beyond what is needed"),
+                    "grace_period_s": fld(NON_NEGATIVE, "seconds empty before power-off"),
+                    "min_off_s": fld(NON_NEGATIVE, "seconds a host stays off at least"),
+                    "default_model": fld(_power_model(), "watts of hosts not in host_models"),
+                    "host_models": fld(
+                        MapOf(_power_model(), key_doc="host name"), "host -> its watts"
+                    ),
+                },
+                cls=Power,
+            ),
+            "host power management (objective power-save)",
+        ),
+        "migration": fld(
+            obj(
+                {
+                    "bandwidth_mib_s": fld(POSITIVE, "migration bandwidth cap, MiB/s"),
+                    "max_downtime_ms": fld(
+                        Number(integer=True, ge=1), "allowed guest pause at switch-over, ms"
+                    ),
+                    "max_concurrent": fld(POSITIVE_COUNT, "migrations at once, cluster-wide"),
+                    "max_concurrent_per_host": fld(
+                        POSITIVE_COUNT, "migrations at once into or out of one host"
+                    ),
+                    "on_stall": fld(
+                        Text(enum=("pause", "abort")),
+                        "last step when a migration stops converging: pause the guest to "
+                        "finish, or abort and leave it where it was",
+                    ),
+                    "downtime_steps_ms": fld(
+                        ListOf(Number(integer=True, ge=1), unique=True),
+                        "downtimes allowed in turn while a migration stalls, ms, increasing",
+                    ),
+                    "auto_converge": fld(Flag(), "throttle the guest's CPUs when stalling"),
+                    "stall_samples": fld(
+                        Number(integer=True, ge=2),
+                        "1 s samples without progress that make a stall",
+                    ),
+                    "max_time_s": fld(POSITIVE, "hard cap on one migration, seconds"),
+                    "allow_cold": fld(Flag(), "cold-migrate when a live migration fails"),
+                    "allow_backward": fld(
+                        Flag(), "allow destinations with older libvirt/QEMU than the source"
+                    ),
+                    "copy_storage_vms": fld(NAMES, "VMs whose disks may be copied"),
+                    "unsafe_cache_vms": fld(NAMES, "VMs accepting disks with cache != none"),
+                    "no_pause_vms": fld(NAMES, "VMs never paused: a stall aborts them"),
+                },
+                cls=Migration,
+            ),
+            "how moves are performed",
+        ),
+        "solver": fld(
+            obj(
+                {
+                    "backend": fld(Text(enum=("cbc", "highs")), "MILP solver"),
+                    "time_limit_s": fld(POSITIVE, "seconds the solver may run"),
+                    "gap": fld(Number(ge=0, lt=1), "relative gap at which the solver may stop"),
+                    "migration_cost": fld(NON_NEGATIVE, "objective units per GiB moved"),
+                },
+                cls=Solver,
+            ),
+            "the placement optimizer",
+        ),
+    },
+    defaults=Policy,
+)
+
+DOCUMENT = obj(
+    {
+        "apiVersion": fld(Text(const=API_VERSION), "document format version", required=True),
+        "kind": fld(Text(const=KIND), "document kind", required=True),
+        "metadata": fld(
+            obj(
+                {
+                    "name": fld(NAME, "policy name (shown in logs and metrics)", required=True),
+                    "description": fld(Text(), "free text for operators"),
+                }
+            ),
+            "policy identity",
+            required=True,
+        ),
+        "spec": fld(SPEC, "the policy", required=True),
+    }
+)
