@@ -24,11 +24,15 @@ from balancerd.policy.model import (
     Hysteresis,
     Limits,
     Migration,
+    Mode,
+    Objective,
+    OnStall,
     Policy,
     Power,
     PowerModel,
     Resources,
     Solver,
+    SolverBackend,
 )
 from balancerd.policy.schema import SCHEMA_PATH, schema_text
 from balancerd.policy.spec import DOCUMENT, SPEC
@@ -593,6 +597,28 @@ def test_full_document_round_trips_with_unit_conversion() -> None:
 def test_minimal_document_takes_dataclass_defaults() -> None:
     got = load_policy_text(doc("objective: balance"), SRC)
     assert got == Policy(name="t", objective="balance", source=SRC)
+
+
+def test_words_with_fixed_values_load_as_enum_members() -> None:
+    got = load_policy_text(
+        doc(
+            "objective: power-save\nmode: recommend\n"
+            "migration: {on_stall: abort}\nsolver: {backend: highs}"
+        ),
+        SRC,
+    )
+    assert got.objective is Objective.POWER_SAVE
+    assert got.mode is Mode.RECOMMEND
+    assert got.migration.on_stall is OnStall.ABORT
+    assert got.solver.backend is SolverBackend.HIGHS
+    # A member is its string: comparisons, formatting and JSON see the written word.
+    assert got.objective == "power-save" and f"{got.mode}" == "recommend"
+    assert json.dumps([got.objective, got.solver.backend]) == '["power-save", "highs"]'
+    defaults = load_policy_text(doc("objective: balance"), SRC)
+    assert defaults.objective is Objective.BALANCE
+    assert defaults.mode is Mode.AUTOMATIC
+    assert defaults.migration.on_stall is OnStall.PAUSE
+    assert defaults.solver.backend is SolverBackend.CBC
 
 
 # Combinations that look suspicious but are allowed.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from balancerd.errors import PolicyError
-from balancerd.policy.model import Policy
+from balancerd.policy.model import Objective, Policy
 from balancerd.policy.rules import cross_check
 from balancerd.policy.spec import DOCUMENT, SPEC
 from balancerd.validate import INVALID, Problems, lenient
@@ -62,6 +62,6 @@ def _partial_policy(doc: Document) -> Policy | None:
         return None
     scratch = Problems(doc)
     spec = dict(doc.data["spec"])
-    spec.setdefault("objective", "balance")
+    spec.setdefault("objective", Objective.BALANCE.value)
     attrs = lenient(SPEC, spec, ("spec",), scratch)
     return Policy(name="-", source=doc.source, **attrs)

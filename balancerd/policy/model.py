@@ -1,13 +1,43 @@
-"""The policy document as frozen values. Loading and validation live in policy/load.py.
+"""The policy document as frozen values. The keys, types and help text of the file are in
+policy/spec.py; loading is policy/load.py, rules across fields policy/rules.py.
 
 Field names here are the YAML keys under ``spec`` (same nesting), so an error's
 field path is also the path in this structure.
+
+Words with a fixed set of values are ``StrEnum``s: the loader builds the members, and a
+member equals its string (``policy.objective == "power-save"``), so plain strings given
+by code and tests compare the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+from balancerd.units import GIB, MIB
+
+
+class Objective(StrEnum):
+    BALANCE = "balance"  # even out host utilization
+    POWER_SAVE = "power-save"  # pack guests on few hosts, power off the empty ones
+
+
+class Mode(StrEnum):
+    AUTOMATIC = "automatic"  # migrate
+    RECOMMEND = "recommend"  # compute, report and export the plan; move nothing
+
+
+class OnStall(StrEnum):
+    """The last step when a migration stops converging."""
+
+    PAUSE = "pause"  # pause the guest so the rest goes across
+    ABORT = "abort"  # abort; the guest stays where it was
+
+
+class SolverBackend(StrEnum):
+    CBC = "cbc"
+    HIGHS = "highs"
 
 
 @dataclass(frozen=True)
@@ -20,7 +50,7 @@ class Resources:
 class Limits:
     max_cpu_util: float = 0.85  # a host's CPU demand / capacity must stay at or below
     max_mem_util: float = 0.90  # a host's guest memory / total memory must stay at or below
-    mem_headroom_bytes: int = 512 * 1024 * 1024  # kept free on each host for the host itself
+    mem_headroom_bytes: int = 512 * MIB  # kept free on each host for the host itself
     cpu_overcommit: float = 4.0  # allowed vCPUs per host CPU
 
 
@@ -42,7 +72,7 @@ class DemandForecast:
 @dataclass(frozen=True)
 class Budget:
     max_moves: int = 20  # per cycle
-    max_bytes: int = 64 * 1024**3  # guest memory moved per cycle
+    max_bytes: int = 64 * GIB  # guest memory moved per cycle
 
 
 @dataclass(frozen=True)
@@ -88,7 +118,7 @@ class Migration:
     max_downtime_ms: int = 300
     max_concurrent: int = 2  # cluster-wide
     max_concurrent_per_host: int = 1  # in or out of one host
-    on_stall: str = "pause"  # pause | abort
+    on_stall: OnStall = OnStall.PAUSE
     # The stall ladder, climbed in order: downtime steps, then auto-converge, then on_stall.
     downtime_steps_ms: tuple[int, ...] = (500, 1000, 2000)
     auto_converge: bool = True
@@ -103,7 +133,7 @@ class Migration:
 
 @dataclass(frozen=True)
 class Solver:
-    backend: str = "cbc"  # cbc | highs
+    backend: SolverBackend = SolverBackend.CBC
     time_limit_s: float = 10.0
     gap: float = 0.01  # relative gap at which the solver may stop
     migration_cost: float = 0.01  # objective units per GiB moved
@@ -112,8 +142,8 @@ class Solver:
 @dataclass(frozen=True)
 class Policy:
     name: str
-    objective: str = "balance"  # balance | power-save
-    mode: str = "automatic"  # automatic | recommend
+    objective: Objective = Objective.BALANCE
+    mode: Mode = Mode.AUTOMATIC
     resources: Resources = field(default_factory=Resources)
     limits: Limits = field(default_factory=Limits)
     hysteresis: Hysteresis = field(default_factory=Hysteresis)

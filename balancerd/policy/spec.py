@@ -16,11 +16,15 @@ from balancerd.policy.model import (
     Hysteresis,
     Limits,
     Migration,
+    Mode,
+    Objective,
+    OnStall,
     Policy,
     Power,
     PowerModel,
     Resources,
     Solver,
+    SolverBackend,
 )
 from balancerd.units import GIB, MIB
 from balancerd.validate import (
@@ -31,6 +35,7 @@ from balancerd.validate import (
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_COUNT,
+    Choice,
     Field,
     Flag,
     ListOf,
@@ -70,13 +75,13 @@ def _weight(attr: str, what: str) -> Field:
 SPEC = obj(
     {
         "objective": fld(
-            Text(enum=("balance", "power-save")),
+            Choice(Objective),
             "balance: even out host utilization; power-save: pack guests on few hosts "
             "and power off the empty ones",
             required=True,
         ),
         "mode": fld(
-            Text(enum=("automatic", "recommend")),
+            Choice(Mode),
             "automatic: migrate; recommend: only compute and report the plan",
         ),
         "resources": fld(
@@ -228,7 +233,7 @@ SPEC = obj(
                         POSITIVE_COUNT, "migrations at once into or out of one host"
                     ),
                     "on_stall": fld(
-                        Text(enum=("pause", "abort")),
+                        Choice(OnStall),
                         "last step when a migration stops converging: pause the guest to "
                         "finish, or abort and leave it where it was",
                     ),
@@ -257,7 +262,7 @@ SPEC = obj(
         "solver": fld(
             obj(
                 {
-                    "backend": fld(Text(enum=("cbc", "highs")), "MILP solver"),
+                    "backend": fld(Choice(SolverBackend), "MILP solver"),
                     "time_limit_s": fld(POSITIVE, "seconds the solver may run"),
                     "gap": fld(Number(ge=0, lt=1), "relative gap at which the solver may stop"),
                     "migration_cost": fld(NON_NEGATIVE, "objective units per GiB moved"),
