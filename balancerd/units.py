@@ -11,6 +11,5 @@ from typing import Final
 KIB: Final = 1024  # bytes in a KiB
 MIB: Final = 1024**2  # bytes in a MiB
 GIB: Final = 1024**3  # bytes in a GiB
-TIB: Final = 1024**4  # bytes in a TiB
 
 NS: Final = 1_000_000_000  # nanoseconds in a second
