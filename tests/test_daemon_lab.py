@@ -353,3 +353,118 @@ def test_recommend_mode_plans_and_exports_but_moves_nothing(lab_factory: Any, wo
         rc = daemon.stop()
         notify.close()
     assert rc == 0
+
+
+DRAIN_STALLING_POLICY = """\
+apiVersion: balancerd/v1
+kind: Policy
+metadata: {name: drain-dirty}
+spec:
+  objective: balance
+  constraints: {maintenance: [host1]}
+  limits: {max_cpu_util: 1.0, max_mem_util: 0.9, mem_headroom_mib: 64}
+  hysteresis: {min_improvement: 0.0, cooldown_s: 0}
+  migration: {bandwidth_mib_s: 50, max_downtime_ms: 50, downtime_steps_ms: [100],
+              auto_converge: false, stall_samples: 3, max_time_s: 240, on_stall: pause,
+              max_concurrent: 1}
+  solver: {time_limit_s: 5}
+"""
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+def test_pause_and_complete_in_flight_with_its_id_and_labels_the_dashboard_queries(
+    lab_factory: Any, work: Path
+) -> None:
+    """A drain of a guest that cannot converge: while it runs, `status` and the in-flight
+    gauge show it with its migration ID; afterwards the real pause-and-complete is counted
+    under the enum label values that the dashboard's queries group by."""
+    from balancerd.outcomes import FallbackKind, MigrationMode, MoveOutcome, SkipKind
+
+    lab = boot(
+        lab_factory,
+        LabSpec(hosts=2, guests=(GuestSpec("dirty", "host1", mem_mib=256, dirty_mib=96),)),
+    )
+    policy = work / "policy.yaml"
+    policy.write_text(DRAIN_STALLING_POLICY)
+    port = free_port()
+    config = write_config(lab, work, policy, port, cycle_interval_s=5)
+    notify = NotifySocket(work / "notify.sock")
+    daemon = DaemonProc(config, notify, work / "daemon.log")
+    try:
+        assert notify.wait_for("READY=1", 60), daemon.output()
+        # In flight: the status file (through `balancerd status`) and the gauge.
+        in_flight: list[dict[str, Any]] = []
+        gauge = 0.0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (in_flight and gauge >= 1):
+            args = ("status", "--config", str(config), "--samples", "1", "--interval", "0.1")
+            in_flight = in_flight or cli_json(*args)["daemon"]["in_flight"]
+            gauge = max(gauge, scrape(port)[("balancerd_migrations_in_flight", ())])
+        assert in_flight and gauge >= 1, daemon.output()[-4000:]
+        assert in_flight[0]["vm"] == "dirty" and in_flight[0]["dst"] == "host2"
+        migration_id = in_flight[0]["migration_id"]
+        assert len(migration_id) == 12, in_flight
+
+        # Done: running on host2 only, via pause-and-complete, under the same ID.
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and placement(lab).get("dirty") != "host2":
+            time.sleep(2)
+        assert placement(lab) == {"dirty": "host2"}, daemon.output()[-4000:]
+        assert wait_metric(
+            port,
+            "balancerd_migrations_total{",
+            lambda v: v >= 1,
+            60,
+            label='mode="paused-fallback",result="migrated"',
+        ), daemon.output()[-4000:]
+        assert f"id={migration_id}" in daemon.output()
+        samples = scrape(port)
+        assert samples[("balancerd_fallbacks_total", (("kind", "pause"),))] == 1.0
+        assert samples[("balancerd_migrations_in_flight", ())] == 0.0
+        # Every label value the daemon exported is one the enums (and so the dashboard)
+        # know: nothing drifted into a free-text or legacy value.
+        declared = {
+            "mode": {m.value for m in MigrationMode},
+            "result": {o.value for o in MoveOutcome},
+            "kind": {k.value for k in FallbackKind},
+            "reason": {k.value for k in SkipKind},
+        }
+        for (name, labels), _v in samples.items():
+            if name in ("balancerd_migrations_total", "balancerd_fallbacks_total") or (
+                name == "balancerd_skipped_total"
+            ):
+                for key, val in labels:
+                    assert val in declared[key], (name, key, val)
+        # The dashboard's own queries, run by a real Prometheus, show these values.
+        dashboard = (REPO / "dashboards" / "balancerd.json").read_text()
+        queries = (
+            "sum by (mode, result) (increase(balancerd_migrations_total[5m]))",
+            "sum by (kind) (increase(balancerd_fallbacks_total[5m]))",
+        )
+        for q in queries:
+            assert q in dashboard, q
+        with Prometheus([f"127.0.0.1:{port}"], work / "prom", scrape_interval_s=1.0) as prom:
+            prom.wait_for_scrapes(3)
+            rows = prom.wait_for(
+                f"({queries[0]}) >= 0",
+                predicate=lambda rows: any(
+                    r["metric"].get("mode") == "paused-fallback" for r in rows
+                ),
+            )
+            assert {r["metric"]["mode"] for r in rows} <= declared["mode"]
+            kinds = prom.wait_for(f"({queries[1]}) >= 0")
+            assert "pause" in {r["metric"]["kind"] for r in kinds}
+    finally:
+        rc = daemon.stop()
+        notify.close()
+    assert rc == 0, daemon.output()[-3000:]

@@ -86,9 +86,10 @@ class StatsRecorder:
     def cycle(self, report: CycleReport) -> None:
         """What a finished cycle adds beyond its moves (recorded as they ended)."""
         if report.held_back is not None:
+            why = "freeze window" if report.held_back is SkipKind.FREEZE else "recommend mode"
             log.info(
                 "plan not executed (%s) policy=%s moves=%d",
-                report.held_back,
+                why,
                 report.policy,
                 len(report.plan.moves),
                 extra={"POLICY": report.policy},
