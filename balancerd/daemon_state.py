@@ -7,15 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from balancerd.statefiles import atomic_write
+
 STATUS_FILE = "daemon-status.json"
 
 
 def write_daemon_status(state_dir: str, status: dict[str, Any]) -> None:
     """Atomically replace the status file (write a temp file, then rename)."""
     path = Path(state_dir) / STATUS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), **status}, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write(path, json.dumps({"pid": os.getpid(), **status}, indent=2, default=str))
 
 
 def read_daemon_status(state_dir: str) -> dict[str, Any] | None:

@@ -64,6 +64,7 @@ class SkipKind(enum.StrEnum):
     STOPPING = "stopping"  # the daemon is stopping
     FREEZE = "freeze"  # a freeze window is open
     RECOMMEND = "recommend"  # the policy only recommends
+    POLICY_CHANGED = "policy-changed"  # another policy became active mid-plan
     OTHER = "other"
 
 

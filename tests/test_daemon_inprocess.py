@@ -192,3 +192,70 @@ def test_reload_with_a_bad_policy_keeps_the_running_one(harness: Harness, tmp_pa
     assert harness.daemon.reload() is True
     _, policy = harness.daemon.active()
     assert policy.mode == "recommend"
+
+
+def test_a_stale_snapshot_is_never_planned_from(harness: Harness) -> None:
+    """Collection that keeps failing must not let cycles act on an old view."""
+    harness.collect(3)
+    assert harness.daemon._snapshot_at_mono is not None
+    harness.daemon._snapshot_at_mono -= 3600.0  # the last good collection was an hour ago
+    assert harness.daemon.cycle_once() is None
+    assert harness.where()["h1"] == [f"vm{i}" for i in range(4)]
+    assert harness.metric("balancerd_cycles_total", result="error") == 1.0
+
+
+def test_a_second_daemon_on_the_same_state_directory_refuses_to_start(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from balancerd.daemon import core
+    from balancerd.statelock import StateLocked
+
+    monkeypatch.setattr(core, "LOCK_WAIT_S", 0.2)
+    second = Daemon(
+        str(tmp_path / "balancerd.yaml"),
+        hypervisor_factory=lambda _c: harness.hv,
+        notifier=Notifier(),
+        registry=CollectorRegistry(),
+        serve_metrics=False,
+    )
+    with pytest.raises(StateLocked, match=r"pid=.* command=daemon"):
+        second.start(schedule_jobs=False)
+
+
+def test_power_save_does_not_switch_off_a_host_that_got_a_guest_since_the_plan(
+    tmp_path: Path,
+) -> None:
+    """The plan saw h3 empty; a guest defined there since cancels the power-off."""
+    h = Harness(tmp_path)
+    (tmp_path / "policy.yaml").write_text(
+        POLICY.replace("MODE", "automatic").replace("objective: balance", "objective: power-save")
+        + "  power: {min_active_hosts: 1, grace_period_s: 0, reserve_hosts: 0}\n"
+    )
+    cfg = tmp_path / "balancerd.yaml"
+    cfg.write_text(
+        cfg.read_text().replace(
+            "uri: 'qemu+tcp://10.0.0.3/system'",
+            "uri: 'qemu+tcp://10.0.0.3/system', power: {driver: command, "
+            "on_command: [/bin/true], off_command: [/bin/true]}",
+        )
+    )
+    h.daemon.reload()
+    h.daemon.start(schedule_jobs=False)
+    try:
+        h.collect(3)
+        original = h.hv.domains
+
+        def domains(host: str) -> dict[str, str]:
+            if host == "h3":  # someone defined a guest on h3 after the snapshot
+                h.hv.add_vm("h3", SimVm("late", vcpus=1, mem_bytes=GIB, state="shutoff"))
+            return original(host)
+
+        h.hv.domains = domains  # type: ignore[method-assign]
+        report = h.daemon.cycle_once()
+        assert report is not None
+        offs = [p for p in report.power if p.action == "off" and p.host == "h3"]
+        assert offs and not offs[0].ok, report.power
+        assert "late (shutoff)" in offs[0].error
+        assert "h3" not in h.daemon.power.powered_off()
+    finally:
+        h.daemon.shutdown()

@@ -10,9 +10,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from balancerd.execute.executor import blocked_by, execute
+from balancerd.execute.executor import Hold, blocked_by, execute
 from balancerd.execute.move import FAILED, MIGRATED, SKIPPED, Engine, MoveResult
 from balancerd.model import Move
+from balancerd.outcomes import SkipKind
 from balancerd.policy.model import Migration
 
 WAIT_S = 10.0  # only a safety net against a hung test; never asserted on
@@ -154,12 +155,30 @@ def test_heartbeat_is_fed_and_stop_skips_what_has_not_started() -> None:
         moves,
         engine(heartbeat=lambda: beats.append(1), max_concurrent=1),
         run=rec,
-        should_stop=stop.is_set,
+        hold=lambda: Hold(SkipKind.STOPPING, "balancerd is stopping") if stop.is_set() else None,
     )
     assert results[0].outcome == MIGRATED
     assert [r.outcome for r in results[1:]] == [SKIPPED, SKIPPED]
     assert "stopping" in results[1].reason
+    assert {r.skip_kind for r in results[1:]} == {SkipKind.STOPPING}
     assert beats
+
+
+def test_a_freeze_that_opens_mid_plan_holds_the_rest_with_its_kind() -> None:
+    """The plan is re-checked between moves: what has not started is skipped as FREEZE."""
+    frozen = threading.Event()
+    rec = Recorder()
+    rec.gates["a"] = lambda: (frozen.set(), True)[1]
+    moves = [mv("a", "h1", "h2"), mv("b", "h3", "h4")]
+    results = execute(
+        moves,
+        engine(max_concurrent=1),
+        run=rec,
+        hold=lambda: Hold(SkipKind.FREEZE, "a freeze window opened") if frozen.is_set() else None,
+    )
+    assert [r.outcome for r in results] == [MIGRATED, SKIPPED]
+    assert results[1].skip_kind is SkipKind.FREEZE
+    assert "b" not in rec.order("start")
 
 
 def test_a_runner_that_raises_fails_one_step_only() -> None:

@@ -32,6 +32,7 @@ from balancerd.power import (
     drivers_for,
     make_driver,
 )
+from balancerd.power.manager import OFF_SETTLE_S
 from balancerd.power.wol import magic_packet, parse_mac
 
 GIB = 1024**3
@@ -229,8 +230,40 @@ def test_tracker_switches_and_round_trip() -> None:
 
 def test_tracker_sees_a_host_switched_on_behind_its_back() -> None:
     t = PowerTracker({"h3": HostPower(on=False, off_since_s=1.0)})
-    t.observe(cluster({"a": "h1"}), 50.0)  # h3 answers again
+    t.observe(cluster({"a": "h1"}), 1.0 + OFF_SETTLE_S + 50.0)  # h3 answers again
     assert t.hosts["h3"].on
+
+
+def test_tracker_keeps_a_host_it_just_switched_off_that_still_answers() -> None:
+    """A host shutting down still answers a sample or two: it stays known as off."""
+    t = PowerTracker()
+    t.mark_off("h3", 100.0)
+    t.observe(cluster({"a": "h1"}), 110.0)  # h3 still up in this sample
+    assert not t.hosts["h3"].on
+    assert t.powered_off() == ("h3",)
+
+
+def test_power_off_looks_again_right_before_acting() -> None:
+    """A guest that arrived since the plan's snapshot cancels the power-off."""
+    calls: list[str] = []
+
+    class Driver:
+        def power_on(self, host: str) -> None:
+            calls.append(f"on {host}")
+
+        def power_off(self, host: str) -> None:
+            calls.append(f"off {host}")
+
+    t = PowerTracker()
+    decision = PowerDecision(power_off=("h2", "h3"), power_on=(), held={})
+    busy = {"h2": "it holds late-vm (running)"}
+    results = apply_power(
+        decision, {"h2": Driver(), "h3": Driver()}, t, 5.0, still_empty=lambda h: busy.get(h, "")
+    )
+    assert calls == ["off h3"]
+    assert [(r.host, r.ok) for r in results] == [("h2", False), ("h3", True)]
+    assert "late-vm" in results[0].error
+    assert t.powered_off() == ("h3",)
 
 
 # --- apply_power ------------------------------------------------------------------------

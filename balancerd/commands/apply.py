@@ -25,6 +25,7 @@ from balancerd.execute.journal import Journal
 from balancerd.execute.reconcile import reconcile
 from balancerd.outcomes import MoveOutcome
 from balancerd.policy.load import load_policy
+from balancerd.statelock import StateLock
 from balancerd.wiring import open_hypervisor, sample_snapshot
 
 
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     policy = load_policy(args.policy or config.policy_path())
+    lock = StateLock(config.state_dir, "apply")
+    lock.acquire()  # one acting process per cluster: not beside the daemon or another CLI
     hv = open_hypervisor(config)
     journal = Journal(config.state_dir)
     err = sys.stderr
@@ -65,3 +68,4 @@ def run(args: argparse.Namespace) -> int:
     finally:
         journal.close()
         hv.close()
+        lock.release()

@@ -26,6 +26,7 @@ from balancerd.model import Move
 from balancerd.outcomes import MigrationMode, MoveOutcome, SkipKind
 from balancerd.policy.load import load_policy
 from balancerd.policy.model import Policy
+from balancerd.statelock import StateLock
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy or config.policy_path())
     if args.host not in {h.name for h in config.hosts}:
         raise ConfigError([f"{args.config}: host {args.host!r} is not in the config"])
+    lock = StateLock(config.state_dir, "migrate")
+    lock.acquire()  # one acting process per cluster: not beside the daemon or another CLI
     hv = open_hypervisor(config)
     journal = Journal(config.state_dir)
     try:
@@ -142,3 +145,4 @@ def run(args: argparse.Namespace) -> int:
     finally:
         journal.close()
         hv.close()
+        lock.release()

@@ -32,7 +32,7 @@ from balancerd.daemon.stats import StatsRecorder
 from balancerd.daemon.watchdog import Watchdog
 from balancerd.daemon_state import write_daemon_status
 from balancerd.errors import BalancerdError, ConfigError
-from balancerd.execute.executor import execute
+from balancerd.execute.executor import Hold, execute
 from balancerd.execute.journal import Journal
 from balancerd.execute.move import Engine, MoveResult, run_move
 from balancerd.execute.reconcile import reconcile
@@ -41,16 +41,24 @@ from balancerd.hypervisor.base import Hypervisor
 from balancerd.metrics import DaemonStats, register, serve
 from balancerd.model import Move, Plan, Snapshot
 from balancerd.notify import Notifier
-from balancerd.outcomes import MoveOutcome
+from balancerd.outcomes import MoveOutcome, SkipKind
 from balancerd.policy.model import Policy
 from balancerd.power import PowerResult, PowerTracker, apply_power, decide_power, drivers_for
 from balancerd.power.base import PowerDriver
 from balancerd.schedule import ActiveSchedule, active_schedule
+from balancerd.statefiles import atomic_write
+from balancerd.statelock import StateLock
 
 log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "journal.sqlite"
 POWER_FILE = "power.json"
+# How long start-up waits for another balancerd (an `apply`, `migrate`) to release the lock.
+LOCK_WAIT_S = 30.0
+# On stop, how long running moves get to abort and settle (the unit's TimeoutStopSec is 120).
+STOP_BUDGET_S = 100.0
+# A snapshot older than this many collect intervals is too old to plan from.
+STALE_SNAPSHOT_INTERVALS = 3
 
 HypervisorFactory = Callable[[Config], Hypervisor]
 
@@ -98,6 +106,10 @@ class Daemon:
         self._reload = False
         self._ready_sent = False
         self._server: Any = None  # the metrics HTTP server while running
+        self._cycle_idle = threading.Event()  # no cycle runs (stop waits for this)
+        self._cycle_idle.set()
+        self._power_lock = threading.Lock()  # the power tracker: collect and cycle threads
+        self._snapshot_at_mono: float | None = None
         loaded = load_all(config_path)
         drivers = drivers_for(loaded.config.hosts)
         self.rt = _Runtime(
@@ -108,6 +120,7 @@ class Daemon:
         )
         state_dir = Path(loaded.config.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_lock = StateLock(state_dir, "daemon")
         self.journal = Journal(state_dir / JOURNAL_FILE)
         self.power = _load_tracker(state_dir / POWER_FILE)
         self.known_capacity: dict[str, Capacity] = {}  # last seen while up
@@ -157,6 +170,8 @@ class Daemon:
     def start(self, *, schedule_jobs: bool = True) -> None:
         """Reconcile the journal, serve metrics and start the scheduled jobs (tests drive
         ``collect_once``/``cycle_once`` themselves with ``schedule_jobs=False``)."""
+        self.notifier.status("starting: waiting for the state directory lock")
+        self.state_lock.acquire(wait_s=LOCK_WAIT_S)
         self.notifier.status("starting: reconciling the migration journal")
         self._reconcile()
         register(self.registry, self.stats)
@@ -184,13 +199,28 @@ class Daemon:
         return 0
 
     def shutdown(self) -> None:
+        """Stop: running moves are aborted and settled (within STOP_BUDGET_S), then every
+        connection and file is closed."""
+        self._stop = True
         self.notifier.stopping()
+        if self.scheduler.running:
+            self.scheduler.pause()
+        if not self._cycle_idle.is_set():
+            self.notifier.status("stopping: aborting and settling migrations in flight")
+            log.warning("stopping: waiting for migrations in flight to abort and settle")
+            if not self._cycle_idle.wait(STOP_BUDGET_S):
+                log.error(
+                    "stopping with migrations unsettled after %.0f s; the next start "
+                    "reconciles their journal entries",
+                    STOP_BUDGET_S,
+                )
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         if self._server is not None:
             self._server.close()
         self.rt.hypervisor.close()
         self.journal.close()
+        self.state_lock.release()
         log.info("stopped")
 
     def _main_loop(self) -> None:
@@ -309,13 +339,16 @@ class Daemon:
             if h.up:
                 self.known_capacity[h.name] = Capacity(cpus=h.cpus, mem_bytes=h.mem_bytes)
         now_s = self._clock()
-        self.power.observe(snapshot, now_s)
-        self.demand.record(snapshot, now_s)
+        with self._power_lock:
+            self.power.observe(snapshot, now_s)
+            powered_off = set(self.power.powered_off())
         with self._lock:
+            self.demand.record(snapshot, now_s)
             self.rt.snapshot = snapshot
+            self._snapshot_at_mono = time.monotonic()
         self.stats.set_snapshot(snapshot)
         for h in snapshot.hosts:
-            self.stats.set_host_power(h.name, h.name not in self.power.powered_off())
+            self.stats.set_host_power(h.name, h.name not in powered_off)
         self.heartbeat()
         up = sum(h.up for h in snapshot.hosts)
         if not self._ready_sent and up and len(history) >= 2:
@@ -329,11 +362,27 @@ class Daemon:
         with self.watchdog.job():
             self.cycle_once()
 
+    def hold(self, plan_policy: str) -> Hold | None:
+        """Re-checked before every move: why the rest of the plan must not start now."""
+        if self._stop:
+            return Hold(SkipKind.STOPPING, "balancerd is stopping")
+        active, policy = self.active()
+        if active.frozen:
+            return Hold(SkipKind.FREEZE, "a freeze window opened")
+        if policy.name != plan_policy:
+            return Hold(SkipKind.POLICY_CHANGED, f"the active policy is now {policy.name}")
+        if policy.mode != "automatic":
+            return Hold(SkipKind.RECOMMEND, f"policy {policy.name} is now in recommend mode")
+        return None
+
     def cycle_once(self) -> CycleReport | None:
         """One decide-and-act cycle; logged and counted, never raises."""
         started_s = time.monotonic()
         report: CycleReport | None = None
+        self._cycle_idle.clear()
         try:
+            if self._stop:
+                return None
             report = self._cycle()
         except Exception as exc:  # logged once, counted, and the next cycle runs
             log.exception("cycle failed")
@@ -341,6 +390,7 @@ class Daemon:
         else:
             self.stats.record_cycle(time.monotonic() - started_s, ok=True)
         finally:
+            self._cycle_idle.set()
             self.cycles_done += 1
             if self._max_cycles and self.cycles_done >= self._max_cycles:
                 self.request_stop()
@@ -349,18 +399,27 @@ class Daemon:
     def _cycle(self) -> CycleReport | None:
         with self._lock:
             snapshot = self.rt.snapshot
-        if snapshot is None or len(self.rt.history) < 2:
+            taken_at = self._snapshot_at_mono
+        if snapshot is None or taken_at is None or len(self.rt.history) < 2:
             log.info("cycle skipped: not enough samples yet")
             return None
+        age_s = time.monotonic() - taken_at
+        stale_s = STALE_SNAPSHOT_INTERVALS * self.config.collect_interval_s
+        stale_s += self.config.host_timeout_s
+        if age_s > stale_s:
+            # Collection keeps failing: never plan (or power hosts off) from an old view.
+            raise StaleSnapshot(f"the latest snapshot is {age_s:.0f} s old (limit {stale_s:.0f} s)")
         active, policy = self.active()
         self.stats.set_policy(policy.name, policy.objective, policy.mode)
         self.stats.set_freeze(active.frozen)
         now_s = self._clock()
         self.notifier.status(f"planning with policy {policy.name}")
+        with self._lock:
+            # Plan with each guest's forecast demand (spec.forecast), act on the real snapshot.
+            planning = self.demand.planning_snapshot(snapshot, policy.forecast, now_s)
         inputs = CycleInputs(
             snapshot=snapshot,
-            # Plan with each guest's forecast demand (spec.forecast), act on the real snapshot.
-            planning=self.demand.planning_snapshot(snapshot, policy.forecast, now_s),
+            planning=planning,
             policy=policy,
             active=active,
             last_moved_s=dict(self.rt.last_moved_s),
@@ -394,6 +453,7 @@ class Daemon:
             heartbeat=self.heartbeat,
             progress=lambda _m, _s, _msg: self.heartbeat(),
             on_start=on_start,
+            cancelled=lambda: "balancerd is stopping" if self._stop else "",
         )
 
     def execute_plan(self, plan: Plan, policy: Policy) -> list[MoveResult]:
@@ -410,7 +470,7 @@ class Daemon:
             finished.add(id(r))
             return r
 
-        results = execute(plan.moves, engine, run=run, should_stop=lambda: self._stop)
+        results = execute(plan.moves, engine, run=run, hold=lambda: self.hold(policy.name))
         for r in results:
             if id(r) not in finished:  # skipped by the executor itself (dependency, stopping)
                 self.recorder.move_finished(r, policy.name)
@@ -419,21 +479,39 @@ class Daemon:
     def switch_power(
         self, plan: Plan, snapshot: Snapshot, policy: Policy, now_s: float, *, only_on: bool
     ) -> list[PowerResult]:
-        decision = decide_power(
-            plan,
-            snapshot,
-            policy.power,
-            self.power.hosts,
-            now_s,
-            switchable=set(self.rt.drivers),
-        )
-        if only_on:
-            decision = replace(decision, power_off=())
-        if decision.empty:
-            return []
-        results = apply_power(decision, self.rt.drivers, self.power, now_s)
-        (Path(self.config.state_dir) / POWER_FILE).write_text(self.power.to_json())
+        with self._power_lock:
+            decision = decide_power(
+                plan,
+                snapshot,
+                policy.power,
+                self.power.hosts,
+                now_s,
+                switchable=set(self.rt.drivers),
+            )
+            if only_on:
+                decision = replace(decision, power_off=())
+            if decision.empty:
+                return []
+            results = apply_power(
+                decision, self.rt.drivers, self.power, now_s, still_empty=self._still_empty
+            )
+            text = self.power.to_json()
+        atomic_write(Path(self.config.state_dir) / POWER_FILE, text)
         return results
+
+    def _still_empty(self, host: str) -> str:
+        """Right before a power-off: what keeps ``host`` busy now ("" if nothing). Lists
+        its domains again (running or defined-but-stopped) and counts moves in flight."""
+        if any(host in (m["src"], m["dst"]) for m in self.stats.summary()["in_flight"]):
+            return "a migration in flight touches it"
+        try:
+            domains = self.rt.hypervisor.domains(host)
+        except BalancerdError as exc:
+            return f"cannot list its guests: {exc}"
+        if domains:
+            listed = ", ".join(f"{vm} ({state})" for vm, state in sorted(domains.items()))
+            return f"it holds {listed}"
+        return ""
 
     def _write_status(self, state: str) -> None:
         active, policy = self.active()
@@ -454,6 +532,10 @@ class Daemon:
             )
         except OSError as exc:
             log.warning("cannot write the status file: %s", exc)
+
+
+class StaleSnapshot(BalancerdError):
+    """The latest good snapshot is too old to plan from."""
 
 
 class _Actions(CycleActions):

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from balancerd.execute.converge import Mode
 from balancerd.execute.move import Engine, MoveResult, run_move
@@ -28,6 +29,14 @@ from balancerd.outcomes import MoveOutcome, SkipKind
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why no further move may start."""
+
+    kind: SkipKind
+    reason: str
 
 
 def _shares(a: Move, b: Move) -> bool:
@@ -67,9 +76,11 @@ def execute(
     engine: Engine,
     *,
     run: Callable[[Engine, Move], MoveResult] = run_move,
-    should_stop: Callable[[], bool] = lambda: False,
+    hold: Callable[[], Hold | None] = lambda: None,
 ) -> list[MoveResult]:
-    """Run ``moves``; returns one result per move, in plan order."""
+    """Run ``moves``; returns one result per move, in plan order. ``hold()`` is asked
+    before each start: a reason not to start more (stopping, a freeze window that opened,
+    a reload into recommend mode) skips every move not yet started, with that reason."""
     n_max = max(1, engine.mig.max_concurrent)
     per_host_max = max(1, engine.mig.max_concurrent_per_host)
     pending = list(range(len(moves)))
@@ -99,9 +110,10 @@ def execute(
         log.warning("%s %s->%s skipped: %s", m.vm, m.src, m.dst, reason, extra={"VM": m.vm})
 
     while pending or running:
-        if should_stop():
+        held = hold() if pending else None
+        if held is not None:
             for i in pending:
-                skip(i, SkipKind.STOPPING, "not started: balancerd is stopping")
+                skip(i, held.kind, f"not started: {held.reason}")
             pending = []
         for i in list(pending):
             if len(running) >= n_max:

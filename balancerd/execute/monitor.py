@@ -98,7 +98,9 @@ def run_migration(
     progress: Progress = _noop_progress,
     on_pause: Callable[[], None] = lambda: None,
     interval_s: float = SAMPLE_INTERVAL_S,
+    cancelled: Callable[[], str] = lambda: "",
 ) -> MonitorResult:
+    """``cancelled()`` returns why the job must end now (e.g. balancerd is stopping), or ""."""
     """Run ``req`` to its end, watching convergence; never raises for the job itself."""
     what = f"{'live' if req.live else 'cold'} migration of {req.vm} {req.src}->{req.dst}"
     history: list[JobStats] = []
@@ -125,6 +127,17 @@ def run_migration(
             if now_s - aborted_at_s > ABORT_GRACE_S:
                 log.error("%s: job did not end %.0f s after abort", what, ABORT_GRACE_S)
                 break
+            continue
+        why_cancel = cancelled()
+        if why_cancel:
+            abort_reason = f"{what} aborted after {now_s - start_s:.0f} s: {why_cancel}"
+            aborted_at_s = now_s
+            log.warning("%s: aborting: %s", what, why_cancel, extra={"VM": req.vm})
+            progress(None, f"aborting: {why_cancel}")
+            try:
+                hv.abort_job(req.src, req.vm)
+            except HypervisorError as exc:  # completing: it ends by itself
+                log.info("%s: abort failed (completing?): %s", what, exc)
             continue
         if suspend_at_s is not None and now_s >= suspend_at_s:
             suspend_at_s = None

@@ -90,6 +90,10 @@ def _no_start(_m: Move, _migration_id: str) -> None:
     pass
 
 
+def _not_cancelled() -> str:
+    return ""
+
+
 @dataclass(frozen=True)
 class Engine:
     """Everything one move needs, wired by the daemon/CLI."""
@@ -102,6 +106,9 @@ class Engine:
     progress: MoveProgress = field(default=_no_progress)
     # (move, migration ID) once preflight passed and the intent is journalled
     on_start: Callable[[Move, str], None] = field(default=_no_start)
+    # Why running jobs must end now ("": they may go on); checked while a job runs and
+    # before a cold fallback. Set when balancerd stops.
+    cancelled: Callable[[], str] = field(default=_not_cancelled)
     sample_interval_s: float = 1.0
     # False: no live attempt, migrate cold at once (benchmarks; guests known not to converge)
     live: bool = True
@@ -233,6 +240,7 @@ def _run_move(run: _Run) -> MoveResult:
         progress=progress,
         on_pause=on_pause,
         interval_s=e.sample_interval_s,
+        cancelled=e.cancelled,
     )
     if live.ok:
         return _verified(run, live, mode_of(live.ladder, live.history, live=True), facts.state)
@@ -258,7 +266,9 @@ def _run_move(run: _Run) -> MoveResult:
     if live.abort_reason:  # the ladder or the time cap chose to abort: no cold retry
         return run.result(FAILED, Mode.NONE, f"{live_error}; {note}")
     why_not = ""
-    if not mig.allow_cold:
+    if e.cancelled():
+        why_not = e.cancelled()
+    elif not mig.allow_cold:
         why_not = "allow_cold is off"
     elif m.vm in mig.no_pause_vms:
         why_not = f"{m.vm} is in no_pause_vms"
@@ -295,6 +305,7 @@ def _cold(
         heartbeat=e.heartbeat,
         progress=progress,
         interval_s=e.sample_interval_s,
+        cancelled=e.cancelled,
     )
     if cold.ok:
         return _verified(run, cold, Mode.OFFLINE, state_before, note=why)

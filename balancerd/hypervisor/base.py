@@ -135,6 +135,10 @@ class Hypervisor(Protocol):
 
     def abort_job(self, host: str, vm: str) -> None: ...
 
+    def domains(self, host: str) -> dict[str, str]:
+        """Every domain ``host`` has, running or defined-but-stopped: name -> state."""
+        ...
+
     def domain_state(self, host: str, vm: str) -> str | None:
         """running | paused | shutoff | ...; None if the host has no such domain."""
         ...

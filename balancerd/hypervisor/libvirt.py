@@ -372,6 +372,15 @@ class LibvirtHypervisor:
     def abort_job(self, host: str, vm: str) -> None:
         self._call(host, f"abort job of {vm}", lambda conn: conn.lookupByName(vm).abortJob())
 
+    def domains(self, host: str) -> dict[str, str]:
+        def read(conn: Any) -> dict[str, str]:
+            return {
+                dom.name(): _STATE_NAMES.get(dom.state()[0], "other")
+                for dom in conn.listAllDomains(0)  # active and persistent inactive
+            }
+
+        return self._call(host, "list domains", read)
+
     def domain_state(self, host: str, vm: str) -> str | None:
         def read(conn: Any) -> str | None:
             try:

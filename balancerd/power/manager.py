@@ -19,13 +19,16 @@ Rules:
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from balancerd.errors import BalancerdError
 from balancerd.model import Plan, Snapshot
 from balancerd.policy.model import Power
 from balancerd.power.base import PowerDriver
+
+# After we switch a host off, samples that still see it up for this long are ignored.
+OFF_SETTLE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -172,8 +175,11 @@ class PowerTracker:
     def observe(self, snapshot: Snapshot, now_s: float) -> None:
         for h in snapshot.hosts:
             prev = self.hosts.get(h.name, HostPower(on=not h.powered_off))
-            if h.up and not prev.on:
-                prev = HostPower(on=True)  # someone switched it on behind our back
+            off_for_s = now_s - prev.off_since_s if prev.off_since_s is not None else None
+            if h.up and not prev.on and (off_for_s is None or off_for_s > OFF_SETTLE_S):
+                # Someone switched it on behind our back. (Just after our power-off a host
+                # may still answer for a while: that is not it coming back.)
+                prev = HostPower(on=True)
             if h.powered_off and prev.on:
                 prev = HostPower(on=False, off_since_s=now_s)
             if not prev.on:
@@ -232,20 +238,31 @@ class PowerResult:
     error: str = ""
 
 
+def _nothing_there(_host: str) -> str:
+    return ""
+
+
 def apply_power(
     decision: PowerDecision,
     drivers: Mapping[str, PowerDriver],
     tracker: PowerTracker,
     now_s: float,
+    still_empty: Callable[[str], str] = _nothing_there,
 ) -> list[PowerResult]:
     """Switch the hosts; the tracker records every switch that succeeded. Power-ons first,
-    so capacity arrives before any is taken away."""
+    so capacity arrives before any is taken away. Right before each power-off
+    ``still_empty(host)`` looks again (the decision came from an older snapshot): a reason
+    it returns cancels that power-off."""
     results: list[PowerResult] = []
     for action, hosts in (("on", decision.power_on), ("off", decision.power_off)):
         for host in hosts:
             driver = drivers.get(host)
             if driver is None:
                 results.append(PowerResult(host, action, False, f"{host}: no power driver"))
+                continue
+            busy = still_empty(host) if action == "off" else ""
+            if busy:
+                results.append(PowerResult(host, action, False, f"{host} not switched off: {busy}"))
                 continue
             try:
                 if action == "on":
