@@ -92,6 +92,37 @@ class Problem:
         return a is None or h in a
 
 
+@dataclass
+class _Hosts:
+    names: list[str] = field(default_factory=list)
+    cpu_total: list[float] = field(default_factory=list)
+    mem_total: list[float] = field(default_factory=list)
+    cpu_cap: list[float] = field(default_factory=list)
+    mem_cap: list[float] = field(default_factory=list)
+    vcpu_cap: list[float] = field(default_factory=list)
+    usable: list[bool] = field(default_factory=list)
+    powered_off: list[bool] = field(default_factory=list)
+    balanced: list[bool] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Guests:
+    names: list[str] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    mem: list[float] = field(default_factory=list)
+    vcpus: list[int] = field(default_factory=list)
+    cur: list[int] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Rules:
+    allowed: list[frozenset[int] | None]
+    soft: list[tuple[frozenset[int], float]]
+
+
 def build_problem(
     snapshot: Snapshot,
     policy: Policy,
@@ -100,145 +131,205 @@ def build_problem(
     last_moved_s: Mapping[str, float] | None = None,
     now_s: float = 0.0,
 ) -> Problem:
-    capacity = capacity or {}
-    last_moved_s = last_moved_s or {}
+    """Index the snapshot under the policy, in stages: hosts (capacity, limits, who may
+    receive guests), guests (demand, where they are), placement rules (one allowed-host
+    set per distinct combination of rules, shared by every guest it applies to), and who
+    may move this cycle (cooldown, exclusions, forced moves)."""
+    hosts = _index_hosts(snapshot, policy, capacity or {})
+    guests = _index_guests(snapshot, hosts.index)
+    rules = _placement_rules(policy, len(hosts.names), hosts.index, guests.index)
+    movable, must_move = _movability(
+        snapshot, policy, hosts, guests, rules.allowed, last_moved_s or {}, now_s
+    )
+    c = policy.constraints
+    return Problem(
+        hosts=hosts.names,
+        cpu_total=hosts.cpu_total,
+        mem_total=hosts.mem_total,
+        cpu_cap=hosts.cpu_cap,
+        mem_cap=hosts.mem_cap,
+        vcpu_cap=hosts.vcpu_cap,
+        usable=hosts.usable,
+        powered_off=hosts.powered_off,
+        balanced=hosts.balanced,
+        guests=guests.names,
+        cpu=guests.cpu,
+        mem=guests.mem,
+        vcpus=guests.vcpus,
+        cur=guests.cur,
+        movable=movable,
+        must_move=must_move,
+        allowed=rules.allowed,
+        anti=_groups(c.anti_affinity, guests.index),
+        affinity=_groups(c.affinity, guests.index),
+        soft=rules.soft,
+        w_cpu=policy.resources.cpu_weight,
+        w_mem=policy.resources.memory_weight,
+        objective=policy.objective,
+        policy=policy,
+        host_index=hosts.index,
+        guest_index=guests.index,
+        notes=guests.notes,
+    )
+
+
+def _index_hosts(
+    snapshot: Snapshot, policy: Policy, capacity: Mapping[str, HostCapacity]
+) -> _Hosts:
+    """Capacity (overrides first), hard caps from the limits, and each host's role."""
     lim = policy.limits
     c = policy.constraints
     maint = set(c.maintenance)
     excl_hosts = set(c.exclude_hosts)
-    excl_vms = set(c.exclude_vms)
     power_save = policy.objective == "power-save"
-
-    hosts: list[str] = []
-    cpu_total: list[float] = []
-    mem_total: list[float] = []
-    cpu_cap: list[float] = []
-    mem_cap: list[float] = []
-    vcpu_cap: list[float] = []
-    usable: list[bool] = []
-    powered_off: list[bool] = []
-    balanced: list[bool] = []
+    out = _Hosts()
     for h in snapshot.hosts:
         over = capacity.get(h.name)
         cpus = float(over.cpus) if over and over.cpus > 0 else float(h.cpus)
         mem = float(over.mem_bytes) if over and over.mem_bytes > 0 else float(h.mem_bytes)
-        hosts.append(h.name)
-        cpu_total.append(cpus)
-        mem_total.append(mem)
-        cpu_cap.append(cpus * lim.max_cpu_util)
-        mem_cap.append(max(0.0, min(mem * lim.max_mem_util, mem - lim.mem_headroom_bytes)))
-        vcpu_cap.append(cpus * lim.cpu_overcommit)
+        out.index[h.name] = len(out.names)
+        out.names.append(h.name)
+        out.cpu_total.append(cpus)
+        out.mem_total.append(mem)
+        out.cpu_cap.append(cpus * lim.max_cpu_util)
+        out.mem_cap.append(max(0.0, min(mem * lim.max_mem_util, mem - lim.mem_headroom_bytes)))
+        out.vcpu_cap.append(cpus * lim.cpu_overcommit)
         off = h.powered_off
-        powered_off.append(off)
+        out.powered_off.append(off)
         # A powered-off host does not answer, but it is known empty and can be switched on.
         ok = (h.up or off) and h.name not in excl_hosts and cpus > 0 and mem > 0
-        balanced.append(ok and not off)
-        usable.append(ok and h.name not in maint and (power_save or not off))
-    host_index = {n: i for i, n in enumerate(hosts)}
+        out.balanced.append(ok and not off)
+        out.usable.append(ok and h.name not in maint and (power_save or not off))
+    return out
+
+
+def _index_guests(snapshot: Snapshot, host_index: Mapping[str, int]) -> _Guests:
+    out = _Guests()
+    for v in snapshot.vms:
+        hi = host_index.get(v.host)
+        if hi is None:
+            out.notes.append(f"guest {v.name} is on unknown host {v.host}; ignored")
+            continue
+        out.index[v.name] = len(out.names)
+        out.names.append(v.name)
+        out.cpu.append(max(0.0, v.cpu_cores))
+        out.mem.append(float(v.mem_bytes))
+        out.vcpus.append(v.vcpus)
+        out.cur.append(hi)
+    return out
+
+
+def _placement_rules(
+    policy: Policy, n_hosts: int, host_index: Mapping[str, int], guest_index: Mapping[str, int]
+) -> _Rules:
+    """Per guest: the hosts it may use (pin, must, must_not) and the hosts a soft rule
+    dislikes. Each rule's host set is built once; guests under the same combination of
+    rules share one frozenset (a must_not over 400 hosts for 500 guests is one set, not
+    500), which keeps this stage linear and lets later stages cache per set."""
+    c = policy.constraints
+    all_hosts = frozenset(range(n_hosts))
+    sets: list[frozenset[int]] = []
+    set_id: dict[frozenset[int], int] = {}
+
+    def intern(hs: frozenset[int]) -> int:
+        sid = set_id.get(hs)
+        if sid is None:
+            sid = set_id[hs] = len(sets)
+            sets.append(hs)
+        return sid
 
     def host_set(names: tuple[str, ...]) -> frozenset[int]:
         return frozenset(host_index[n] for n in names if n in host_index)
 
-    guests: list[str] = []
-    cpu: list[float] = []
-    memd: list[float] = []
-    vcpus: list[int] = []
-    cur: list[int] = []
-    movable: list[bool] = []
-    notes: list[str] = []
-    for v in snapshot.vms:
-        hi = host_index.get(v.host)
-        if hi is None:
-            notes.append(f"guest {v.name} is on unknown host {v.host}; ignored")
-            continue
-        guests.append(v.name)
-        cpu.append(max(0.0, v.cpu_cores))
-        memd.append(float(v.mem_bytes))
-        vcpus.append(v.vcpus)
-        cur.append(hi)
-        movable.append(True)
-    guest_index = {n: i for i, n in enumerate(guests)}
-    n = len(guests)
-
-    allowed: list[frozenset[int] | None] = [None] * n
-
-    def restrict(g: int, hs: frozenset[int]) -> None:
-        a = allowed[g]
-        allowed[g] = hs if a is None else a & hs
-
-    all_hosts = frozenset(range(len(hosts)))
+    hard: dict[int, set[int]] = {}  # guest -> ids of the sets it must stay within
+    bad: dict[int, set[int]] = {}  # guest -> ids of the sets a soft rule dislikes
+    weight: dict[int, float] = {}
     for vm, names in c.pin.items():
         gi = guest_index.get(vm)
         if gi is not None:
-            restrict(gi, host_set(names))
-    soft: list[tuple[frozenset[int], float]] = [(frozenset(), 0.0)] * n
+            hard.setdefault(gi, set()).add(intern(host_set(names)))
     for rule in c.host_rules:
         hs = host_set(rule.hosts)
+        if rule.kind == "must":
+            sid = intern(hs)
+        elif rule.kind == "must_not":
+            sid = intern(all_hosts - hs)
+        else:
+            sid = intern(all_hosts - hs if rule.kind == "should" else hs)
         for vm in rule.vms:
             gi = guest_index.get(vm)
             if gi is None:
                 continue
-            if rule.kind == "must":
-                restrict(gi, hs)
-            elif rule.kind == "must_not":
-                restrict(gi, all_hosts - hs)
+            if rule.kind in ("must", "must_not"):
+                hard.setdefault(gi, set()).add(sid)
             else:
-                bad = all_hosts - hs if rule.kind == "should" else hs
-                prev_bad, prev_w = soft[gi]
                 # one cost per guest; several soft rules on one guest add up per host set
-                soft[gi] = (prev_bad | bad, prev_w + rule.weight)
+                bad.setdefault(gi, set()).add(sid)
+                weight[gi] = weight.get(gi, 0.0) + rule.weight
 
+    n = len(guest_index)
+    allowed: list[frozenset[int] | None] = [None] * n
+    meet: dict[tuple[int, ...], frozenset[int]] = {}
+    for gi, ids in hard.items():
+        key = tuple(sorted(ids))
+        got = meet.get(key)
+        if got is None:
+            got = frozenset.intersection(*(sets[i] for i in key))
+            meet[key] = got
+        allowed[gi] = got
+    soft: list[tuple[frozenset[int], float]] = [(frozenset(), 0.0)] * n
+    join: dict[tuple[int, ...], frozenset[int]] = {}
+    for gi, ids in bad.items():
+        key = tuple(sorted(ids))
+        got = join.get(key)
+        if got is None:
+            got = frozenset().union(*(sets[i] for i in key))
+            join[key] = got
+        soft[gi] = (got, weight[gi])
+    return _Rules(allowed, soft)
+
+
+def _movability(
+    snapshot: Snapshot,
+    policy: Policy,
+    hosts: _Hosts,
+    guests: _Guests,
+    allowed: list[frozenset[int] | None],
+    last_moved_s: Mapping[str, float],
+    now_s: float,
+) -> tuple[list[bool], list[bool]]:
+    """(movable, must_move) per guest: a guest on a drained host or outside its allowed
+    hosts must move; excluded guests, guests of excluded or down hosts and (unless they
+    must move) guests in their cooldown stay."""
+    c = policy.constraints
+    maint = set(c.maintenance)
+    excl_hosts = set(c.exclude_hosts)
+    excl_vms = set(c.exclude_vms)
+    n = len(guests.names)
+    movable = [True] * n
     must_move = [False] * n
     for g in range(n):
-        hi = cur[g]
+        hi = guests.cur[g]
         a = allowed[g]
-        if hosts[hi] in maint or (a is not None and hi not in a):
+        if hosts.names[hi] in maint or (a is not None and hi not in a):
             must_move[g] = True
-        name = guests[g]
-        if name in excl_vms or hosts[hi] in excl_hosts or not snapshot.hosts[hi].up:
+        name = guests.names[g]
+        if name in excl_vms or hosts.names[hi] in excl_hosts or not snapshot.hosts[hi].up:
             movable[g] = False
         elif not must_move[g]:
             t = last_moved_s.get(name)
             if t is not None and now_s - t < policy.hysteresis.cooldown_s:
                 movable[g] = False
+    return movable, must_move
 
-    def groups(raw: tuple[tuple[str, ...], ...]) -> list[list[int]]:
-        out = []
-        for grp in raw:
-            idx = sorted({guest_index[v] for v in grp if v in guest_index})
-            if len(idx) >= 2:
-                out.append(idx)
-        return out
 
-    return Problem(
-        hosts=hosts,
-        cpu_total=cpu_total,
-        mem_total=mem_total,
-        cpu_cap=cpu_cap,
-        mem_cap=mem_cap,
-        vcpu_cap=vcpu_cap,
-        usable=usable,
-        powered_off=powered_off,
-        balanced=balanced,
-        guests=guests,
-        cpu=cpu,
-        mem=memd,
-        vcpus=vcpus,
-        cur=cur,
-        movable=movable,
-        must_move=must_move,
-        allowed=allowed,
-        anti=groups(c.anti_affinity),
-        affinity=groups(c.affinity),
-        soft=soft,
-        w_cpu=policy.resources.cpu_weight,
-        w_mem=policy.resources.memory_weight,
-        objective=policy.objective,
-        policy=policy,
-        host_index=host_index,
-        guest_index=guest_index,
-        notes=notes,
-    )
+def _groups(raw: tuple[tuple[str, ...], ...], guest_index: Mapping[str, int]) -> list[list[int]]:
+    out = []
+    for grp in raw:
+        idx = sorted({guest_index[v] for v in grp if v in guest_index})
+        if len(idx) >= 2:
+            out.append(idx)
+    return out
 
 
 # --- scores and bounds ------------------------------------------------------------------
