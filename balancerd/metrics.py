@@ -128,6 +128,7 @@ class _State:
     cycles: dict[str, int] = field(default_factory=dict)
     power_actions: dict[tuple[str, str], int] = field(default_factory=dict)  # (action, result)
     reload_failures: int = 0
+    journal_corrupt: int = 0
     reloads: int = 0
     last_success_at_s: float | None = None
     last_cycle_at_s: float | None = None
@@ -236,6 +237,10 @@ class DaemonStats:
         """One journal entry settled at start (or after a move that ended unexpectedly)."""
         _inc(self._lock, self._s.reconciliations, outcome.value)
 
+    def record_journal_corrupt(self) -> None:
+        with self._lock:
+            self._s.journal_corrupt += 1
+
     def record_reload(self, ok: bool) -> None:
         with self._lock:
             if ok:
@@ -333,6 +338,7 @@ class DaemonStats:
                 cycles=dict(s.cycles),
                 power_actions=dict(s.power_actions),
                 reload_failures=s.reload_failures,
+                journal_corrupt=s.journal_corrupt,
                 reloads=s.reloads,
                 last_success_at_s=s.last_success_at_s,
                 last_cycle_at_s=s.last_cycle_at_s,
@@ -549,6 +555,11 @@ def _event_families(s: _State) -> Iterator[Metric]:
         value=float(s.reload_failures),
     )
     yield CounterMetricFamily(_name("reloads"), "SIGHUP reloads applied.", value=float(s.reloads))
+    yield CounterMetricFamily(
+        _name("journal_corrupt"),
+        "Migration journals found corrupt at start and moved aside.",
+        value=float(s.journal_corrupt),
+    )
     yield _histogram(
         "migration_duration_seconds", "Duration of successful migrations.", s.migration_s, "mode"
     )

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from balancerd.execute.journal import JOURNAL_FILE, Journal, process_start
 
 
@@ -85,3 +87,39 @@ def test_own_entries_are_not_in_progress_and_reconciliations_count(tmp_path: Pat
 def test_process_start() -> None:
     assert process_start(os.getpid()) != ""
     assert process_start(2**22 + 12345) == ""
+
+
+def test_a_corrupt_journal_is_moved_aside_loudly_and_a_new_one_works(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / JOURNAL_FILE).write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    j = Journal(tmp_path)
+    assert j.moved_aside.startswith(str(tmp_path / f"{JOURNAL_FILE}.corrupt-"))
+    assert Path(j.moved_aside).read_bytes().startswith(b"SQLite format 3")
+    assert "is corrupt" in caplog.text and j.moved_aside in caplog.text
+    e = j.begin("web-1", "u1", "host1", "host2", "running", migration_id="abc")
+    assert [x.migration_id for x in j.open_entries()] == ["abc"]
+    assert e
+    j.close()
+
+
+def test_a_journal_from_before_migration_ids_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / JOURNAL_FILE)
+    db.executescript(
+        "CREATE TABLE migrations (id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL,"
+        " vm_uuid TEXT NOT NULL DEFAULT '', src TEXT NOT NULL, dst TEXT NOT NULL,"
+        " vm_state TEXT NOT NULL DEFAULT '', pid INTEGER NOT NULL,"
+        " pid_start TEXT NOT NULL DEFAULT '', phase TEXT NOT NULL, started_at REAL NOT NULL,"
+        " outcome TEXT, mode TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '',"
+        " finished_at REAL);"
+        "INSERT INTO migrations (vm, src, dst, pid, phase, started_at)"
+        " VALUES ('old', 'h1', 'h2', 1, 'live', 0);"
+    )
+    db.commit()
+    db.close()
+    j = Journal(tmp_path)
+    assert [(e.vm, e.migration_id) for e in j.open_entries()] == [("old", "")]
+    assert not j.moved_aside
+    j.close()

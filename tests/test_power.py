@@ -221,8 +221,13 @@ def test_tracker_switches_and_round_trip() -> None:
     t.observe(cluster({"a": "h1"}, off=("h3",)), 600.0)
     assert t.hosts["h3"] == HostPower(on=False, off_since_s=500.0)
     assert t.powered_off() == ("h3",)
-    again = PowerTracker.from_json(t.to_json())
+    again = PowerTracker.from_json(t.to_json("boot-1"), "boot-1", 9999.0)
     assert again.hosts == t.hosts
+    # Written during another boot, the (monotonic) times mean nothing: they restart now,
+    # so no grace period or minimum off time is cut short.
+    rebooted = PowerTracker.from_json(t.to_json("boot-1"), "boot-2", 42.0)
+    assert rebooted.hosts["h3"] == HostPower(on=False, off_since_s=42.0)
+    assert rebooted.hosts["h1"].empty_since_s is None
     t.mark_on("h3", 700.0)
     t.observe(cluster({"a": "h1"}), 710.0)
     assert t.hosts["h3"] == HostPower(on=True, empty_since_s=710.0)  # a full grace again

@@ -12,6 +12,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -87,8 +88,10 @@ class Daemon:
         registry: CollectorRegistry | None = None,
         serve_metrics: bool = True,
         max_cycles: int = 0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: seconds for cooldowns, grace periods and demand history. Monotonic, so
+        a wall-clock step neither freezes nor storms them (cron windows use wall time)."""
         self.config_path = config_path
         self._hypervisor_factory = hypervisor_factory or _libvirt_hypervisor
         self.notifier = notifier or Notifier.from_env()
@@ -122,7 +125,9 @@ class Daemon:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state_lock = StateLock(state_dir, "daemon")
         self.journal = Journal(state_dir / JOURNAL_FILE)
-        self.power = _load_tracker(state_dir / POWER_FILE)
+        if self.journal.moved_aside:
+            self.stats.record_journal_corrupt()
+        self.power = _load_tracker(state_dir / POWER_FILE, clock())
         self.known_capacity: dict[str, Capacity] = {}  # last seen while up
         self.demand = DemandHistory(keep_s=loaded.forecast_window_s)
         self.scheduler = BackgroundScheduler(
@@ -275,6 +280,11 @@ class Daemon:
             self.stats.record_reload(ok=False)
             self.notifier.ready(status="reload rejected; running on the previous configuration")
             return False
+        except Exception as exc:  # a reload must never take the daemon down
+            log.exception("reload rejected, keeping the running policy: %s", exc)
+            self.stats.record_reload(ok=False)
+            self.notifier.ready(status="reload rejected; running on the previous configuration")
+            return False
         with self._lock:
             old = self.rt.loaded.config
             self.rt.loaded = loaded
@@ -309,10 +319,12 @@ class Daemon:
     # --- jobs -------------------------------------------------------------------------
 
     def _reconcile(self) -> None:
+        """Settle open journal entries (at start, and before each cycle: entries a move
+        left open because its job hung or a host did not answer)."""
         try:
             done = reconcile(self.rt.hypervisor, self.journal, heartbeat=self.heartbeat)
-        except BalancerdError as exc:
-            log.error("reconcile at start failed: %s", exc)
+        except (BalancerdError, sqlite3.Error) as exc:
+            log.error("reconcile failed (retried before the next cycle): %s", exc)
             return
         self.recorder.reconciliations(done)
 
@@ -409,6 +421,8 @@ class Daemon:
         if age_s > stale_s:
             # Collection keeps failing: never plan (or power hosts off) from an old view.
             raise StaleSnapshot(f"the latest snapshot is {age_s:.0f} s old (limit {stale_s:.0f} s)")
+        if self.journal.open_entries():
+            self._reconcile()
         active, policy = self.active()
         self.stats.set_policy(policy.name, policy.objective, policy.mode)
         self.stats.set_freeze(active.frozen)
@@ -495,7 +509,7 @@ class Daemon:
             results = apply_power(
                 decision, self.rt.drivers, self.power, now_s, still_empty=self._still_empty
             )
-            text = self.power.to_json()
+            text = self.power.to_json(boot_id())
         atomic_write(Path(self.config.state_dir) / POWER_FILE, text)
         return results
 
@@ -553,10 +567,20 @@ class _Actions(CycleActions):
         return self._d.switch_power(plan, snapshot, policy, now_s, only_on=only_on)
 
 
-def _load_tracker(path: Path) -> PowerTracker:
+def boot_id() -> str:
     try:
-        return PowerTracker.from_json(path.read_text())
-    except (OSError, ValueError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _load_tracker(path: Path, now_s: float) -> PowerTracker:
+    try:
+        return PowerTracker.from_json(path.read_text(), boot_id(), now_s)
+    except FileNotFoundError:
+        return PowerTracker()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("power state %s unreadable (%s): starting without it", path, exc)
         return PowerTracker()
 
 

@@ -11,6 +11,7 @@ One connection shared by the executor's threads, guarded by a lock.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 JOURNAL_FILE = "journal.sqlite"
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS migrations (
@@ -79,6 +82,14 @@ def process_start(pid: int) -> str:
     return fields[19] if len(fields) > 19 else ""
 
 
+def _prepare(db: sqlite3.Connection) -> None:
+    db.executescript(_SCHEMA)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(migrations)")}
+    if "migration_id" not in columns:  # a journal written before migration IDs
+        db.execute("ALTER TABLE migrations ADD COLUMN migration_id TEXT NOT NULL DEFAULT ''")
+    db.commit()
+
+
 class Journal:
     def __init__(self, path: str | Path) -> None:
         p = Path(path)
@@ -89,18 +100,42 @@ class Journal:
             p.parent.mkdir(parents=True, exist_ok=True)
         self.path = p
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(p), timeout=30.0, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
-        if "migration_id" not in columns:  # a journal written before migration IDs
-            self._db.execute(
-                "ALTER TABLE migrations ADD COLUMN migration_id TEXT NOT NULL DEFAULT ''"
+        # Where a corrupt journal was moved ("" if it was not): logged and counted.
+        self.moved_aside = ""
+        try:
+            self._db = self._open(p)
+        except sqlite3.DatabaseError as exc:
+            aside = p.with_name(f"{p.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{p}{suffix}")
+                if src.exists():
+                    src.replace(Path(f"{aside}{suffix}"))
+            self.moved_aside = str(aside)
+            log.error(
+                "migration journal %s is corrupt (%s): moved aside to %s; open intents in it "
+                "cannot be reconciled: check guests with `balancerd status`",
+                p,
+                exc,
+                aside,
             )
-        self._db.commit()
+            self._db = self._open(p)
         self._pid = os.getpid()
         self._pid_start = process_start(self._pid)
+
+    @staticmethod
+    def _open(p: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(str(p), timeout=30.0, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            check = db.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise sqlite3.DatabaseError(f"quick_check: {check[:3]}")
+            _prepare(db)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         with self._lock:

@@ -137,6 +137,8 @@ class _Run:
         self.m = move
         self.t0 = time.monotonic()
         self.entry: int | None = None
+        self.state_before = "running"  # the guest's state when preflight saw it
+        self.vm_uuid = ""  # ... and its UUID: settle never touches a same-named other guest
         self.migration_id = new_migration_id()
         self.what = f"{move.vm} {move.src}->{move.dst}"
         self.log_fields = {
@@ -190,7 +192,30 @@ def run_move(engine: Engine, move: Move) -> MoveResult:
         return _run_move(run)
     except Exception as exc:  # a bug or an unexpected error: fail this step only
         log.exception("%s: unexpected error", run.what, extra=run.log_fields)
-        return run.result(FAILED, Mode.NONE, f"unexpected error: {exc!r}")
+        return _after_unexpected(run, exc)
+
+
+def _after_unexpected(run: _Run, exc: Exception) -> MoveResult:
+    """The job may still run and the guest may be paused: settle it now. The journal
+    entry stays open unless the guest was settled, so reconcile finishes the job later."""
+    why = f"unexpected error: {exc!r}"
+    if run.entry is None:
+        return run.result(FAILED, Mode.NONE, why)
+    m = run.m
+    try:
+        actions, where = settle(
+            run.e.hv,
+            m.vm,
+            m.src,
+            m.dst,
+            was_running=run.state_before != "paused",
+            heartbeat=run.e.heartbeat,
+            vm_uuid=run.vm_uuid,
+        )
+    except Exception as settle_exc:  # the hosts may be the problem; reconcile retries
+        note = f"{why}; not settled ({settle_exc}); left for reconcile"
+        return run.result(FAILED, Mode.NONE, note, keep_open=True)
+    return run.result(FAILED, Mode.NONE, "; ".join([why, *actions, where]))
 
 
 def _run_move(run: _Run) -> MoveResult:
@@ -202,6 +227,8 @@ def _run_move(run: _Run) -> MoveResult:
     if not pf.ok or pf.facts is None:
         return run.result(SKIPPED, Mode.NONE, pf.reason, skip_kind=pf.kind)
     facts = pf.facts
+    run.state_before = facts.state
+    run.vm_uuid = facts.uuid
     if e.journal is not None:
         run.entry = e.journal.begin(
             m.vm, facts.uuid, m.src, m.dst, facts.state, migration_id=run.migration_id
@@ -253,7 +280,13 @@ def _run_move(run: _Run) -> MoveResult:
         )
     try:
         actions, where = settle(
-            hv, m.vm, m.src, m.dst, was_running=facts.state != "paused", heartbeat=e.heartbeat
+            hv,
+            m.vm,
+            m.src,
+            m.dst,
+            was_running=facts.state != "paused",
+            heartbeat=e.heartbeat,
+            vm_uuid=run.vm_uuid,
         )
     except HypervisorError as exc:
         actions, where = [], f"state unknown ({exc})"
@@ -316,7 +349,13 @@ def _cold(
         )
     try:
         actions, where = settle(
-            e.hv, m.vm, m.src, m.dst, was_running=state_before != "paused", heartbeat=e.heartbeat
+            e.hv,
+            m.vm,
+            m.src,
+            m.dst,
+            was_running=state_before != "paused",
+            heartbeat=e.heartbeat,
+            vm_uuid=run.vm_uuid,
         )
     except HypervisorError as exc:
         actions, where = [], f"state unknown ({exc})"
@@ -346,7 +385,14 @@ def _verified(
         problems.append(f"also {', '.join(f'{states[h]} on {h}' for h in elsewhere)}")
     if problems and m.src in elsewhere and _alive(states[m.dst]):
         with contextlib.suppress(HypervisorError):
-            actions, where = settle(hv, m.vm, m.src, m.dst, was_running=state_before != "paused")
+            actions, where = settle(
+                hv,
+                m.vm,
+                m.src,
+                m.dst,
+                was_running=state_before != "paused",
+                vm_uuid=run.vm_uuid,
+            )
             problems.append("; ".join([*actions, where]))
     completed = _completed_stats(hv, m.dst, m.vm)
     last = mon.history[-1] if mon.history else None

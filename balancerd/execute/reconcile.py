@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from balancerd.errors import HypervisorError
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 ALIVE_STATES = ("running", "paused", "blocked")
 JOB_END_WAIT_S = 120.0
+# An open entry older than this never resumes a paused guest (it may be paused on purpose).
+MAX_RESUME_AGE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,26 @@ def settle(
     was_running: bool,
     heartbeat: Callable[[], None] = lambda: None,
     wait_s: float = JOB_END_WAIT_S,
+    vm_uuid: str = "",
 ) -> tuple[list[str], str]:
-    """Make ``vm`` run on exactly one of ``src``/``dst``; returns (actions, where it runs)."""
+    """Make ``vm`` run on exactly one of ``src``/``dst``; returns (actions, where it runs).
+    With ``vm_uuid``, a domain of that name but another UUID is someone else's guest (e.g.
+    recreated under the same name): it is never destroyed or resumed."""
     actions: list[str] = []
-    if hv.domain_state(src, vm) is not None:
+
+    def state(host: str) -> str | None:
+        st = hv.domain_state(host, vm)
+        if st is not None and vm_uuid:
+            uuid = hv.domain_facts(host, vm).uuid
+            if uuid and uuid != vm_uuid:
+                actions.append(f"left {vm} on {host} alone: uuid {uuid}, not {vm_uuid}")
+                return None
+        return st
+
+    if state(src) is not None:
         actions += _end_job(hv, src, vm, heartbeat, wait_s)
-    s = _alive(hv.domain_state(src, vm))
-    d = _alive(hv.domain_state(dst, vm))
+    s = _alive(state(src))
+    d = _alive(state(dst))
     if d == "paused" and s is None:
         # A paused destination without a source: an incoming job must end first.
         stats = hv.job_stats(dst, vm)
@@ -139,14 +154,30 @@ def reconcile(
     *,
     heartbeat: Callable[[], None] = lambda: None,
     wait_s: float = JOB_END_WAIT_S,
+    in_flight: Collection[str] = (),
+    now_s: float | None = None,
 ) -> list[Reconciliation]:
-    """Settle every open journal entry whose process is gone. Call at start-up."""
+    """Settle every open journal entry whose process is gone (or that this process holds
+    but no longer runs: not in ``in_flight``, a set of migration IDs). Call at start-up
+    and between cycles. An entry older than MAX_RESUME_AGE_S never resumes a guest: an
+    operator may have paused it on purpose since."""
     done: list[Reconciliation] = []
+    now_s = time.time() if now_s is None else now_s
     for entry in journal.open_entries():
+        if entry.migration_id and entry.migration_id in in_flight:
+            continue
         if journal.owner_alive(entry):
             log.info("migration in progress in pid %d, not touched vm=%s", entry.pid, entry.vm)
             continue
-        was_running = entry.vm_state != "paused"
+        too_old = now_s - entry.started_at > MAX_RESUME_AGE_S
+        was_running = entry.vm_state != "paused" and not too_old
+        if too_old:
+            log.warning(
+                "reconcile: entry of %s is %.0f h old: nothing will be resumed",
+                entry.vm,
+                (now_s - entry.started_at) / 3600,
+                extra={"VM": entry.vm, "MIGRATION_ID": entry.migration_id},
+            )
         try:
             actions, where = settle(
                 hv,
@@ -156,6 +187,7 @@ def reconcile(
                 was_running=was_running,
                 heartbeat=heartbeat,
                 wait_s=wait_s,
+                vm_uuid=entry.vm_uuid,
             )
         except HypervisorError as exc:
             r = Reconciliation(

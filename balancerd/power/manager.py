@@ -202,26 +202,36 @@ class PowerTracker:
     def powered_off(self) -> tuple[str, ...]:
         return tuple(sorted(h for h, p in self.hosts.items() if not p.on))
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                name: {"on": p.on, "empty_since_s": p.empty_since_s, "off_since_s": p.off_since_s}
-                for name, p in sorted(self.hosts.items())
-            },
-            indent=1,
-        )
+    def to_json(self, boot_id: str = "") -> str:
+        """Times are the daemon's clock (monotonic: it survives wall-clock steps, and a
+        restart within the same boot); ``boot_id`` tells a later reader whether they still
+        mean anything."""
+        hosts = {
+            name: {"on": p.on, "empty_since_s": p.empty_since_s, "off_since_s": p.off_since_s}
+            for name, p in sorted(self.hosts.items())
+        }
+        return json.dumps({"boot_id": boot_id, "hosts": hosts}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> PowerTracker:
+    def from_json(cls, text: str, boot_id: str = "", now_s: float = 0.0) -> PowerTracker:
+        """Times written during another boot (or by an older version) restart at ``now_s``:
+        grace periods and minimum off times then run in full again, never shorter."""
         data = json.loads(text)
+        same_boot = bool(boot_id) and data.get("boot_id") == boot_id
+        hosts = data.get("hosts", data)
+
+        def when(value: object) -> float | None:
+            t = _opt_float(value)
+            return t if t is None or same_boot else now_s
+
         return cls(
             {
                 str(name): HostPower(
                     on=bool(p["on"]),
-                    empty_since_s=_opt_float(p.get("empty_since_s")),
-                    off_since_s=_opt_float(p.get("off_since_s")),
+                    empty_since_s=when(p.get("empty_since_s")),
+                    off_since_s=when(p.get("off_since_s")),
                 )
-                for name, p in data.items()
+                for name, p in hosts.items()
             }
         )
 
