@@ -6,6 +6,10 @@ Whoever drives the simulation advances the counters with ``advance()``.
 
 Migrations are modelled, not performed: ``migrate()`` moves the guest at once (the
 simulation engine accounts the duration and its cost itself).
+
+What preflight reads (disks, interfaces, CPU, versions, networks, visible paths) is set per
+guest and per host; the defaults pass every check. ``hypervisor.scripted`` builds on this
+class for tests that need calls to fail, hang, or migrations to run a script.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from dataclasses import dataclass, field
 
 from balancerd.errors import HypervisorError
 from balancerd.hypervisor.base import (
+    DiskFacts,
     DomainFacts,
     HostFacts,
+    InterfaceFacts,
     JobStats,
     MigrationRequest,
 )
@@ -32,6 +38,14 @@ class SimVm:
     mem_bytes: int
     cpu_time_ns: int = 0
     state: str = "running"
+    # What preflight reads (DomainFacts); the defaults pass every check.
+    disks: tuple[DiskFacts, ...] = ()
+    interfaces: tuple[InterfaceFacts, ...] = ()
+    cpu_xml: str = ""
+    virt_type: str = "kvm"
+    persistent: bool = True
+    in_job: bool = False  # some other job (save, snapshot, ...) runs on the domain
+    incoming: bool = False  # the paused target end of an incoming migration
 
 
 @dataclass
@@ -44,6 +58,15 @@ class SimHost:
     cpu_busy_ns: int = 0
     cpu_total_ns: int = 0
     vms: dict[str, SimVm] = field(default_factory=dict)
+    # What preflight reads (HostFacts); the defaults pass every check.
+    hostname: str = ""  # "" means the host's name
+    host_uuid: str = ""  # "" means the host's name
+    libvirt_version: int = 0
+    hypervisor_version: int = 0
+    networks: tuple[str, ...] = ()
+    bridges: tuple[str, ...] = ()
+    visible_paths: frozenset[str] | None = None  # None: every path is visible
+    cpu_models: frozenset[str] | None = None  # guest <cpu> XML that runs here; None: any
 
 
 class SimHypervisor:
@@ -111,14 +134,16 @@ class SimHypervisor:
                     uri=f"sim:///{h.name}",
                     up=True,
                     sampled_at_s=self.clock_s,
-                    hostname=h.name,
-                    host_uuid=h.name,
+                    hostname=h.hostname or h.name,
+                    host_uuid=h.host_uuid or h.name,
                     cpus=h.cpus,
                     cpu_mhz=h.cpu_mhz,
                     mem_total_bytes=h.mem_bytes,
                     mem_free_bytes=max(0, h.mem_bytes - used),
                     cpu_busy_ns=h.cpu_busy_ns,
                     cpu_total_ns=h.cpu_total_ns,
+                    libvirt_version=h.libvirt_version,
+                    hypervisor_version=h.hypervisor_version,
                     vms=tuple(
                         VmSample(
                             name=v.name,
@@ -127,6 +152,8 @@ class SimHypervisor:
                             vcpus=v.vcpus,
                             mem_bytes=v.mem_bytes,
                             cpu_time_ns=v.cpu_time_ns,
+                            in_job=v.in_job,
+                            incoming=v.incoming,
                         )
                         for v in h.vms.values()
                     ),
@@ -142,11 +169,12 @@ class SimHypervisor:
             state=v.state,
             mem_bytes=v.mem_bytes,
             vcpus=v.vcpus,
-            cpu_xml="",
-            disks=(),
-            interfaces=(),
-            persistent=True,
-            in_job=False,
+            cpu_xml=v.cpu_xml,
+            disks=v.disks,
+            interfaces=v.interfaces,
+            persistent=v.persistent,
+            in_job=v.in_job,
+            virt_type=v.virt_type,
         )
 
     def host_facts(self, host: str) -> HostFacts:
@@ -154,22 +182,22 @@ class SimHypervisor:
         used = sum(v.mem_bytes for v in h.vms.values())
         return HostFacts(
             name=h.name,
-            hostname=h.name,
-            host_uuid=h.name,
-            libvirt_version=0,
-            hypervisor_version=0,
+            hostname=h.hostname or h.name,
+            host_uuid=h.host_uuid or h.name,
+            libvirt_version=h.libvirt_version,
+            hypervisor_version=h.hypervisor_version,
             mem_free_bytes=max(0, h.mem_bytes - used),
-            networks=(),
-            bridges=(),
+            networks=h.networks,
+            bridges=h.bridges,
         )
 
     def cpu_compatible(self, host: str, cpu_xml: str, virt_type: str = "kvm") -> bool:
-        self._host(host, "cpu compare")
-        return True
+        h = self._host(host, "cpu compare")
+        return h.cpu_models is None or virt_type == "qemu" or cpu_xml in h.cpu_models
 
     def path_visible(self, host: str, path: str) -> bool:
-        self._host(host, "storage lookup")
-        return True
+        h = self._host(host, "storage lookup")
+        return h.visible_paths is None or path in h.visible_paths
 
     def migrate(self, req: MigrationRequest) -> None:
         src = self._host(req.src, "migrate")
@@ -194,6 +222,9 @@ class SimHypervisor:
 
     def abort_job(self, host: str, vm: str) -> None:
         self._vm(host, vm, "abort job")
+
+    def domains(self, host: str) -> dict[str, str]:
+        return {v.name: v.state for v in self._host(host, "list domains").vms.values()}
 
     def domain_state(self, host: str, vm: str) -> str | None:
         v = self._host(host, "domain state").vms.get(vm)
