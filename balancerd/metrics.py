@@ -129,6 +129,7 @@ class _State:
     power_actions: dict[tuple[str, str], int] = field(default_factory=dict)  # (action, result)
     reload_failures: int = 0
     journal_corrupt: int = 0
+    clock_steps: int = 0
     reloads: int = 0
     last_success_at_s: float | None = None
     last_cycle_at_s: float | None = None
@@ -237,6 +238,10 @@ class DaemonStats:
         """One journal entry settled at start (or after a move that ended unexpectedly)."""
         _inc(self._lock, self._s.reconciliations, outcome.value)
 
+    def record_clock_step(self) -> None:
+        with self._lock:
+            self._s.clock_steps += 1
+
     def record_journal_corrupt(self) -> None:
         with self._lock:
             self._s.journal_corrupt += 1
@@ -339,6 +344,7 @@ class DaemonStats:
                 power_actions=dict(s.power_actions),
                 reload_failures=s.reload_failures,
                 journal_corrupt=s.journal_corrupt,
+                clock_steps=s.clock_steps,
                 reloads=s.reloads,
                 last_success_at_s=s.last_success_at_s,
                 last_cycle_at_s=s.last_cycle_at_s,
@@ -559,6 +565,11 @@ def _event_families(s: _State) -> Iterator[Metric]:
         _name("journal_corrupt"),
         "Migration journals found corrupt at start and moved aside.",
         value=float(s.journal_corrupt),
+    )
+    yield CounterMetricFamily(
+        _name("clock_steps"),
+        "Wall-clock steps seen (the jobs were rescheduled from the new time).",
+        value=float(s.clock_steps),
     )
     yield _histogram(
         "migration_duration_seconds", "Duration of successful migrations.", s.migration_s, "mode"

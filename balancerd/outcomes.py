@@ -65,6 +65,7 @@ class SkipKind(enum.StrEnum):
     FREEZE = "freeze"  # a freeze window is open
     RECOMMEND = "recommend"  # the policy only recommends
     POLICY_CHANGED = "policy-changed"  # another policy became active mid-plan
+    JOURNAL = "journal"  # the intent could not be recorded (state directory full?)
     OTHER = "other"
 
 

@@ -58,6 +58,8 @@ POWER_FILE = "power.json"
 LOCK_WAIT_S = 30.0
 # On stop, how long running moves get to abort and settle (the unit's TimeoutStopSec is 120).
 STOP_BUDGET_S = 100.0
+# A jump of the wall clock against the monotonic one larger than this is a clock step.
+CLOCK_STEP_S = 30.0
 # A snapshot older than this many collect intervals is too old to plan from.
 STALE_SNAPSHOT_INTERVALS = 3
 
@@ -113,6 +115,10 @@ class Daemon:
         self._cycle_idle.set()
         self._power_lock = threading.Lock()  # the power tracker: collect and cycle threads
         self._snapshot_at_mono: float | None = None
+        self._collect_idle = threading.Event()  # no collection runs
+        self._collect_idle.set()
+        self._retired: list[Hypervisor] = []  # replaced by a reload, closed when unused
+        self._wall_offset_s = time.time() - time.monotonic()
         loaded = load_all(config_path)
         drivers = drivers_for(loaded.config.hosts)
         self.rt = _Runtime(
@@ -122,9 +128,15 @@ class Daemon:
             drivers=drivers,
         )
         state_dir = Path(loaded.config.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
         self.state_lock = StateLock(state_dir, "daemon")
-        self.journal = Journal(state_dir / JOURNAL_FILE)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self.journal = Journal(state_dir / JOURNAL_FILE)
+        except (OSError, sqlite3.Error) as exc:
+            raise BalancerdError(
+                f"cannot open the migration journal in {state_dir}: {exc} "
+                "(balancerd does not migrate without a journal)"
+            ) from None
         if self.journal.moved_aside:
             self.stats.record_journal_corrupt()
         self.power = _load_tracker(state_dir / POWER_FILE, clock())
@@ -224,6 +236,8 @@ class Daemon:
         if self._server is not None:
             self._server.close()
         self.rt.hypervisor.close()
+        for hv in self._retired:
+            hv.close()
         self.journal.close()
         self.state_lock.release()
         log.info("stopped")
@@ -238,7 +252,32 @@ class Daemon:
             if self._reload:
                 self._reload = False
                 self.reload()
+            self._close_retired()
+            self._follow_clock_steps()
             self.watchdog.tick(ready=self._ready_sent, stall_timeout_s=self.config.stall_timeout_s)
+
+    def _close_retired(self) -> None:
+        """Close hypervisor connections replaced by a reload once no job uses them."""
+        if self._retired and self._cycle_idle.is_set() and self._collect_idle.is_set():
+            with self._lock:
+                retired, self._retired = self._retired, []
+            for hv in retired:
+                hv.close()
+
+    def _follow_clock_steps(self) -> None:
+        """APScheduler's interval triggers count in wall time: after a step back of an hour
+        nothing would run for an hour. A step (wall clock moving apart from the monotonic
+        one) reschedules both jobs from now."""
+        offset_s = time.time() - time.monotonic()
+        step_s = offset_s - self._wall_offset_s
+        self._wall_offset_s = offset_s
+        if abs(step_s) < CLOCK_STEP_S or not self.scheduler.running:
+            return
+        log.warning("the wall clock stepped by %+.0f s; rescheduling the jobs from now", step_s)
+        self.stats.record_clock_step()
+        now = datetime.now().astimezone()
+        for job_id in ("collect", "cycle"):
+            self.scheduler.modify_job(job_id, next_run_time=now)
 
     def _schedule_jobs(self) -> None:
         c = self.config
@@ -274,6 +313,7 @@ class Daemon:
                 or self.config.host_timeout_s != loaded.config.host_timeout_s
             )
             drivers = drivers_for(loaded.config.hosts) if hosts_changed else self.rt.drivers
+            new_hv = self._hypervisor_factory(loaded.config) if hosts_changed else None
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected, keeping the running policy: %s", problem)
@@ -289,9 +329,11 @@ class Daemon:
             old = self.rt.loaded.config
             self.rt.loaded = loaded
             self.demand.keep_s = loaded.forecast_window_s
-            if hosts_changed:
-                self.rt.hypervisor.close()
-                self.rt.hypervisor = self._hypervisor_factory(loaded.config)
+            if new_hv is not None:
+                # Moves and collections under way keep the connections they started with;
+                # the old ones are closed once nothing uses them (see _close_retired).
+                self._retired.append(self.rt.hypervisor)
+                self.rt.hypervisor = new_hv
                 self.rt.history = SampleHistory(loaded.config.smoothing_window)
                 self.rt.drivers = drivers
             elif old.smoothing_window != loaded.config.smoothing_window:
@@ -330,10 +372,13 @@ class Daemon:
 
     def collect_job(self) -> None:
         with self.watchdog.job():
+            self._collect_idle.clear()
             try:
                 self.collect_once()
             except Exception:  # one failed job is logged once; the daemon goes on
                 log.exception("collect failed")
+            finally:
+                self._collect_idle.set()
 
     def collect_once(self) -> Snapshot:
         with self._lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -230,9 +231,13 @@ def _run_move(run: _Run) -> MoveResult:
     run.state_before = facts.state
     run.vm_uuid = facts.uuid
     if e.journal is not None:
-        run.entry = e.journal.begin(
-            m.vm, facts.uuid, m.src, m.dst, facts.state, migration_id=run.migration_id
-        )
+        try:
+            run.entry = e.journal.begin(
+                m.vm, facts.uuid, m.src, m.dst, facts.state, migration_id=run.migration_id
+            )
+        except (sqlite3.Error, OSError) as exc:  # e.g. the state directory is full
+            why = f"cannot record the intent in the journal ({exc}): not attempted"
+            return run.result(SKIPPED, Mode.NONE, why, skip_kind=SkipKind.JOURNAL)
     entry = run.entry
     e.on_start(m, run.migration_id)
     rules = StallRules.for_vm(mig, m.vm)
