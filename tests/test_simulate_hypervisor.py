@@ -182,6 +182,10 @@ def test_failures_hit_the_next_n_calls_of_named_operations_and_are_logged() -> N
         ("b", "domain_state", "web"),
         ("b", "domain_state", "web"),
     ]
+    hv.fail("a", ops=["domain_state"], skip=1)
+    assert hv.domain_state("a", "web") == "running"
+    with pytest.raises(HypervisorError):
+        hv.domain_state("a", "web")
     hv.fail("a", ops=["sample_all"])
     samples = {s.name: s for s in hv.sample_all()}
     assert not samples["a"].up and samples["b"].up

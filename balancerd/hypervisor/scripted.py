@@ -216,9 +216,18 @@ class _Fault:
     kind: Literal["fail", "hang"]
     error: BaseException | None = None
     timeout_s: float = 5.0
+    skip: int = 0  # matching calls let through before the fault applies
 
     def matches(self, host: str, op: str) -> bool:
         return self.remaining > 0 and host == self.host and (self.ops is None or op in self.ops)
+
+    def applies(self) -> bool:
+        """Count one matching call; whether the fault hits it."""
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        self.remaining -= 1
+        return True
 
 
 @dataclass
@@ -273,12 +282,15 @@ class ScriptedHypervisor(SimHypervisor):
         times: int = 1,
         ops: Iterable[str] | None = None,
         error: BaseException | None = None,
+        skip: int = 0,
     ) -> None:
-        """``host``'s next ``times`` calls (of ``ops``) raise ``error`` (a HypervisorError
-        naming host and operation by default)."""
+        """``host``'s next ``times`` calls (of ``ops``), after letting ``skip`` through, raise
+        ``error`` (a HypervisorError naming host and operation by default)."""
         with self._lock:
             self._faults.append(
-                _Fault(host, None if ops is None else frozenset(ops), times, "fail", error)
+                _Fault(
+                    host, None if ops is None else frozenset(ops), times, "fail", error, skip=skip
+                )
             )
 
     def hang(
@@ -408,8 +420,8 @@ class ScriptedHypervisor(SimHypervisor):
         with self._lock:
             self.calls.append(Call(time.monotonic(), host, op, vm, args))
             fault = next((f for f in self._faults if f.matches(host, op)), None)
-            if fault is not None:
-                fault.remaining -= 1
+            if fault is not None and not fault.applies():
+                fault = None
         if fault is not None and fault.kind == "hang":
             if not self._hang_release.wait(fault.timeout_s):
                 raise HypervisorError(host, op, f"no answer within {fault.timeout_s:.1f} s")
@@ -431,8 +443,7 @@ class ScriptedHypervisor(SimHypervisor):
             for name, h in self.hosts.items():
                 self.calls.append(Call(time.monotonic(), name, "sample_all", "", ()))
                 fault = next((f for f in self._faults if f.matches(name, "sample_all")), None)
-                if fault is not None:  # a hang is a sample that timed out
-                    fault.remaining -= 1
+                if fault is not None and fault.applies():  # a hang: a sample that timed out
                     down[name] = "injected failure" if fault.kind == "fail" else "timed out"
                 elif not h.up or name in self._unreachable:
                     down[name] = "host does not answer"
