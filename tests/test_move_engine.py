@@ -1,0 +1,616 @@
+"""The move engine (execute/move.py) on the scripted hypervisor: one row per path a move can
+take on a bad day, each checked by one invariant checker (result enums, journal entry,
+where the guest ends up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from balancerd.execute import monitor
+from balancerd.execute.journal import Journal
+from balancerd.execute.move import Engine, MoveResult, run_move
+from balancerd.hypervisor.base import DiskFacts, InterfaceFacts
+from balancerd.hypervisor.scripted import (
+    INCOMING,
+    ClientLost,
+    Complete,
+    Fail,
+    HostDies,
+    Script,
+    ScriptedHypervisor,
+    SimHost,
+    SimVm,
+    Stall,
+    Step,
+    converging,
+    stalling,
+)
+from balancerd.model import Move
+from balancerd.outcomes import MigrationMode, MoveOutcome, SkipKind
+from balancerd.policy.model import Migration
+from balancerd.units import GIB
+
+MIGRATED, SKIPPED, FAILED = MoveOutcome.MIGRATED, MoveOutcome.SKIPPED, MoveOutcome.FAILED
+M = MigrationMode
+VM = "g"
+WAIT_S = 10.0  # a safety net; never reached when the test passes
+IMG = "/var/lib/libvirt/images/g.qcow2"
+# Calls that change something on a host: a skipped step makes none of them.
+ACTIONS = ("migrate", "set_max_downtime", "suspend", "resume", "abort_job", "destroy")
+
+# A short ladder: 3 samples per stall, two downtime steps, no auto-converge rung.
+MIG = Migration(
+    stall_samples=3,
+    downtime_steps_ms=(500, 1000),
+    auto_converge=False,
+    max_time_s=30.0,
+)
+
+
+def cluster() -> ScriptedHypervisor:
+    hv = ScriptedHypervisor(
+        [SimHost(h, cpus=4, cpu_mhz=2000, mem_bytes=8 * GIB) for h in ("a", "b", "c")]
+    )
+    hv.add_vm("a", SimVm(VM, vcpus=1, mem_bytes=1 * GIB))
+    return hv
+
+
+def stuck(n: int) -> list[Step]:
+    """``stalling()`` plus ``n`` more samples that do not shrink (explicit, not a Stall)."""
+    first, second = stalling()
+    assert not isinstance(first, Stall) and not isinstance(second, Stall)
+    return [first, second, *[second] * n]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    outcome: MoveOutcome
+    mode: MigrationMode
+    where: dict[str, str]  # ground truth after the move: host -> state
+    entry: Literal["closed", "open", "none"]
+    scripts: tuple[Script | list[Step], ...] = ()
+    setup: Callable[[ScriptedHypervisor], None] | None = None
+    mig: dict[str, Any] = field(default_factory=dict)
+    migrates: int = 1  # migrate() calls (live and cold)
+    reason: str = ""  # a part of the result's reason
+    skip_kind: SkipKind | None = None
+    paused_before: bool = False
+    invariant: bool = True  # False where the setup itself breaks it
+    src: str = "a"
+    calls: tuple[tuple[str, str, int], ...] = ()  # (op, host, count) seen in the call log
+    downtime: bool = True  # a migrated guest has a downtime figure
+
+
+def _guest(hv: ScriptedHypervisor, host: str = "a") -> SimVm:
+    return hv.hosts[host].vms[VM]
+
+
+def set_guest(**kw: Any) -> Callable[[ScriptedHypervisor], None]:
+    def setup(hv: ScriptedHypervisor) -> None:
+        for k, v in kw.items():
+            setattr(_guest(hv), k, v)
+
+    return setup
+
+
+def set_host(host: str, **kw: Any) -> Callable[[ScriptedHypervisor], None]:
+    def setup(hv: ScriptedHypervisor) -> None:
+        for k, v in kw.items():
+            setattr(hv.hosts[host], k, v)
+
+    return setup
+
+
+def both(*fns: Callable[[ScriptedHypervisor], None]) -> Callable[[ScriptedHypervisor], None]:
+    def setup(hv: ScriptedHypervisor) -> None:
+        for fn in fns:
+            fn(hv)
+
+    return setup
+
+
+def move_guest_to_c(hv: ScriptedHypervisor) -> None:
+    hv.hosts["c"].vms[VM] = hv.hosts["a"].vms.pop(VM)
+
+
+def shutoff_copy_on_b(hv: ScriptedHypervisor) -> None:
+    hv.add_vm("b", SimVm(VM, vcpus=1, mem_bytes=1 * GIB, state="shutoff"))
+
+
+STALL_FOREVER = [*stalling(), Stall()]
+ON_B = {"b": "running"}
+ON_A = {"a": "running"}
+LEFT = {"a": "running", "b": INCOMING}  # a job we gave up on: still running, still incoming
+
+ROWS = [
+    # --- live paths ---------------------------------------------------------------------
+    Row("converges", MIGRATED, M.LIVE, ON_B, "closed", (converging(),)),
+    Row(
+        "a paused guest stays paused",
+        MIGRATED,
+        M.LIVE,
+        {"b": "paused"},
+        "closed",
+        (converging(),),
+        setup=set_guest(state="paused"),
+        paused_before=True,
+    ),
+    Row(
+        "auto-converge throttled it",
+        MIGRATED,
+        M.AUTO_CONVERGE,
+        ON_B,
+        "closed",
+        (converging(throttle_pct=40),),
+    ),
+    Row(
+        "stall, a downtime raise helps",
+        MIGRATED,
+        M.LIVE_DOWNTIME_RAISE,
+        ON_B,
+        "closed",
+        ([*stalling(), Stall(until_downtime_ms=1000), Complete()],),
+        calls=(("set_max_downtime", "a", 3), ("suspend", "a", 0)),
+    ),
+    Row(
+        "stall, lifted downtime lets QEMU pause and complete",
+        MIGRATED,
+        M.PAUSED_FALLBACK,
+        ON_B,
+        "closed",
+        ([*stalling(), Stall(until_downtime_ms=monitor.PAUSED_MAX_DOWNTIME_MS), Complete()],),
+        calls=(("suspend", "a", 0),),
+    ),
+    Row(
+        "stall, QEMU does not stop it: suspended, completes",
+        MIGRATED,
+        M.PAUSED_FALLBACK,
+        ON_B,
+        "closed",
+        (STALL_FOREVER,),
+        calls=(("suspend", "a", 1), ("resume", "b", 0)),
+    ),
+    Row(
+        "pause-and-complete leaves it paused on the destination: resumed",
+        MIGRATED,
+        M.PAUSED_FALLBACK,
+        ON_B,
+        "closed",
+        (Script(tuple(STALL_FOREVER), state_after_suspend="paused"),),
+        calls=(("suspend", "a", 1), ("resume", "b", 1)),
+    ),
+    Row(
+        "stall with on_stall abort",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        (STALL_FOREVER,),
+        mig={"on_stall": "abort"},
+        reason="not pausing: on_stall=abort",
+        calls=(("abort_job", "a", 1), ("suspend", "a", 0)),
+    ),
+    Row(
+        "stall of a no_pause guest",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        (STALL_FOREVER,),
+        mig={"no_pause_vms": (VM,)},
+        reason=f"{VM} is in no_pause_vms",
+        calls=(("abort_job", "a", 1),),
+    ),
+    Row(
+        "abort refused, the job completes anyway",
+        MIGRATED,
+        M.LIVE_DOWNTIME_RAISE,
+        ON_B,
+        "closed",
+        (Script(tuple(STALL_FOREVER), on_abort="complete"),),
+        mig={"on_stall": "abort"},
+        reason="not pausing",
+        calls=(("abort_job", "a", 1),),
+    ),
+    Row(
+        "paused, then the time cap: aborted, resumed on the source",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        (Script(tuple(STALL_FOREVER), on_suspend="pause"),),
+        mig={"max_time_s": 1.0},
+        reason="time cap",
+        calls=(("suspend", "a", 1), ("abort_job", "a", 1), ("resume", "a", 1)),
+    ),
+    Row(
+        "job stats fail twice, then it converges",
+        MIGRATED,
+        M.LIVE,
+        ON_B,
+        "closed",
+        (converging(),),
+        setup=lambda hv: hv.fail("a", times=2, ops=["job_stats"]),
+    ),
+    # --- fallback to cold ----------------------------------------------------------------
+    Row(
+        "live error, cold fallback",
+        MIGRATED,
+        M.OFFLINE,
+        ON_B,
+        "closed",
+        ([*converging()[:2], Fail()],),
+        migrates=2,
+    ),
+    Row(
+        "live error, allow_cold off",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        ([*converging()[:2], Fail()],),
+        mig={"allow_cold": False},
+        reason="no cold fallback: allow_cold is off",
+    ),
+    Row(
+        "live error, cold error: resumed on the source",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        ([*converging()[:2], Fail()], [*converging()[:1], Fail("cold broke")]),
+        migrates=2,
+        reason="cold broke",
+    ),
+    Row(
+        "client connection lost, the job goes on: aborted by settle, then cold",
+        MIGRATED,
+        M.OFFLINE,
+        ON_B,
+        "closed",
+        ([*converging()[:1], ClientLost(), *STALL_FOREVER],),
+        migrates=2,
+        reason="End of file while reading data",
+        calls=(("abort_job", "a", 1),),
+    ),
+    # --- hosts dying ---------------------------------------------------------------------
+    Row(
+        "destination dies during pre-copy",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        ([*converging()[:2], HostDies("dst")],),
+        reason="b does not answer",
+    ),
+    Row(
+        "source dies after handover",
+        MIGRATED,
+        M.LIVE,
+        ON_B,
+        "closed",
+        ([*converging()[:2], HostDies("src", after_handover=True)],),
+        downtime=False,  # the source never confirmed: libvirt has no completed job
+    ),
+    Row(
+        "job ignores the abort past the grace period: left for reconcile",
+        FAILED,
+        M.NONE,
+        LEFT,
+        "open",
+        (Script(tuple(STALL_FOREVER), on_abort="ignore"),),
+        mig={"on_stall": "abort"},
+        reason="left for reconcile",
+    ),
+    Row(
+        "unexpected error while the job runs: the job is ended, the guest settled",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        (STALL_FOREVER,),
+        setup=lambda hv: hv.fail("a", times=1, ops=["job_stats"], error=KeyError("bug")),
+        reason="unexpected error: KeyError('bug')",
+        calls=(("abort_job", "a", 1),),
+    ),
+    Row(
+        "unexpected error, then the source does not answer: left for reconcile",
+        FAILED,
+        M.NONE,
+        LEFT,
+        "open",
+        (STALL_FOREVER,),
+        setup=both(
+            lambda hv: hv.fail("a", ops=["job_stats"], error=KeyError("bug")),
+            # preflight's read passes; settle's, after the error, does not
+            lambda hv: hv.fail("a", ops=["domain_state"], skip=1),
+        ),
+        reason="left for reconcile",
+    ),
+    # --- preflight refusals: nothing attempted -------------------------------------------
+    Row(
+        "same host by name",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=set_host("b", hostname="a"),
+        skip_kind=SkipKind.SAME_HOST,
+        reason="report the same host name",
+    ),
+    Row(
+        "same host by uuid",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=both(set_host("a", host_uuid="u1"), set_host("b", host_uuid="u1")),
+        skip_kind=SkipKind.SAME_HOST,
+    ),
+    Row(
+        "not running",
+        SKIPPED,
+        M.NONE,
+        {"a": "shutoff"},
+        "none",
+        setup=set_guest(state="shutoff"),
+        skip_kind=SkipKind.NOT_RUNNING,
+        invariant=False,
+    ),
+    Row(
+        "in a job",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=set_guest(in_job=True),
+        skip_kind=SkipKind.IN_JOB,
+    ),
+    Row(
+        "older libvirt on the destination",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=both(
+            set_host("a", libvirt_version=9_000_000), set_host("b", libvirt_version=8_000_000)
+        ),
+        skip_kind=SkipKind.VERSION,
+        reason="libvirt on b (8.0.0) is older",
+    ),
+    Row(
+        "older QEMU on the destination",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=both(
+            set_host("a", hypervisor_version=7_002_000),
+            set_host("b", hypervisor_version=7_001_000),
+        ),
+        skip_kind=SkipKind.VERSION,
+        reason="QEMU on b (7.1.0)",
+    ),
+    Row(
+        "CPU model not on the destination",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=both(
+            set_guest(cpu_xml="<cpu mode='host-model'/>"), set_host("b", cpu_models=frozenset())
+        ),
+        skip_kind=SkipKind.CPU_INCOMPATIBLE,
+    ),
+    Row(
+        "disk not on the destination",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=both(
+            set_guest(disks=(DiskFacts("vda", IMG, "none", "disk", False),)),
+            set_host("b", visible_paths=frozenset()),
+        ),
+        skip_kind=SkipKind.DISK_MISSING,
+        reason=f"disk {IMG} not found on b",
+    ),
+    Row(
+        "unsafe cache mode",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=set_guest(disks=(DiskFacts("vda", IMG, "writeback", "disk", False),)),
+        skip_kind=SkipKind.CACHE_MODE,
+    ),
+    Row(
+        "network not on the destination",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=set_guest(interfaces=(InterfaceFacts("network", "prod"),)),
+        skip_kind=SkipKind.NETWORK,
+        reason="network 'prod' not active on b",
+    ),
+    Row(
+        "bridge not on the destination",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=both(
+            set_guest(interfaces=(InterfaceFacts("bridge", "br0"),)),
+            set_host("b", bridges=("br1",)),
+        ),
+        skip_kind=SkipKind.NETWORK,
+    ),
+    Row(
+        "no memory on the destination",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=set_host("b", mem_bytes=GIB // 2),
+        skip_kind=SkipKind.NO_MEMORY,
+    ),
+    Row(
+        "gone from the source",
+        SKIPPED,
+        M.NONE,
+        {"c": "running"},
+        "none",
+        setup=move_guest_to_c,
+        skip_kind=SkipKind.GONE,
+        reason="guest is no longer on a",
+    ),
+    Row(
+        "name taken on the destination",
+        SKIPPED,
+        M.NONE,
+        {"a": "running", "b": "shutoff"},
+        "none",
+        setup=shutoff_copy_on_b,
+        skip_kind=SkipKind.NAME_TAKEN,
+        invariant=False,
+    ),
+    Row(
+        "destination fails",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=lambda hv: hv.fail("b", ops=["host_facts"]),
+        skip_kind=SkipKind.HOST_DOWN,
+        reason="destination b does not answer",
+    ),
+    Row(
+        "destination hangs",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=lambda hv: hv.hang("b", ops=["host_facts"], timeout_s=0.05),
+        skip_kind=SkipKind.HOST_DOWN,
+        reason="no answer within",
+    ),
+    Row(
+        "source down",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        setup=lambda hv: hv.partition("a"),
+        skip_kind=SkipKind.HOST_DOWN,
+        reason="source a does not answer",
+    ),
+    Row(
+        "source and destination the same",
+        SKIPPED,
+        M.NONE,
+        ON_A,
+        "none",
+        src="b",  # a move b->b of a guest that is on a: refused before anything is read
+        skip_kind=SkipKind.SAME_HOST,
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def fast_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(monitor, "SUSPEND_AFTER_S", 0.05)
+    monkeypatch.setattr(monitor, "ABORT_GRACE_S", 0.2)
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal(tmp_path)
+    yield j
+    j.close()
+
+
+def check_invariants(
+    hv: ScriptedHypervisor,
+    journal: Journal,
+    r: MoveResult,
+    *,
+    where: dict[str, str],
+    entry: Literal["closed", "open", "none"],
+    paused_before: bool = False,
+    invariant: bool = True,
+) -> None:
+    """The one invariant checker: the journal entry agrees with the result (open only when
+    a job may still run), the guest is where the row says, alive on exactly one host in the
+    state it had, defined on one, not left paused by us."""
+    entries = [e for e in journal.entries(1000) if e.vm == r.vm]
+    if entry == "none":
+        assert entries == [], "a skipped step wrote a journal entry"
+        assert r.outcome is SKIPPED and r.skip_kind is not None
+    else:
+        (e,) = entries
+        assert r.migration_id and e.migration_id == r.migration_id
+        assert (e.src, e.dst) == (r.src, r.dst)
+        if entry == "open":
+            assert e.outcome is None, f"entry closed as {e.outcome} while a job may run"
+        else:
+            assert (e.outcome, e.mode) == (str(r.outcome), str(r.mode))
+    assert hv.placement(r.vm) == where
+    if invariant:
+        problems = hv.guest_problems(r.vm, paused_before=paused_before, job_left=entry == "open")
+        assert problems == []
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_move(row: Row, journal: Journal) -> None:
+    hv = cluster()
+    try:
+        if row.setup is not None:
+            row.setup(hv)
+        if row.scripts:
+            hv.script(VM, *row.scripts)
+        mig = replace(MIG, **row.mig)
+        engine = Engine(hv=hv, mig=mig, journal=journal, sample_interval_s=0.01)
+        r = run_move(engine, Move(VM, row.src, "b", 1 * GIB, 1.0))
+
+        assert (r.outcome, r.mode, r.skip_kind) == (row.outcome, row.mode, row.skip_kind), r
+        assert isinstance(r.outcome, MoveOutcome) and isinstance(r.mode, MigrationMode)
+        assert row.reason in r.reason, r.reason
+        assert len(hv.calls_to("migrate")) == (0 if row.outcome is SKIPPED else row.migrates)
+        if row.outcome is SKIPPED:
+            assert [c.op for c in hv.calls if c.op in ACTIONS] == [], "a skip attempted something"
+        for op, host, n in row.calls:
+            assert len(hv.calls_to(op, host=host)) == n, (op, host, hv.calls_to(op))
+        check_invariants(
+            hv,
+            journal,
+            r,
+            where=row.where,
+            entry=row.entry,
+            paused_before=row.paused_before,
+            invariant=row.invariant,
+        )
+        if r.outcome is MIGRATED:
+            assert r.bytes_sent > 0 and r.iterations >= 1
+            assert (r.downtime_ms is not None and r.downtime_ms > 0) == row.downtime
+    finally:
+        hv.release_all()
+
+
+def test_a_raised_downtime_is_what_the_job_got(journal: Journal) -> None:
+    hv = cluster()
+    hv.script(VM, [*stalling(), Stall(until_downtime_ms=1000), Complete(downtime_ms=800.0)])
+    r = run_move(
+        Engine(hv=hv, mig=MIG, journal=journal, sample_interval_s=0.01), Move(VM, "a", "b", 1, 1.0)
+    )
+    assert (r.outcome, r.mode) == (MIGRATED, M.LIVE_DOWNTIME_RAISE)
+    # the request's 300 ms first, then the ladder's steps; libvirt's downtime is reported
+    assert hv.job_downtimes(VM) == [300, 500, 1000]
+    assert r.downtime_ms == 800.0
