@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import pytest
 
+from balancerd.errors import HypervisorError
 from balancerd.execute import monitor
 from balancerd.execute.journal import Journal
 from balancerd.execute.move import Engine, MoveResult, run_move
@@ -28,6 +29,7 @@ from balancerd.hypervisor.scripted import (
     SimVm,
     Stall,
     Step,
+    Unreachable,
     converging,
     stalling,
 )
@@ -291,6 +293,16 @@ ROWS = [
         reason="b does not answer",
     ),
     Row(
+        "source dies during pre-copy: the guest died with it",
+        FAILED,
+        M.NONE,
+        {},
+        "open",
+        ([*converging()[:2], HostDies("src")],),
+        invariant=False,
+        calls=(("resume", "b", 0),),
+    ),
+    Row(
         "source dies after handover",
         MIGRATED,
         M.LIVE,
@@ -298,6 +310,28 @@ ROWS = [
         "closed",
         ([*converging()[:2], HostDies("src", after_handover=True)],),
         downtime=False,  # the source never confirmed: libvirt has no completed job
+    ),
+    Row(
+        "source stops answering, the job goes on: left for reconcile",
+        FAILED,
+        M.NONE,
+        LEFT,
+        "open",
+        ([*converging()[:2], Unreachable("src"), *STALL_FOREVER],),
+        reason="left for reconcile",
+        calls=(("resume", "b", 0),),
+    ),
+    Row(
+        "cold fallback, then the source stops answering: left for reconcile",
+        FAILED,
+        M.NONE,
+        {"a": "paused", "b": INCOMING},  # the cold job paused it and goes on
+        "open",
+        ([*converging()[:1], Fail()], [*converging()[:1], Unreachable("src"), *STALL_FOREVER]),
+        migrates=2,
+        reason="left for reconcile",
+        invariant=False,
+        calls=(("resume", "b", 0),),
     ),
     Row(
         "job ignores the abort past the grace period: left for reconcile",
@@ -614,3 +648,25 @@ def test_a_raised_downtime_is_what_the_job_got(journal: Journal) -> None:
     # the request's 300 ms first, then the ladder's steps; libvirt's downtime is reported
     assert hv.job_downtimes(VM) == [300, 500, 1000]
     assert r.downtime_ms == 800.0
+
+
+def test_a_job_left_open_is_settled_by_reconcile_once_the_source_answers(
+    journal: Journal,
+) -> None:
+    from balancerd.execute.reconcile import reconcile
+
+    hv = cluster()
+    hv.script(VM, [*converging()[:2], Unreachable("src"), *STALL_FOREVER])
+    engine = Engine(hv=hv, mig=MIG, journal=journal, sample_interval_s=0.01)
+    r = run_move(engine, Move(VM, "a", "b", 1 * GIB, 1.0))
+    check_invariants(hv, journal, r, where=LEFT, entry="open")
+    # At the next start the source still does not answer: the entry stays open.
+    (first,) = reconcile(hv, journal, wait_s=0.0)
+    assert first.outcome == "unknown" and journal.open_entries()
+    hv.heal("a")
+    (rec,) = reconcile(hv, journal, wait_s=WAIT_S)  # the abort ends the job at once
+    assert rec.migration_id == r.migration_id and rec.outcome == "settled"
+    assert journal.open_entries() == []
+    assert hv.placement(VM) == ON_A and hv.guest_problems(VM) == []
+    with pytest.raises(HypervisorError):
+        hv.abort_job("a", VM)  # no job left

@@ -130,6 +130,17 @@ def _alive(state: str | None) -> bool:
     return state in ("running", "paused", "blocked")
 
 
+LEFT_FOR_RECONCILE = "the source does not answer, its job may go on: left for reconcile"
+
+
+def _job_may_go_on(states: dict[str, str | None], m: Move) -> bool:
+    """After a failed job: the source does not answer and the guest does not run on the
+    destination. A peer-to-peer job lives in the source's libvirtd and outlives its client,
+    and a paused copy on the destination may be its incoming end (never resume that): only
+    reconcile, once the source answers, can tell, so the journal entry stays open."""
+    return states[m.src] == "unreachable" and states[m.dst] not in ("running", "blocked")
+
+
 class _Run:
     """State of one move while it runs (mutable, local to its thread)."""
 
@@ -297,6 +308,9 @@ def _run_move(run: _Run) -> MoveResult:
         actions, where = [], f"state unknown ({exc})"
     states = _states(hv, m.vm, m.src, m.dst)
     note = "; ".join([*actions, where])
+    if _job_may_go_on(states, m):
+        why = f"{live_error}; {note}; {LEFT_FOR_RECONCILE}"
+        return run.result(FAILED, Mode.NONE, why, keep_open=True)
     if _alive(states[m.dst]) and not _alive(states[m.src]):
         # The job reported an error, yet the guest made it (e.g. a failure after handover).
         mode = mode_of(live.ladder, live.history, live=True)
@@ -364,6 +378,9 @@ def _cold(
         )
     except HypervisorError as exc:
         actions, where = [], f"state unknown ({exc})"
+    if _job_may_go_on(_states(e.hv, m.vm, m.src, m.dst), m):
+        note = "; ".join([why, cold_error, *actions, where, LEFT_FOR_RECONCILE])
+        return run.result(FAILED, Mode.NONE, note, keep_open=True)
     return run.result(FAILED, Mode.NONE, "; ".join([why, cold_error, *actions, where]))
 
 
