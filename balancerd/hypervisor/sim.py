@@ -39,6 +39,7 @@ class SimVm:
     cpu_time_ns: int = 0
     state: str = "running"
     # What preflight reads (DomainFacts); the defaults pass every check.
+    uuid: str = ""  # "" means the guest's name
     disks: tuple[DiskFacts, ...] = ()
     interfaces: tuple[InterfaceFacts, ...] = ()
     cpu_xml: str = ""
@@ -147,7 +148,7 @@ class SimHypervisor:
                     vms=tuple(
                         VmSample(
                             name=v.name,
-                            uuid=v.name,
+                            uuid=v.uuid or v.name,
                             state=v.state,
                             vcpus=v.vcpus,
                             mem_bytes=v.mem_bytes,
@@ -165,7 +166,7 @@ class SimHypervisor:
         v = self._vm(host, vm, "domain facts")
         return DomainFacts(
             name=v.name,
-            uuid=v.name,
+            uuid=v.uuid or v.name,
             state=v.state,
             mem_bytes=v.mem_bytes,
             vcpus=v.vcpus,
