@@ -16,6 +16,7 @@ from balancerd.execute.journal import Journal
 from balancerd.execute.reconcile import MAX_RESUME_AGE_S, reconcile
 from balancerd.hypervisor.base import MigrationRequest
 from balancerd.hypervisor.scripted import (
+    INCOMING,
     Script,
     ScriptedHypervisor,
     SimHost,
@@ -143,6 +144,13 @@ ROWS = [
         ("resumed on b",),
     ),
     Row(
+        "absent/paused incoming, its job still running: left alone, entry open",
+        incoming_without_source,
+        UNKNOWN,
+        {"b": INCOMING},
+        invariant=False,  # nobody may touch it until the job ends
+    ),
+    Row(
         "orphaned job still running: aborted, the source keeps it",
         orphaned_job(STALLED),
         SETTLED,
@@ -219,3 +227,15 @@ def test_an_entry_in_flight_or_of_a_live_process_is_not_touched(journal: Journal
     journal.begin(VM, VM, "a", "b", "running", migration_id="m-1")
     assert reconcile(hv, journal, in_flight={"m-1"}) == []
     assert hv.calls == [] and journal.open_entries()
+
+
+def test_an_open_entry_is_settled_once_its_incoming_job_ended(journal: Journal) -> None:
+    hv = cluster()
+    incoming_without_source(hv)
+    journal.begin(VM, VM, "a", "b", "running", migration_id="m-1")
+    (first,) = reconcile(hv, journal, wait_s=WAIT_S)
+    assert first.outcome is UNKNOWN and hv.placement(VM) == {"b": INCOMING}
+    hv.release(VM, complete=True)  # the destination finished the incoming job
+    (second,) = reconcile(hv, journal, wait_s=WAIT_S)
+    assert second.outcome is CLEANED and journal.open_entries() == []
+    assert hv.placement(VM) == {"b": "running"} and hv.guest_problems(VM) == []

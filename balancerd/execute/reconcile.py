@@ -12,7 +12,8 @@ waited for; then the guest's state on source and destination decides:
   paused    running       destroy the source copy (the destination finished)
   paused    paused        destroy the destination copy, resume the source
   paused    absent        resume the source (we left it paused)
-  absent    paused        resume the destination, unless it is still an incoming job
+  absent    paused        resume the destination; if it is still an incoming job, leave
+                          it alone and the entry open (settled at the next look)
   one running, the other absent: nothing to do.
 
 "Resume" only where the guest was running before we started. Every settlement is
@@ -121,7 +122,11 @@ def settle(
         # A paused destination without a source: an incoming job must end first.
         stats = hv.job_stats(dst, vm)
         if stats is not None and stats.active:
-            return actions, f"{vm} is an incoming migration on {dst} with no source; left alone"
+            # Not settled: the entry stays open for the next look. Closed now, nobody would
+            # resume the guest should the job end with it paused.
+            raise HypervisorError(
+                dst, f"settle {vm}", "an incoming migration with no source; left alone"
+            )
     if s and d:
         if s == "paused" and d != "paused":
             hv.destroy(src, vm)
