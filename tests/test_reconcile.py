@@ -157,6 +157,12 @@ ROWS = [
         {"a": "running"},
         ("aborted the orphaned migration job of g on a",),
     ),
+    Row(
+        "orphaned job completing, abort refused: it ends on the destination",
+        orphaned_job(Script((*stalling(), Stall()), on_abort="complete")),
+        CLEANED,
+        {"b": "running"},
+    ),
     Row("running/absent: nothing to do", on(guest()), CLEANED, {"a": "running"}),
     Row("absent/running: nothing to do", on(None, guest()), CLEANED, {"b": "running"}),
     Row(

@@ -80,6 +80,8 @@ def _end_job(
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         heartbeat()
+        if hv.domain_state(host, vm) is None:
+            return actions  # the job completed: the guest left ``host`` (no job to read)
         stats = hv.job_stats(host, vm)
         if stats is None or not stats.active:
             return actions
