@@ -1,10 +1,12 @@
 """The move engine (execute/move.py) on the scripted hypervisor: one row per path a move can
 take on a bad day, each checked by one invariant checker (result enums, journal entry,
-where the guest ends up).
+where the guest ends up); then the executor running real moves (limits really reached).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from balancerd.errors import HypervisorError
 from balancerd.execute import monitor
+from balancerd.execute.executor import execute
 from balancerd.execute.journal import Journal
 from balancerd.execute.move import Engine, MoveResult, run_move
 from balancerd.hypervisor.base import DiskFacts, InterfaceFacts
@@ -22,7 +25,9 @@ from balancerd.hypervisor.scripted import (
     ClientLost,
     Complete,
     Fail,
+    Hang,
     HostDies,
+    JobRecord,
     Script,
     ScriptedHypervisor,
     SimHost,
@@ -670,3 +675,131 @@ def test_a_job_left_open_is_settled_by_reconcile_once_the_source_answers(
     assert hv.placement(VM) == ON_A and hv.guest_problems(VM) == []
     with pytest.raises(HypervisorError):
         hv.abort_job("a", VM)  # no job left
+
+
+# --- the executor running real moves on the scripted hypervisor ------------------------
+
+
+def wait_until(what: str, cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+class Running:
+    """``execute`` on a thread (it blocks until every move ended)."""
+
+    def __init__(self, moves: list[Move], engine: Engine) -> None:
+        self.results: list[MoveResult] = []
+        self.thread = threading.Thread(
+            target=lambda: self.results.extend(execute(moves, engine)), daemon=True
+        )
+        self.thread.start()
+
+    def join(self) -> list[MoveResult]:
+        self.thread.join(timeout=WAIT_S)
+        assert not self.thread.is_alive(), "execute() did not return"
+        return self.results
+
+
+def hanging_cluster(guests: dict[str, str]) -> ScriptedHypervisor:
+    """Hosts h1..h6; each guest on its host, its migration hanging until released."""
+    hv = ScriptedHypervisor(
+        [SimHost(f"h{i}", cpus=4, cpu_mhz=2000, mem_bytes=8 * GIB) for i in range(1, 7)]
+    )
+    for vm, host in guests.items():
+        hv.add_vm(host, SimVm(vm, vcpus=1, mem_bytes=GIB))
+        hv.script(vm, [*converging()[:1], Hang()])
+    return hv
+
+
+# No stall ladder while a job hangs: these tests are about scheduling.
+EXEC_MIG = replace(MIG, stall_samples=1000, max_concurrent=2, max_concurrent_per_host=1)
+
+
+def job_of(hv: ScriptedHypervisor, vm: str) -> JobRecord:
+    (job,) = [j for j in hv.jobs if j.vm == vm]
+    return job
+
+
+def test_executor_reaches_max_concurrent_and_starts_the_next_as_one_ends(
+    journal: Journal,
+) -> None:
+    hv = hanging_cluster({"v1": "h1", "v2": "h3", "v3": "h5"})
+    moves = [Move("v1", "h1", "h2", GIB, 1.0), Move("v2", "h3", "h4", GIB, 1.0)]
+    moves.append(Move("v3", "h5", "h6", GIB, 1.0))
+    engine = Engine(hv=hv, mig=EXEC_MIG, journal=journal, sample_interval_s=0.01)
+    try:
+        run = Running(moves, engine)
+        # Two moves run at once (the limit is reached, not only respected) ...
+        wait_until("two jobs", lambda: len(hv.active_jobs()) == 2)
+        assert hv.active_jobs() == ["v1", "v2"]  # plan order
+        assert hv.calls_to("migrate", vm="v3") == []  # ... and the third waits
+        hv.release("v1")
+        wait_until("v3 to start", lambda: "v3" in hv.active_jobs())
+        assert hv.active_jobs() == ["v2", "v3"]
+        hv.release("v2")
+        hv.release("v3")
+        results = run.join()
+    finally:
+        hv.release_all()
+    assert [(r.vm, r.outcome, r.mode) for r in results] == [
+        (vm, MIGRATED, M.LIVE) for vm in ("v1", "v2", "v3")
+    ]
+    assert hv.max_active_jobs == 2
+    v1, v2, v3 = (job_of(hv, vm) for vm in ("v1", "v2", "v3"))
+    assert v1.ended_at_s is not None and v2.ended_at_s is not None
+    assert v2.started_at_s < v1.ended_at_s  # overlapped
+    assert v3.started_at_s >= v1.ended_at_s  # streamed: started once v1 ended
+    for r in results:
+        check_invariants(hv, journal, r, where={r.dst: "running"}, entry="closed")
+
+
+def test_executor_keeps_one_move_per_host(journal: Journal) -> None:
+    hv = hanging_cluster({"v1": "h1", "v2": "h1", "v3": "h4"})
+    moves = [Move("v1", "h1", "h2", GIB, 1.0), Move("v2", "h1", "h3", GIB, 1.0)]
+    moves.append(Move("v3", "h4", "h5", GIB, 1.0))
+    engine = Engine(hv=hv, mig=EXEC_MIG, journal=journal, sample_interval_s=0.01)
+    try:
+        run = Running(moves, engine)
+        wait_until("two jobs", lambda: len(hv.active_jobs()) == 2)
+        assert hv.active_jobs() == ["v1", "v3"]  # v2 shares h1 with v1: it waits
+        hv.release("v1")
+        wait_until("v2 to start", lambda: "v2" in hv.active_jobs())
+        hv.release("v3")
+        hv.release("v2")
+        results = run.join()
+    finally:
+        hv.release_all()
+    assert [r.outcome for r in results] == [MIGRATED] * 3
+    v1, v2 = job_of(hv, "v1"), job_of(hv, "v2")
+    assert v1.ended_at_s is not None and v2.started_at_s >= v1.ended_at_s
+
+
+def test_executor_skips_a_move_that_needed_a_failed_one_and_runs_the_rest(
+    journal: Journal,
+) -> None:
+    hv = ScriptedHypervisor(
+        [SimHost(f"h{i}", cpus=4, cpu_mhz=2000, mem_bytes=8 * GIB) for i in range(1, 6)]
+    )
+    for vm, host in {"v1": "h2", "v2": "h1", "v3": "h4"}.items():
+        hv.add_vm(host, SimVm(vm, vcpus=1, mem_bytes=GIB))
+    hv.script("v1", [*converging()[:1], Fail()])
+    hv.script("v3", converging())
+    moves = [
+        Move("v1", "h2", "h3", GIB, 1.0, wave=0),  # fails, no cold fallback
+        Move("v2", "h1", "h2", GIB, 1.0, wave=1),  # needed the room v1 leaving h2 frees
+        Move("v3", "h4", "h5", GIB, 1.0, wave=1),  # unrelated
+    ]
+    mig = replace(EXEC_MIG, allow_cold=False)
+    results = execute(moves, Engine(hv=hv, mig=mig, journal=journal, sample_interval_s=0.01))
+    assert [(r.outcome, r.skip_kind) for r in results] == [
+        (FAILED, None),
+        (SKIPPED, SkipKind.DEPENDENCY),
+        (MIGRATED, None),
+    ]
+    assert hv.calls_to("migrate", vm="v2") == []
+    check_invariants(hv, journal, results[0], where={"h2": "running"}, entry="closed")
+    check_invariants(hv, journal, results[1], where={"h1": "running"}, entry="none")
+    check_invariants(hv, journal, results[2], where={"h5": "running"}, entry="closed")
