@@ -321,7 +321,8 @@ class Daemon:
             self.notifier.ready(status="reload rejected; running on the previous configuration")
             return False
         except Exception as exc:  # a reload must never take the daemon down
-            log.exception("reload rejected, keeping the running policy: %s", exc)
+            log.error("reload rejected, keeping the running policy: %s: %s", self.config_path, exc)
+            log.debug("reload failure", exc_info=True)
             self.stats.record_reload(ok=False)
             self.notifier.ready(status="reload rejected; running on the previous configuration")
             return False
