@@ -18,6 +18,7 @@ from balancerd.hypervisor.scripted import (
     Fail,
     Hang,
     HostDies,
+    Script,
     ScriptedHypervisor,
     Stall,
     Unreachable,
@@ -273,6 +274,20 @@ def test_a_stalled_job_reacts_to_suspend_downtime_and_abort(how: str) -> None:
         assert "live migration of web a->b" in str(error)
         assert hv.placement("web") == {"a": "running"}
     assert hv.guest_problems("web") == []
+
+
+def test_a_stall_can_last_until_the_guest_is_suspended() -> None:
+    hv = scripted()
+    hv.script("web", Script((*stalling(), Stall(until_suspended=True), Fail()), on_suspend="pause"))
+    job = Migrating(hv, request())
+    wait_for_job(hv)
+    for _ in range(4):
+        assert hv.job_stats("a", "web") is not None
+    hv.suspend("a", "web")
+    assert job.running()  # on_suspend="pause": the guest only stops
+    assert hv.job_stats("a", "web") is None  # the next poll goes on: Fail
+    assert isinstance(job.ended(), HypervisorError)
+    assert hv.placement("web") == {"a": "paused"}  # libvirt does not resume what we paused
 
 
 def test_a_hanging_job_ignores_everything_until_released() -> None:

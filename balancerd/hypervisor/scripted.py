@@ -64,10 +64,17 @@ INCOMING = "incoming"  # how ``placement`` shows the paused target end of a runn
 @dataclass(frozen=True)
 class Stall:
     """Repeat the last sample (job time advancing by ``tick_s``) until the max downtime in
-    force reaches ``until_downtime_ms``, then go on with the next step (None: for ever)."""
+    force reaches ``until_downtime_ms`` or, with ``until_suspended``, until the client
+    suspended the guest; then go on with the next step (neither: for ever)."""
 
     until_downtime_ms: int | None = None
+    until_suspended: bool = False
     tick_s: float = 1.0
+
+    def over(self, max_downtime_ms: int, suspended: bool) -> bool:
+        if self.until_downtime_ms is not None and max_downtime_ms >= self.until_downtime_ms:
+            return True
+        return self.until_suspended and suspended
 
 
 @dataclass(frozen=True)
@@ -670,9 +677,7 @@ class ScriptedHypervisor(SimHypervisor):
                 job.last = replace(step, active=True)
                 return job.last
             if isinstance(step, Stall):
-                if step.until_downtime_ms is not None and (
-                    job.max_downtime_ms >= step.until_downtime_ms
-                ):
+                if step.over(job.max_downtime_ms, job.suspended):
                     job.pos += 1
                     continue
                 base = job.last or sample(elapsed_s=0.0, remaining_mib=0.0, total_mib=0.0)
