@@ -93,6 +93,7 @@ class Row:
     src: str = "a"
     calls: tuple[tuple[str, str, int], ...] = ()  # (op, host, count) seen in the call log
     downtime: bool = True  # a migrated guest has a downtime figure
+    engine: dict[str, Any] = field(default_factory=dict)  # Engine fields
 
 
 def _guest(hv: ScriptedHypervisor, host: str = "a") -> SimVm:
@@ -236,6 +237,28 @@ ROWS = [
         mig={"max_time_s": 1.0},
         reason="time cap",
         calls=(("suspend", "a", 1), ("abort_job", "a", 1), ("resume", "a", 1)),
+    ),
+    Row(
+        "balancerd stops mid-job: aborted, the guest stays on the source",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        (STALL_FOREVER,),
+        engine={"cancelled": lambda: "balancerd is stopping"},
+        reason="balancerd is stopping",
+        calls=(("abort_job", "a", 1),),
+    ),
+    Row(
+        "balancerd stops while the job completes: the abort is refused, migrated",
+        MIGRATED,
+        M.LIVE,
+        ON_B,
+        "closed",
+        (Script(tuple(STALL_FOREVER), on_abort="complete"),),
+        engine={"cancelled": lambda: "balancerd is stopping"},
+        calls=(("abort_job", "a", 1),),
+        downtime=True,
     ),
     Row(
         "job stats fail twice, then it converges",
@@ -616,7 +639,7 @@ def test_move(row: Row, journal: Journal) -> None:
         if row.scripts:
             hv.script(VM, *row.scripts)
         mig = replace(MIG, **row.mig)
-        engine = Engine(hv=hv, mig=mig, journal=journal, sample_interval_s=0.01)
+        engine = Engine(hv=hv, mig=mig, journal=journal, sample_interval_s=0.01, **row.engine)
         r = run_move(engine, Move(VM, row.src, "b", 1 * GIB, 1.0))
 
         assert (r.outcome, r.mode, r.skip_kind) == (row.outcome, row.mode, row.skip_kind), r
