@@ -19,6 +19,7 @@ from balancerd.execute import monitor
 from balancerd.execute.executor import execute
 from balancerd.execute.journal import Journal
 from balancerd.execute.move import Engine, MoveResult, run_move
+from balancerd.execute.reconcile import reconcile
 from balancerd.hypervisor.base import DiskFacts, InterfaceFacts
 from balancerd.hypervisor.scripted import (
     INCOMING,
@@ -329,6 +330,22 @@ ROWS = [
         ([*converging()[:2], HostDies("src")],),
         invariant=False,
         calls=(("resume", "b", 0),),
+    ),
+    Row(
+        "suspended by us, then the destination dies: left paused for reconcile",
+        FAILED,
+        M.NONE,
+        {"a": "paused"},  # the guest may run on b now: resuming it here could run it twice
+        "open",
+        (
+            Script(
+                (*STALL_FOREVER[:-1], Stall(until_suspended=True), HostDies("dst")),
+                on_suspend="pause",
+            ),
+        ),
+        reason="left for reconcile",
+        invariant=False,
+        calls=(("suspend", "a", 1), ("resume", "a", 0)),
     ),
     Row(
         "source dies after handover",
@@ -681,8 +698,6 @@ def test_a_raised_downtime_is_what_the_job_got(journal: Journal) -> None:
 def test_a_job_left_open_is_settled_by_reconcile_once_the_source_answers(
     journal: Journal,
 ) -> None:
-    from balancerd.execute.reconcile import reconcile
-
     hv = cluster()
     hv.script(VM, [*converging()[:2], Unreachable("src"), *STALL_FOREVER])
     engine = Engine(hv=hv, mig=MIG, journal=journal, sample_interval_s=0.01)
@@ -826,3 +841,21 @@ def test_executor_skips_a_move_that_needed_a_failed_one_and_runs_the_rest(
     check_invariants(hv, journal, results[0], where={"h2": "running"}, entry="closed")
     check_invariants(hv, journal, results[1], where={"h1": "running"}, entry="none")
     check_invariants(hv, journal, results[2], where={"h5": "running"}, entry="closed")
+
+
+def test_a_guest_left_paused_for_reconcile_is_resumed_once_the_destination_is_back(
+    journal: Journal,
+) -> None:
+    hv = cluster()
+    script = (*STALL_FOREVER[:-1], Stall(until_suspended=True), HostDies("dst"))
+    hv.script(VM, Script(script, on_suspend="pause"))
+    r = run_move(
+        Engine(hv=hv, mig=MIG, journal=journal, sample_interval_s=0.01),
+        Move(VM, "a", "b", 1 * GIB, 1.0),
+    )
+    assert (r.outcome, hv.placement(VM)) == (FAILED, {"a": "paused"})
+    assert "resume it on a by hand if b is gone for good" in r.reason
+    hv.hosts["b"].up = True  # b boots again, without the guest
+    (rec,) = reconcile(hv, journal, wait_s=WAIT_S)
+    assert rec.outcome == "settled" and rec.actions == ("resumed on a",)
+    assert journal.open_entries() == [] and hv.guest_problems(VM) == []

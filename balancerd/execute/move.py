@@ -130,15 +130,24 @@ def _alive(state: str | None) -> bool:
     return state in ("running", "paused", "blocked")
 
 
-LEFT_FOR_RECONCILE = "the source does not answer, its job may go on: left for reconcile"
+def _left_for_reconcile(states: dict[str, str | None], m: Move, state_before: str) -> str:
+    """After a failed job whose guest could not be settled: why only reconcile, once the
+    silent host answers, can tell where it belongs (the journal entry stays open), or "".
 
-
-def _job_may_go_on(states: dict[str, str | None], m: Move) -> bool:
-    """After a failed job: the source does not answer and the guest does not run on the
-    destination. A peer-to-peer job lives in the source's libvirtd and outlives its client,
-    and a paused copy on the destination may be its incoming end (never resume that): only
-    reconcile, once the source answers, can tell, so the journal entry stays open."""
-    return states[m.src] == "unreachable" and states[m.dst] not in ("running", "blocked")
+    * The source does not answer and the guest does not run on the destination: a
+      peer-to-peer job lives in the source's libvirtd and outlives its client, and a
+      paused copy on the destination may be its incoming end (never resume that).
+    * The destination does not answer and the guest, running before, is paused on the
+      source (we suspended it to complete): it may already run on the destination, so
+      resuming it here could run it twice."""
+    if states[m.src] == "unreachable" and states[m.dst] not in ("running", "blocked"):
+        return "the source does not answer, its job may go on: left for reconcile"
+    if states[m.dst] == "unreachable" and states[m.src] == "paused" and state_before != "paused":
+        return (
+            f"left paused on {m.src}: {m.dst} does not answer and may run it: left for "
+            f"reconcile (resume it on {m.src} by hand if {m.dst} is gone for good)"
+        )
+    return ""
 
 
 class _Run:
@@ -308,9 +317,9 @@ def _run_move(run: _Run) -> MoveResult:
         actions, where = [], f"state unknown ({exc})"
     states = _states(hv, m.vm, m.src, m.dst)
     note = "; ".join([*actions, where])
-    if _job_may_go_on(states, m):
-        why = f"{live_error}; {note}; {LEFT_FOR_RECONCILE}"
-        return run.result(FAILED, Mode.NONE, why, keep_open=True)
+    left = _left_for_reconcile(states, m, facts.state)
+    if left:
+        return run.result(FAILED, Mode.NONE, f"{live_error}; {note}; {left}", keep_open=True)
     if _alive(states[m.dst]) and not _alive(states[m.src]):
         # The job reported an error, yet the guest made it (e.g. a failure after handover).
         mode = mode_of(live.ladder, live.history, live=True)
@@ -378,8 +387,9 @@ def _cold(
         )
     except HypervisorError as exc:
         actions, where = [], f"state unknown ({exc})"
-    if _job_may_go_on(_states(e.hv, m.vm, m.src, m.dst), m):
-        note = "; ".join([why, cold_error, *actions, where, LEFT_FOR_RECONCILE])
+    left = _left_for_reconcile(_states(e.hv, m.vm, m.src, m.dst), m, state_before)
+    if left:
+        note = "; ".join([why, cold_error, *actions, where, left])
         return run.result(FAILED, Mode.NONE, note, keep_open=True)
     return run.result(FAILED, Mode.NONE, "; ".join([why, cold_error, *actions, where]))
 
