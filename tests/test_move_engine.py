@@ -187,6 +187,17 @@ ROWS = [
         calls=(("suspend", "a", 1), ("resume", "b", 0)),
     ),
     Row(
+        "lifting the downtime limit fails: suspended at once, completes",
+        MIGRATED,
+        M.PAUSED_FALLBACK,
+        ON_B,
+        "closed",
+        (STALL_FOREVER,),
+        # the first three go through: the request's limit and the ladder's two raises
+        setup=lambda hv: hv.fail("a", ops=["set_max_downtime"], skip=3),
+        calls=(("set_max_downtime", "a", 4), ("suspend", "a", 1)),
+    ),
+    Row(
         "pause-and-complete leaves it paused on the destination: resumed",
         MIGRATED,
         M.PAUSED_FALLBACK,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -52,13 +52,18 @@ def on(a: SimVm | None = None, b: SimVm | None = None) -> Callable[[ScriptedHype
     return setup
 
 
-def orphaned_job(script: Script) -> Callable[[ScriptedHypervisor], None]:
+def orphaned_job(
+    script: Script, live: bool = True, suspended: bool = False
+) -> Callable[[ScriptedHypervisor], None]:
     """The state a client that crashed mid-migration leaves: the job goes on in the
-    source, the destination holds the incoming copy, paused."""
+    source, the destination holds the incoming copy, paused (``suspended``: the client
+    had suspended the guest to complete it)."""
 
     def setup(hv: ScriptedHypervisor) -> None:
         hv.add_vm("a", guest())
-        hv.start_job(REQ, script)
+        hv.start_job(replace(REQ, live=live), script)
+        if suspended:
+            hv.suspend("a", VM)
 
     return setup
 
@@ -153,6 +158,20 @@ ROWS = [
     Row(
         "orphaned job still running: aborted, the source keeps it",
         orphaned_job(STALLED),
+        SETTLED,
+        {"a": "running"},
+        ("aborted the orphaned migration job of g on a",),
+    ),
+    Row(
+        "orphaned job after our suspend: aborted, resumed on the source",
+        orphaned_job(Script((*stalling(), Stall()), on_suspend="pause"), suspended=True),
+        SETTLED,
+        {"a": "running"},
+        ("aborted the orphaned migration job of g on a", "resumed on a"),
+    ),
+    Row(
+        "orphaned cold job: aborted, libvirt resumes what it paused",
+        orphaned_job(STALLED, live=False),
         SETTLED,
         {"a": "running"},
         ("aborted the orphaned migration job of g on a",),
