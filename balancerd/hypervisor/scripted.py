@@ -455,10 +455,17 @@ class ScriptedHypervisor(SimHypervisor):
                 elif not h.up or name in self._unreachable:
                     down[name] = "host does not answer"
             samples = super().sample_all()
+            # both ends of a running migration are in a job
+            in_job = {(h, j.req.vm) for j in self._jobs.values() for h in (j.req.src, j.req.dst)}
         return tuple(
             HostSample(s.name, s.uri, False, s.sampled_at_s, error=down[s.name])
             if s.name in down
-            else s
+            else replace(
+                s,
+                vms=tuple(
+                    replace(v, in_job=True) if (s.name, v.name) in in_job else v for v in s.vms
+                ),
+            )
             for s in samples
         )
 
