@@ -259,3 +259,15 @@ def test_power_save_does_not_switch_off_a_host_that_got_a_guest_since_the_plan(
         assert "h3" not in h.daemon.power.powered_off()
     finally:
         h.daemon.shutdown()
+
+
+def test_same_named_guests_on_two_hosts_are_left_where_they_are(harness: Harness) -> None:
+    """An operator recreated vm0 on h2: the cycle goes on, neither copy moves, the plan says
+    why."""
+    harness.hv.add_vm("h2", SimVm("vm0", vcpus=2, mem_bytes=GIB))
+    harness.collect(3)
+    report = harness.daemon.cycle_once()
+    assert report is not None, "the cycle failed"
+    assert all(not m.vm.startswith("vm0") for m in report.plan.moves)
+    assert any("vm0 is on h1, h2" in n for n in report.plan.notes), report.plan.notes
+    assert "vm0" in harness.hv.hosts["h1"].vms and "vm0" in harness.hv.hosts["h2"].vms

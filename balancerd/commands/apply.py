@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from balancerd.commands.migrate import (
     build_engine,
@@ -20,6 +21,7 @@ from balancerd.commands.migrate import (
 )
 from balancerd.config import load_config
 from balancerd.decide import decide
+from balancerd.duplicates import set_aside_duplicates
 from balancerd.execute.executor import execute
 from balancerd.execute.journal import Journal
 from balancerd.execute.reconcile import reconcile
@@ -48,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         report_reconciliations(reconcile(hv, journal), err)
         snapshot = sample_snapshot(hv, config, max(2, args.samples), args.interval)
-        plan = decide(snapshot, policy)
+        planning, planning_policy, notes = set_aside_duplicates(snapshot, policy)
+        plan = decide(planning, planning_policy)
+        plan = replace(plan, notes=(*plan.notes, *notes))
         if not plan.moves:
             print(f"no moves: {plan.reason or 'placement is already good'}", file=err)
             print_results([], args.json, sys.stdout)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Any
 
 from balancerd.config import Config, load_config
 from balancerd.decide import decide
+from balancerd.duplicates import set_aside_duplicates
 from balancerd.model import Plan, Snapshot
 from balancerd.policy.load import load_policy
 from balancerd.policy.model import Policy
@@ -105,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
         snapshot = sample_snapshot(hypervisor, config, max(2, args.samples), args.interval)
     finally:
         hypervisor.close()
-    plan = decide(snapshot, policy)
+    planning, planning_policy, notes = set_aside_duplicates(snapshot, policy)
+    plan = decide(planning, planning_policy)
+    plan = replace(plan, notes=(*plan.notes, *notes))
     out = plan_json(plan, snapshot, policy)
     print(json.dumps(out, indent=2) if args.json else render_plan(out))
     return 0

@@ -7,10 +7,11 @@ so a test runs a whole cycle in-process against the simulated hypervisor.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from balancerd.decide import decide
+from balancerd.duplicates import set_aside_duplicates
 from balancerd.execute.move import MoveResult
 from balancerd.model import Plan, Snapshot
 from balancerd.outcomes import MoveOutcome, SkipKind
@@ -91,9 +92,12 @@ def run_cycle(
 ) -> CycleReport:
     """Decide on the planning snapshot, then act on the real one (or hold back)."""
     policy = inputs.policy
+    planning, planning_policy, notes = set_aside_duplicates(inputs.planning, policy)
     plan = decide_fn(
-        inputs.planning, policy, last_moved_s=dict(inputs.last_moved_s), now_s=inputs.now_s
+        planning, planning_policy, last_moved_s=dict(inputs.last_moved_s), now_s=inputs.now_s
     )
+    if notes:
+        plan = replace(plan, notes=(*plan.notes, *notes))
     on_plan(plan)
     held_back: SkipKind | None = None
     if inputs.active.frozen:

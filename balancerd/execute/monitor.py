@@ -100,8 +100,8 @@ def run_migration(
     interval_s: float = SAMPLE_INTERVAL_S,
     cancelled: Callable[[], str] = lambda: "",
 ) -> MonitorResult:
-    """``cancelled()`` returns why the job must end now (e.g. balancerd is stopping), or ""."""
-    """Run ``req`` to its end, watching convergence; never raises for the job itself."""
+    """Run ``req`` to its end, watching convergence; never raises for the job itself.
+    ``cancelled()`` returns why the job must end now (e.g. balancerd is stopping), or ""."""
     what = f"{'live' if req.live else 'cold'} migration of {req.vm} {req.src}->{req.dst}"
     history: list[JobStats] = []
     ladder = Ladder(downtime_ms=req.max_downtime_ms)

@@ -311,11 +311,14 @@ def check_invariants(
     problems: list[str] = []
     now = env.domains()
     paused_before = {u for u, _n, _h, s in before if s == "paused"} | (allow_paused or set())
-    for uuid, name, _host, _state in before:
+    for uuid, name, _host, state in before:
         mine = [(h, s) for u, _n, h, s in now if u == uuid]
         alive = [(h, s) for h, s in mine if s in ("running", "paused", "idle")]
-        if len(alive) != 1:
+        want_alive = 0 if state == "shut off" else 1  # a stopped guest stays stopped
+        if len(alive) != want_alive:
             problems.append(f"{name} ({uuid[:8]}) runs on {len(alive)} hosts: {mine}")
+        if not mine:
+            problems.append(f"{name} ({uuid[:8]}) is defined nowhere any more")
         if len(mine) > 1:
             problems.append(f"{name} ({uuid[:8]}) is defined on {len(mine)} hosts: {mine}")
         if any(s == "paused" for _h, s in alive) and uuid not in paused_before:
