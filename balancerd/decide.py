@@ -6,14 +6,15 @@ Used by ``balancerd plan`` / ``apply``, the daemon and the simulator alike.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from balancerd.model import Placement, Plan, Snapshot
 from balancerd.plan import make_plan, power_changes
 from balancerd.policy.model import Policy
 from balancerd.solve import HostCapacity, SolveResult, solve
-from balancerd.solve.problem import build_problem
+from balancerd.solve.problem import Problem, build_problem
 
-__all__ = ["HostCapacity", "decide"]
+__all__ = ["HostCapacity", "decide", "hysteresis_holds"]
 
 
 def decide(
@@ -30,6 +31,10 @@ def decide(
     ``capacity`` overrides a host's CPUs / memory; ``last_moved_s`` (guest -> time of its
     last move, same clock as ``now_s``) keeps recently moved guests still for the policy's
     cooldown unless a hard rule (e.g. maintenance) forces them off their host.
+
+    Limits that cannot all hold are not a reason to do nothing: the solver lowers the
+    violation first and everything else still progresses; what it cannot fix is named in
+    the plan's notes. Only a policy that contradicts itself yields no plan.
     """
     res = solve(
         snapshot,
@@ -44,21 +49,11 @@ def decide(
     )
     notes = tuple(res.notes) + tuple(str(v) for v in res.violations)
     if res.reasons:
-        return _no_moves(
-            snapshot, policy, res, p, "no valid placement: " + "; ".join(res.reasons), notes
-        )
-    improvement = res.score_before - res.score_after
-    if not res.forced and improvement < policy.hysteresis.min_improvement:
-        return _no_moves(
-            snapshot,
-            policy,
-            res,
-            p,
-            f"improvement {improvement:.3f} is below min_improvement "
-            f"{policy.hysteresis.min_improvement:.3f}",
-            notes,
-        )
-    return make_plan(
+        return _no_moves(policy, res, p, "no valid placement: " + "; ".join(res.reasons), notes)
+    held = hysteresis_holds(res, policy)
+    if held:
+        return _no_moves(policy, res, p, held, notes)
+    plan = make_plan(
         snapshot,
         policy,
         res.target,
@@ -69,22 +64,44 @@ def decide(
         notes=notes,
         problem=p,
     )
+    if not plan.moves and res.held:
+        plan = replace(plan, reason=res.held)
+    elif not plan.moves and res.unfixed:
+        plan = replace(plan, reason="nothing can be improved this cycle: " + "; ".join(res.unfixed))
+    return plan
+
+
+def hysteresis_holds(res: SolveResult, policy: Policy) -> str:
+    """Why the target is not worth its moves ("" when it is): a target that lowers a
+    hard-rule violation always is; otherwise its improvement (see
+    ``balancerd.solve.core.improvement``: points of the highest utilization or of load
+    above the balanced level for balance, host-equivalents of idle power for power-save)
+    must reach ``min_improvement``."""
+    if res.forced or res.target == _current(res):
+        return ""
+    need = policy.hysteresis.min_improvement
+    if res.improvement + 1e-12 >= need:
+        return ""
+    unit = "host-equivalents" if policy.objective == "power-save" else "utilization"
+    return f"improvement {res.improvement:.3f} is below min_improvement {need:.3f} ({unit})"
+
+
+def _current(res: SolveResult) -> Placement | None:
+    p = res.problem
+    if p is None:
+        return None
+    return Placement({p.guests[g]: p.hosts[p.cur[g]] for g in range(p.n_guests)})
 
 
 def _no_moves(
-    snapshot: Snapshot,
     policy: Policy,
     res: SolveResult,
-    p: object,
+    p: Problem,
     reason: str,
     notes: tuple[str, ...],
 ) -> Plan:
-    from balancerd.solve.problem import Problem
-
-    assert isinstance(p, Problem)
     current = Placement({p.guests[g]: p.hosts[p.cur[g]] for g in range(p.n_guests)})
     power_off, power_on = power_changes(p, current)
-    del snapshot
     return Plan(
         policy=policy.name,
         objective=policy.objective,

@@ -165,16 +165,17 @@ def load(path: Path) -> Instance:
 
 
 def repair_policy(inst: Instance, *, max_concurrent: int, per_host: int) -> Policy:
-    """Viability with the fewest moves: hard limits at 100 %, and moving dominates the
-    objective (10 units per GiB, more than any utilization gain), so the balance search
-    is skipped and the fewest-bytes repair wins."""
+    """Viability with the fewest moves: hard limits at 100 %, and no move for balance
+    alone (min_improvement 1.0: no rebalancing gains a whole host's capacity here), so
+    the repair with the fewest moves wins; migration_cost still orders equal repairs by
+    bytes."""
     return Policy(
         name=f"btrplace-{inst.name}",
         objective="balance",
         limits=Limits(
             max_cpu_util=1.0, max_mem_util=1.0, mem_headroom_bytes=0, cpu_overcommit=10_000.0
         ),
-        hysteresis=Hysteresis(min_improvement=0.0, cooldown_s=0.0),
+        hysteresis=Hysteresis(min_improvement=1.0, cooldown_s=0.0),
         budget=Budget(max_moves=10**9, max_bytes=10**18),
         constraints=inst.constraints,
         migration=Migration(

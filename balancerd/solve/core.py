@@ -1,11 +1,12 @@
-"""solve(): greedy incumbent -> (reduced) ILP -> independent verification.
+"""solve(): best effort -> greedy candidates -> (reduced) ILP -> independent verification.
 
 Stages, each pure:
 1. ``build_problem`` indexes the snapshot under the policy (limits, rules, cooldowns).
-2. Cheap necessary conditions (``explain_infeasible``); if one fails, stop and say why.
-3. A greedy incumbent: repair to the hard limits with the fewest moves, then (balance)
-   binary-search the lowest target above the LP bound it reaches within the budget, or
-   (power-save) empty hosts one by one.
+2. ``best_effort``: what cannot all hold becomes the first thing to minimize instead of a
+   refusal (guests that fit nowhere stay and are named; over-subscribed CPU is spread
+   evenly). Only a policy that contradicts itself stops here, and says why.
+3. Greedy candidates: shed what breaks the hard limits with the fewest moves, then
+   (balance) walk the water level down towards the bound, or (power-save) empty hosts.
 4. The ILP over the *free* units: all of them on small clusters (the exact problem), else
    the units around the hot spots and the hosts with the most room, warm-started from the
    incumbent, time-limited. Its status and bound are read from the solver itself.
@@ -13,6 +14,16 @@ Stages, each pure:
    those within ``solver.gap`` (relative, on the score) of the best count as equally good
    and the one with the fewest moves wins. It is re-checked by ``verify``; a placement
    with a blocking violation is never returned.
+
+The objective, in tiers (each far above the next):
+  hard rules left broken (PENALTY each) and load above a cap (PENALTY per host capacity);
+  balance: the highest weighted utilization ``z`` plus SPREAD x each resource's own highest,
+  then the load above the balanced level summed over hosts (in host capacities, divided by
+  the number of hosts: lowering many equal maxima is progress even when ``z`` cannot move);
+  power-save: the idle power of the hosts left on, in host-equivalents;
+  then ``migration_cost`` per GiB moved, counted in host-points (1/100 of one host's
+  capacity; for balance, of the whole cluster's ``z`` scale), so that at any cluster size
+  it orders equally good placements by the bytes they move and never blocks balancing.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from dataclasses import dataclass, field
 
 from balancerd.model import Placement, Snapshot, SolverReport
 from balancerd.policy.model import Policy
-from balancerd.solve.explain import explain_infeasible
+from balancerd.solve.explain import Effort, best_effort
 from balancerd.solve.heuristic import (
     Candidate,
     Unit,
@@ -35,7 +46,15 @@ from balancerd.solve.heuristic import (
     moves_and_bytes,
     repair,
 )
-from balancerd.solve.ilp import PENALTY, POWER_ON_COST, SPREAD, IlpResult, solve_ilp
+from balancerd.solve.ilp import (
+    PENALTY,
+    POWER_ON_COST,
+    SPREAD,
+    IlpResult,
+    migration_weight,
+    n_balanced,
+    solve_ilp,
+)
 from balancerd.solve.problem import (
     GIB,
     HostCapacity,
@@ -45,7 +64,6 @@ from balancerd.solve.problem import (
     build_problem,
     max_utils,
     move_lower_bound,
-    power_score,
     power_weight,
     shed_bytes_lower_bound,
     util_lower_bounds,
@@ -56,77 +74,335 @@ FULL_ILP_MAX_VARS = 20_000  # above this the ILP frees only the units around the
 REDUCED_ILP_MAX_VARS = 4_000
 REDUCED_TARGET_HOSTS = 12
 
+Ranked = list[tuple[float, str, list[int]]]
+
 
 @dataclass(frozen=True)
 class SolveResult:
     target: Placement
     report: SolverReport
-    score_before: float  # balance: highest weighted util; power-save: share of power on
+    score_before: float  # balance: highest weighted util; power-save: host-equivalents on
     score_after: float
-    forced: bool  # the current placement breaks a hard rule: moves are not optional
-    reasons: tuple[str, ...] = ()  # why there is no placement (infeasible)
+    forced: bool  # the target lowers a hard-rule violation: moves are not optional
+    reasons: tuple[str, ...] = ()  # why nothing can be planned (a self-contradicting policy)
     violations: tuple[Violation, ...] = ()  # carried ones on the returned target
     notes: tuple[str, ...] = ()
     util_bound: float | None = None  # balance: lower bound on the highest weighted util
     move_bound: int | None = None  # fewest moves any placement as good as the target needs
     stages: tuple[str, ...] = field(default=())
     problem: Problem | None = field(default=None, repr=False, compare=False)
+    improvement: float = 0.0  # what hysteresis.min_improvement is compared with
+    unfixed: tuple[str, ...] = ()  # what the target leaves broken, named
+    held: str = ""  # why today's placement was kept although others were found
+
+
+# --- the objective and the measures built on it ------------------------------------------
+
+
+def excess_above(p: Problem, host_of: list[int], margin: float = 0.0) -> float:
+    """Weighted load above (bound_r + margin), summed over balanced hosts and resources,
+    in host capacities (0.5 = half of one host)."""
+    lbc, lbm = util_lower_bounds(p)
+    cpu, mem, _ = p.loads(host_of)
+    tc, tm = lbc + margin, lbm + margin
+    total = 0.0
+    for h in range(p.n_hosts):
+        if not p.balanced[h]:
+            continue
+        total += p.w_cpu * max(0.0, cpu[h] / p.cpu_total[h] - tc)
+        total += p.w_mem * max(0.0, mem[h] / p.mem_total[h] - tm)
+    return total
+
+
+def violation(p: Problem, host_of: list[int]) -> float:
+    """Hard rules left broken (each forced move undone, each broken group) plus load above
+    the caps, in host capacities."""
+    total = 0.0
+    for g in range(p.n_guests):
+        if p.must_move[g] and host_of[g] == p.cur[g]:
+            total += 1.0
+    for grp in p.affinity:
+        if len({host_of[g] for g in grp}) > 1:
+            total += 1.0
+    for grp in p.anti:
+        total += len(grp) - len({host_of[g] for g in grp})
+    cpu, mem, vcpu = p.loads(host_of)
+    for h in range(p.n_hosts):
+        total += max(0.0, cpu[h] - p.cpu_cap[h]) / (p.cpu_total[h] or 1.0)
+        total += max(0.0, mem[h] - p.mem_cap[h]) / (p.mem_total[h] or 1.0)
+        total += max(0.0, vcpu[h] - p.vcpu_cap[h]) / (p.vcpu_cap[h] or 1.0)
+    return total
 
 
 def objective_value(p: Problem, host_of: list[int]) -> float:
     """The one objective every candidate is ranked by (same terms as the ILP)."""
-    mc = p.policy.solver.migration_cost
-    total = 0.0
+    total = PENALTY * violation(p, host_of)
     moved_bytes = 0.0
     for g in range(p.n_guests):
         h = host_of[g]
         if h != p.cur[g]:
             moved_bytes += p.mem[g]
-        elif p.must_move[g]:
-            total += PENALTY
         bad, w = p.soft[g]
         if w and h in bad:
             total += w
-    total += mc * moved_bytes / GIB
-    # hard group rules broken (only ever carried from today): each costs like a forced move
-    for grp in p.affinity:
-        if len({host_of[g] for g in grp}) > 1:
-            total += PENALTY
-    for grp in p.anti:
-        total += PENALTY * (len(grp) - len({host_of[g] for g in grp}))
+    total += migration_weight(p) * moved_bytes
     if p.objective == "power-save":
-        used = set(host_of)
-        for h in used:
+        for h in set(host_of):
             total += power_weight(p, h) + (POWER_ON_COST if p.powered_off[h] else 0.0)
     else:
         uc, um = max_utils(p, host_of)
         wc, wm = p.w_cpu * uc, p.w_mem * um
-        total += max(wc, wm) + SPREAD * (wc + wm)
-    cpu, mem, _ = p.loads(host_of)
-    for h in range(p.n_hosts):
-        total += PENALTY * max(0.0, cpu[h] - p.cpu_cap[h]) / (p.cpu_total[h] or 1.0)
-        total += PENALTY * max(0.0, mem[h] - p.mem_cap[h]) / (p.mem_total[h] or 1.0)
+        total += max(wc, wm) + SPREAD * (wc + wm) + excess_above(p, host_of) / n_balanced(p)
     return total
 
 
+def power_on(p: Problem, host_of: list[int]) -> float:
+    """Power-save's score: idle power of the hosts that stay (or go) on, in
+    host-equivalents (1.0 = one host of the default power model)."""
+    return sum(
+        power_weight(p, h)
+        for h in set(host_of)
+        if p.balanced[h] or (p.powered_off[h] and p.usable[h])
+    )
+
+
 def score(p: Problem, host_of: list[int]) -> float:
-    return power_score(p, host_of) if p.objective == "power-save" else balance_score(p, host_of)
+    return power_on(p, host_of) if p.objective == "power-save" else balance_score(p, host_of)
 
 
-def _forced(p: Problem) -> bool:
-    if any(p.must_move[g] and p.movable[g] for g in range(p.n_guests)):
-        return True
-    cpu, mem, vcpu = p.loads(p.cur)
-    for h in range(p.n_hosts):
-        if p.balanced[h] and (
-            cpu[h] > p.cpu_cap[h] + 1e-9 or mem[h] > p.mem_cap[h] + 0.5 or vcpu[h] > p.vcpu_cap[h]
-        ):
-            return True
-    for grp in p.anti:
-        hosts = [p.cur[g] for g in grp]
-        if len(set(hosts)) < len(hosts):
-            return True
-    return any(len({p.cur[g] for g in grp}) > 1 for grp in p.affinity)
+def improvement(p: Problem, before: list[int], after: list[int]) -> float:
+    """What ``min_improvement`` is compared with, independent of the cluster's size.
+
+    balance: the larger of the drop of the highest weighted utilization and the drop of
+    the load above (balanced level + min_improvement), in host capacities: moving 5 % of
+    a host off the hottest hosts counts 0.05 even when they were many at the same maximum.
+    power-save: host-equivalents of idle power switched off."""
+    if p.objective == "power-save":
+        return power_on(p, before) - power_on(p, after)
+    margin = p.policy.hysteresis.min_improvement
+    return max(
+        balance_score(p, before) - balance_score(p, after),
+        excess_above(p, before, margin) - excess_above(p, after, margin),
+    )
+
+
+def _objective_bound(p: Problem) -> float:
+    """A lower bound on ``objective_value`` of any placement within the hard limits."""
+    if p.objective == "power-save":
+        return _power_bound(p)
+    lbc, lbm = util_lower_bounds(p)
+    # utilization can't beat its bound, and the hot hosts must shed some bytes
+    return (
+        max(p.w_cpu * lbc, p.w_mem * lbm)
+        + SPREAD * (p.w_cpu * lbc + p.w_mem * lbm)
+        + migration_weight(p) * shed_bytes_lower_bound(p)
+    )
+
+
+def _power_bound(p: Problem) -> float:
+    """Power-save: at least as many hosts as the total demand needs at the largest caps
+    (and min_active_hosts), each costing at least the cheapest idle power."""
+    usable = [h for h in range(p.n_hosts) if p.usable[h]]
+    if not usable:
+        return 0.0
+    need = max(
+        p.policy.power.min_active_hosts,
+        math.ceil(sum(p.mem) / max(max(p.mem_cap[h] for h in usable), 1.0) - 1e-9),
+        math.ceil(sum(p.cpu) / max(max(p.cpu_cap[h] for h in usable), 1e-9) - 1e-9),
+        1 if p.n_guests else 0,
+    )
+    weights = sorted(power_weight(p, h) for h in usable)
+    return sum(weights[: min(need, len(weights))])
+
+
+# --- solve, stage by stage ---------------------------------------------------------------
+
+
+def solve(
+    snapshot: Snapshot,
+    policy: Policy,
+    *,
+    capacity: Mapping[str, HostCapacity] | None = None,
+    last_moved_s: Mapping[str, float] | None = None,
+    now_s: float = 0.0,
+    use_ilp: bool = True,
+) -> SolveResult:
+    t0 = time.perf_counter()
+    p = build_problem(snapshot, policy, capacity=capacity, last_moved_s=last_moved_s, now_s=now_s)
+    current = Placement({p.guests[g]: p.hosts[p.cur[g]] for g in range(p.n_guests)})
+    effort = best_effort(snapshot, policy, p)
+    notes = list(p.notes) + effort.notes
+    if effort.reasons:
+        return _refused(p, current, effort, notes, t0)
+    units, unit_of = build_units(p)
+    stages: list[str] = []
+    ranked = _greedy_stage(p, units, unit_of, effort, stages, t0)
+    bound: float | None = _objective_bound(p)
+    ilp, full = _ilp_stage(p, units, ranked, bound, use_ilp, stages)
+    if ilp is not None and ilp.host_of is not None:
+        ranked.append((objective_value(p, ilp.host_of), "ilp", ilp.host_of))
+        ranked.sort(key=lambda t: (t[0], t[1] != "ilp"))
+    ranked, held = _worth_their_moves(p, _prefer_fewer_moves(p, ranked))
+    (obj, label, host_of), carried = _first_verified(
+        snapshot, policy, capacity, p, current, ranked, notes
+    )
+    if ilp is not None and full and ilp.bound is not None:
+        bound = max(bound, ilp.bound) if bound is not None else ilp.bound
+    report = _report(p, obj, label, ilp, full, bound, t0)
+    if ilp is not None and label != "ilp":
+        notes.append(f"ilp ({ilp.backend}) {ilp.status}: kept the {label} placement")
+    unfixed = _unfixed(p, host_of)
+    util_bound: float | None = None
+    move_bound: int | None = None
+    if p.objective == "balance":
+        util_bound = balance_lower_bound(p)
+        move_bound = move_lower_bound(p, *max_utils(p, host_of))
+    return SolveResult(
+        target=Placement({p.guests[g]: p.hosts[host_of[g]] for g in range(p.n_guests)}),
+        report=report,
+        score_before=score(p, p.cur),
+        score_after=score(p, host_of),
+        forced=violation(p, host_of) < violation(p, p.cur) - 1e-9,
+        violations=tuple(carried),
+        notes=tuple(notes + unfixed),
+        util_bound=util_bound,
+        move_bound=move_bound,
+        stages=tuple(stages),
+        problem=p,
+        improvement=improvement(p, p.cur, host_of),
+        unfixed=tuple(unfixed),
+        held=held if label == "current" else "",
+    )
+
+
+def _refused(
+    p: Problem, current: Placement, effort: Effort, notes: list[str], t0: float
+) -> SolveResult:
+    before = score(p, p.cur)
+    return SolveResult(
+        target=current,
+        report=SolverReport("none", "infeasible", time.perf_counter() - t0, None, None, None),
+        score_before=before,
+        score_after=before,
+        forced=False,
+        reasons=tuple(effort.reasons),
+        notes=tuple(notes),
+        problem=p,
+    )
+
+
+def _greedy_stage(
+    p: Problem,
+    units: list[Unit],
+    unit_of: list[int],
+    effort: Effort,
+    stages: list[str],
+    t0: float,
+) -> Ranked:
+    """Today's placement (zero moves) and the greedy candidates, best first."""
+    bud = p.policy.budget
+    cands: list[Candidate] = []
+    if p.objective == "balance":
+        # when one more move of the smallest guest costs more than the whole gap between
+        # today and the bound, no balancing target can pay for itself: shed only
+        lb = balance_lower_bound(p)
+        movable_mem = [p.mem[g] for g in range(p.n_guests) if p.movable[g]]
+        cheapest = migration_weight(p) * min(movable_mem, default=0.0)
+        cands = balance_search(
+            p,
+            units,
+            unit_of,
+            max_moves=bud.max_moves,
+            max_bytes=float(bud.max_bytes),
+            search=cheapest < max(balance_score(p, p.cur) - lb, 0.0),
+        )
+    else:
+        cands = _power_candidates(p, units, unit_of, effort)
+    stages.append(f"greedy:{len(cands)} candidates {time.perf_counter() - t0:.2f}s")
+    ranked: Ranked = [(objective_value(p, p.cur), "current", p.cur)]
+    for c in cands:
+        ranked.append((objective_value(p, c.host_of), c.label, c.host_of))
+    ranked.sort(key=lambda t: t[0])
+    return _prefer_fewer_moves(p, ranked)
+
+
+def _power_candidates(
+    p: Problem, units: list[Unit], unit_of: list[int], effort: Effort
+) -> list[Candidate]:
+    """Shed what breaks a limit (as far as room and budget allow), then empty hosts."""
+    bud = p.policy.budget
+    cap_c, cap_m = limit_caps(p)
+    base = repair(
+        p,
+        units,
+        unit_of,
+        cap_c,
+        cap_m,
+        max_moves=bud.max_moves,
+        max_bytes=float(bud.max_bytes),
+        partial=True,
+        settle=True,
+    )
+    assert base is not None
+    out = [
+        Candidate(
+            base.host_of,
+            power_on(p, base.host_of),
+            base.moves,
+            base.moved_bytes,
+            base.complete,
+            "repair",
+        )
+    ]
+    if effort.cpu_level is None:  # over-subscribed CPU: every host is needed
+        out.append(
+            consolidate(
+                p, units, base.host_of, max_moves=bud.max_moves, max_bytes=float(bud.max_bytes)
+            )
+        )
+    return out
+
+
+def _ilp_stage(
+    p: Problem,
+    units: list[Unit],
+    ranked: Ranked,
+    bound: float | None,
+    use_ilp: bool,
+    stages: list[str],
+) -> tuple[IlpResult | None, bool]:
+    """The ILP, unless the incumbent is already within the gap of the bound. Returns its
+    result and whether it covered the whole problem."""
+    pol = p.policy
+    inc_obj, _, incumbent = ranked[0]
+    if bound is not None and inc_obj - bound <= pol.solver.gap * max(abs(inc_obj), 1e-9):
+        stages.append("ilp: skipped, the greedy placement is within the gap of the bound")
+        return None, False
+    if not use_ilp or pol.solver.backend not in ("cbc", "highs"):
+        return None, False
+    free, cand_hosts, full = _ilp_scope(p, units, incumbent)
+    if not free:
+        return None, False
+    polish = not full and p.objective == "balance"
+    ilp = solve_ilp(
+        p,
+        units,
+        free,
+        cand_hosts,
+        incumbent,
+        backend=pol.solver.backend,
+        time_limit_s=pol.solver.time_limit_s,
+        gap=pol.solver.gap,
+        max_moves=pol.budget.max_moves,
+        max_bytes=float(pol.budget.max_bytes),
+        # too big for the whole problem: keep the incumbent's balance, fewer moves
+        z_cap=balance_score(p, incumbent) if polish else None,
+    )
+    stages.append(
+        f"ilp:{ilp.backend} {ilp.status} vars={ilp.n_vars} "
+        f"{'full' if full else 'reduced'} {ilp.seconds:.2f}s"
+    )
+    return ilp, full
 
 
 def _ilp_scope(
@@ -202,38 +478,7 @@ def _ilp_scope(
     return free, cands, False
 
 
-def _objective_bound(p: Problem) -> float:
-    """A lower bound on ``objective_value`` of any placement within the hard limits."""
-    if p.objective == "power-save":
-        return _power_bound(p)
-    lbc, lbm = util_lower_bounds(p)
-    # utilization can't beat its bound, and the hot hosts must shed some bytes
-    return (
-        max(p.w_cpu * lbc, p.w_mem * lbm)
-        + SPREAD * (p.w_cpu * lbc + p.w_mem * lbm)
-        + p.policy.solver.migration_cost * shed_bytes_lower_bound(p) / GIB
-    )
-
-
-def _power_bound(p: Problem) -> float:
-    """Power-save: at least as many hosts as the total demand needs at the largest caps
-    (and min_active_hosts), each costing at least the cheapest idle power."""
-    usable = [h for h in range(p.n_hosts) if p.usable[h]]
-    if not usable:
-        return 0.0
-    need = max(
-        p.policy.power.min_active_hosts,
-        math.ceil(sum(p.mem) / max(max(p.mem_cap[h] for h in usable), 1.0) - 1e-9),
-        math.ceil(sum(p.cpu) / max(max(p.cpu_cap[h] for h in usable), 1e-9) - 1e-9),
-        1 if p.n_guests else 0,
-    )
-    weights = sorted(power_weight(p, h) for h in usable)
-    return sum(weights[: min(need, len(weights))])
-
-
-def _prefer_fewer_moves(
-    p: Problem, ranked: list[tuple[float, str, list[int]]]
-) -> list[tuple[float, str, list[int]]]:
+def _prefer_fewer_moves(p: Problem, ranked: Ranked) -> Ranked:
     """Placements within the policy's relative gap (solver.gap, on the score) of the best
     one are equally good: among them the fewest moves go first."""
     if not ranked:
@@ -246,129 +491,58 @@ def _prefer_fewer_moves(
     return near + rest
 
 
-def solve(
+def _worth_their_moves(p: Problem, ranked: Ranked) -> tuple[Ranked, str]:
+    """Hysteresis between candidates: one that moves more guests than another, without
+    lowering the violation further, must improve on it by ``min_improvement`` (see
+    ``improvement``); else it is dropped. So a forced drain does not drag a rebalancing
+    of the whole cluster along unless that rebalancing is worth it on its own."""
+    need = p.policy.hysteresis.min_improvement
+    power = p.objective == "power-save"
+    margin = p.policy.hysteresis.min_improvement
+    facts = []
+    for _, label, host_of in ranked:
+        facts.append(
+            (
+                label,
+                moves_and_bytes(p, host_of)[0],
+                violation(p, host_of),
+                score(p, host_of),
+                0.0 if power else excess_above(p, host_of, margin),
+            )
+        )
+
+    def gain(f: tuple[str, int, float, float, float], sc: float, hot: float) -> float:
+        return f[3] - sc if power else max(f[3] - sc, f[4] - hot)
+
+    keep: Ranked = []
+    held = ""
+    unit = "host-equivalents" if power else "utilization"
+    for k, entry in enumerate(ranked):
+        _, moves, viol, sc, hot = facts[k]
+        worse = [f for f in facts if f[1] < moves and f[2] <= viol + 1e-9]
+        short = [f for f in worse if gain(f, sc, hot) < need]
+        if not short:
+            keep.append(entry)
+        elif not held and short[0][0] == "current":
+            held = (
+                f"improvement {gain(short[0], sc, hot):.3f} is below min_improvement "
+                f"{need:.3f} ({unit})"
+            )
+    return keep, held
+
+
+def _first_verified(
     snapshot: Snapshot,
     policy: Policy,
-    *,
-    capacity: Mapping[str, HostCapacity] | None = None,
-    last_moved_s: Mapping[str, float] | None = None,
-    now_s: float = 0.0,
-    use_ilp: bool = True,
-) -> SolveResult:
-    t0 = time.perf_counter()
-    p = build_problem(snapshot, policy, capacity=capacity, last_moved_s=last_moved_s, now_s=now_s)
-    current = Placement({p.guests[g]: p.hosts[p.cur[g]] for g in range(p.n_guests)})
-    before = score(p, p.cur)
-    forced = _forced(p)
-    notes = list(p.notes)
-    reasons = explain_infeasible(snapshot, policy, capacity=capacity, problem=p)
-    if reasons:
-        return SolveResult(
-            target=current,
-            report=SolverReport("none", "infeasible", time.perf_counter() - t0, None, None, None),
-            score_before=before,
-            score_after=before,
-            forced=forced,
-            reasons=tuple(reasons),
-            notes=tuple(notes),
-            problem=p,
-        )
-    units, unit_of = build_units(p)
+    capacity: Mapping[str, HostCapacity] | None,
+    p: Problem,
+    current: Placement,
+    ranked: Ranked,
+    notes: list[str],
+) -> tuple[tuple[float, str, list[int]], list[Violation]]:
+    """The best candidate within the budget that the verifier does not block, with the
+    violations it carries. Today's placement always qualifies."""
     bud = policy.budget
-    stages: list[str] = []
-    cands: list[Candidate] = []
-    if p.objective == "balance":
-        # when one more move of the smallest guest costs more than the whole gap between
-        # today and the bound, no balancing target can pay for itself: repair only
-        lb = balance_lower_bound(p)
-        movable_mem = [p.mem[g] for g in range(p.n_guests) if p.movable[g]]
-        cheapest = policy.solver.migration_cost * min(movable_mem, default=0.0) / GIB
-        cands = balance_search(
-            p,
-            units,
-            unit_of,
-            max_moves=bud.max_moves,
-            max_bytes=float(bud.max_bytes),
-            search=cheapest < max(before - lb, 0.0),
-        )
-    else:
-        cap_c, cap_m = limit_caps(p)
-        base = repair(
-            p,
-            units,
-            unit_of,
-            cap_c,
-            cap_m,
-            max_moves=bud.max_moves,
-            max_bytes=float(bud.max_bytes),
-            partial=True,
-        )
-        if base is not None:
-            cands.append(
-                Candidate(
-                    base.host_of,
-                    score(p, base.host_of),
-                    base.moves,
-                    base.moved_bytes,
-                    base.complete,
-                    "repair",
-                )
-            )
-            if base.complete:
-                cands.append(
-                    consolidate(
-                        p,
-                        units,
-                        base.host_of,
-                        max_moves=bud.max_moves,
-                        max_bytes=float(bud.max_bytes),
-                    )
-                )
-    stages.append(f"greedy:{len(cands)} candidates {time.perf_counter() - t0:.2f}s")
-    # the current placement is a candidate too (zero moves)
-    ranked: list[tuple[float, str, list[int]]] = [(objective_value(p, p.cur), "current", p.cur)]
-    for c in cands:
-        ranked.append((objective_value(p, c.host_of), c.label, c.host_of))
-    ranked.sort(key=lambda t: t[0])
-    ranked = _prefer_fewer_moves(p, ranked)
-    incumbent = ranked[0][2]
-
-    bound: float | None = _objective_bound(p)
-    ilp: IlpResult | None = None
-    full = False
-    inc_obj = ranked[0][0]
-    if bound is not None and inc_obj - bound <= policy.solver.gap * max(abs(inc_obj), 1e-9):
-        stages.append("ilp: skipped, the greedy placement is within the gap of the bound")
-    elif use_ilp and policy.solver.backend in ("cbc", "highs"):
-        free, cand_hosts, full = _ilp_scope(p, units, incumbent)
-        if free:
-            polish = not full and p.objective == "balance"
-            ilp = solve_ilp(
-                p,
-                units,
-                free,
-                cand_hosts,
-                incumbent,
-                backend=policy.solver.backend,
-                time_limit_s=policy.solver.time_limit_s,
-                gap=policy.solver.gap,
-                max_moves=bud.max_moves,
-                max_bytes=float(bud.max_bytes),
-                # too big for the whole problem: keep the incumbent's balance, fewer moves
-                z_cap=balance_score(p, incumbent) if polish else None,
-            )
-            stages.append(
-                f"ilp:{ilp.backend} {ilp.status} vars={ilp.n_vars} "
-                f"{'full' if full else 'reduced'} {ilp.seconds:.2f}s"
-            )
-            if ilp.host_of is not None:
-                ranked.append((objective_value(p, ilp.host_of), "ilp", ilp.host_of))
-                ranked.sort(key=lambda t: (t[0], t[1] != "ilp"))
-
-    ranked = _prefer_fewer_moves(p, ranked)
-    # verify, best first; never return a placement with a blocking violation
-    chosen: tuple[float, str, list[int]] | None = None
-    carried: list[Violation] = []
     for obj, label, host_of in ranked:
         target = Placement({p.guests[g]: p.hosts[host_of[g]] for g in range(p.n_guests)})
         n, b = moves_and_bytes(p, host_of)
@@ -380,22 +554,20 @@ def solve(
         if bad:
             notes.append(f"{label}: rejected by verify: {bad[0]}")
             continue
-        chosen = (obj, label, host_of)
-        carried = viol
-        break
-    assert chosen is not None  # "current" always verifies: it carries what it has
-    obj, label, host_of = chosen
-    target = Placement({p.guests[g]: p.hosts[host_of[g]] for g in range(p.n_guests)})
-    after = score(p, host_of)
+        return (obj, label, host_of), viol
+    raise AssertionError("today's placement always verifies: it carries what it has")
 
-    util_bound: float | None = None
-    move_bound: int | None = None
-    if p.objective == "balance":
-        util_bound = balance_lower_bound(p)
-        uc, um = max_utils(p, host_of)
-        move_bound = move_lower_bound(p, uc, um)
-    if ilp is not None and full and ilp.bound is not None:
-        bound = max(bound, ilp.bound) if bound is not None else ilp.bound
+
+def _report(
+    p: Problem,
+    obj: float,
+    label: str,
+    ilp: IlpResult | None,
+    full: bool,
+    bound: float | None,
+    t0: float,
+) -> SolverReport:
+    """Backend and status as the solver really ended, the bound and the gap."""
     if label == "ilp" and ilp is not None:
         backend, status = ilp.backend, ilp.status
         if not full and status == "optimal":
@@ -409,7 +581,7 @@ def solve(
     if bound is not None and obj - bound <= 1e-9 * max(1.0, abs(obj)):
         status = "optimal"
     gap = max(0.0, (obj - bound) / max(abs(obj), 1e-9)) if bound is not None else None
-    report = SolverReport(
+    return SolverReport(
         backend=backend,
         status=status,
         seconds=time.perf_counter() - t0,
@@ -417,18 +589,31 @@ def solve(
         bound=bound,
         gap=gap,
     )
-    if ilp is not None and label != "ilp":
-        notes.append(f"ilp ({ilp.backend}) {ilp.status}: kept the {label} placement")
-    return SolveResult(
-        target=target,
-        report=report,
-        score_before=before,
-        score_after=after,
-        forced=forced,
-        violations=tuple(carried),
-        notes=tuple(notes),
-        util_bound=util_bound,
-        move_bound=move_bound,
-        stages=tuple(stages),
-        problem=p,
+
+
+def _unfixed(p: Problem, host_of: list[int]) -> list[str]:
+    """Forced moves the target leaves undone and hosts it leaves over a cap, named."""
+    out: list[str] = []
+    n, b = moves_and_bytes(p, host_of)
+    bud = p.policy.budget
+    why = (
+        "the migration budget is spent"
+        if n >= bud.max_moves or b >= bud.max_bytes
+        else "no host has room for it under the limits"
     )
+    for g in range(p.n_guests):
+        if p.must_move[g] and p.movable[g] and host_of[g] == p.cur[g]:
+            out.append(f"guest {p.guests[g]} must leave host {p.hosts[p.cur[g]]}: {why}")
+    cpu, mem, _ = p.loads(host_of)
+    for h in range(p.n_hosts):
+        for what, load, cap, total, unit, scale in (
+            ("CPU", cpu[h], p.cpu_cap[h], p.cpu_total[h], "cores", 1.0),
+            ("memory", mem[h], p.mem_cap[h], p.mem_total[h], "GiB", float(GIB)),
+        ):
+            if load > cap * (1 + 1e-9) + (0.5 if unit == "GiB" else 1e-9) and total > 0:
+                out.append(
+                    f"host {p.hosts[h]} stays over its {what} limit: "
+                    f"{load / scale:.1f} > {cap / scale:.1f} {unit} "
+                    f"({100 * load / total:.0f} % of its capacity)"
+                )
+    return out

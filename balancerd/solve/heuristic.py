@@ -8,6 +8,7 @@ Guests of one affinity group move together as one *unit*.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from balancerd.solve.problem import (
     EPS,
     Problem,
     balance_score,
+    max_utils,
     power_score,
     power_weight,
     util_lower_bounds,
@@ -122,10 +124,17 @@ def build_units(p: Problem) -> tuple[list[Unit], list[int]]:
 class State:
     """Host loads and anti-affinity counts under a changing guest -> host map."""
 
-    def __init__(self, p: Problem, units: list[Unit], host_of: list[int]) -> None:
+    def __init__(
+        self,
+        p: Problem,
+        units: list[Unit],
+        host_of: list[int],
+        closed: frozenset[int] = frozenset(),
+    ) -> None:
         self.p = p
         self.units = units
         self.host_of = list(host_of)
+        self.closed = closed  # hosts that may keep or lose guests, never gain one
         self.cpu, self.mem, self.vcpu = p.loads(host_of)
         self.anti: list[dict[int, int]] = [{} for _ in p.anti]
         for gid, grp in enumerate(p.anti):
@@ -163,6 +172,8 @@ class State:
         """u is lifted; would it fit h under the caps and anti-affinity?"""
         p = self.p
         if not p.usable[h] or (u.allowed is not None and h not in u.allowed):
+            return False
+        if h in self.closed and h != u.cur:
             return False
         if self.cpu[h] + u.cpu > cap_c[h] + EPS or self.mem[h] + u.mem > cap_m[h] + 0.5:
             return False
@@ -248,6 +259,36 @@ def _pick_evictions(
     return chosen
 
 
+@dataclass
+class _Budget:
+    """Moves and bytes left, counted against today's placement (a guest moved twice is one
+    move; a guest sent home gives its move back)."""
+
+    moves: int
+    bytes: float
+
+    def cost(self, p: Problem, u: Unit, src: int, dst: int) -> tuple[int, float]:
+        n = 0
+        b = 0.0
+        for g in u.members:
+            was = p.cur[g] != src
+            now = p.cur[g] != dst
+            if now and not was:
+                n += 1
+                b += p.mem[g]
+            elif was and not now:
+                n -= 1
+                b -= p.mem[g]
+        return n, b
+
+    def allows(self, n: int, b: float) -> bool:
+        return n <= self.moves and b <= self.bytes + 0.5
+
+    def spend(self, n: int, b: float) -> None:
+        self.moves -= n
+        self.bytes -= b
+
+
 def repair(
     p: Problem,
     units: list[Unit],
@@ -259,29 +300,109 @@ def repair(
     max_bytes: float,
     partial: bool,
     best_fit: bool = True,
+    start: list[int] | None = None,
+    frozen: frozenset[int] = frozenset(),
+    closed: frozenset[int] = frozenset(),
+    settle: bool = False,
 ) -> RepairResult | None:
     """Move as few units as it can so every balanced host is under cap_c / cap_m and every
-    forced move is done. ``partial``: within the budget, do what fits and keep the rest
-    where it is (complete=False); otherwise None when it cannot finish."""
-    st = State(p, units, p.cur)
+    forced move is done, starting from ``start`` (default: today's placement). ``frozen``
+    units stay where they are; ``closed`` hosts may lose guests, never gain one.
+    ``partial``: within the budget, do what fits and keep the rest where it is
+    (complete=False); otherwise None when it cannot finish. ``settle``: when a unit fits
+    nowhere, carry on and then fix the hosts left over their caps by single moves and
+    swaps (worst host first) instead of giving up at once.
+
+    Stages: forced units -> evictions from hosts over their caps (fewest units) -> the
+    budget -> placement (largest first; a unit that fits nowhere makes room by moving one
+    small unit to a third host) -> settle -> units whose home has room again go home."""
+    base = p.cur if start is None else start
+    st = State(p, units, base, closed)
+    budget = _Budget(max_moves, max_bytes)
+    n0, b0 = moves_and_bytes(p, base)
+    budget.spend(n0, b0)
+    unit_on = _units_on(p, units, st)
+    forced = _forced_units(p, units, unit_of, st, frozen)
+    order = forced + _evictions(p, units, st, unit_on, cap_c, cap_m, set(forced), frozen)
+    kept, complete = _within_budget(p, units, st, order, budget)
+    if not complete and not partial:
+        return None
+    ok = _place_all(
+        p,
+        units,
+        st,
+        unit_on,
+        kept,
+        cap_c,
+        cap_m,
+        best_fit,
+        keep_going=partial or settle,
+        make_room=not settle,
+    )
+    if not ok and not (partial or settle):
+        return None
+    if settle and not ok:
+        n, b = moves_and_bytes(p, st.host_of)
+        left = _Budget(max_moves - n, max_bytes - b)
+        _settle(p, units, st, unit_on, cap_c, cap_m, frozen, left)
+    _send_home(units, st, kept, cap_c, cap_m)
+    complete = complete and _all_within(p, units, st, cap_c, cap_m, frozen)
+    if not complete and not partial:
+        return None
+    moves, moved_bytes = moves_and_bytes(p, st.host_of)
+    return RepairResult(st.host_of, moves, moved_bytes, complete)
+
+
+def _units_on(p: Problem, units: list[Unit], st: State) -> list[list[int]]:
+    """Per host, the units wholly on it."""
     unit_on: list[list[int]] = [[] for _ in range(p.n_hosts)]
     for i, u in enumerate(units):
-        if u.cur >= 0:
-            unit_on[u.cur].append(i)
-    forced: list[int] = [i for i, u in enumerate(units) if u.must_move and u.movable]
+        h = st.host_of[u.members[0]]
+        if h >= 0 and all(st.host_of[g] == h for g in u.members[1:]):
+            unit_on[h].append(i)
+    return unit_on
+
+
+def _forced_units(
+    p: Problem, units: list[Unit], unit_of: list[int], st: State, frozen: frozenset[int]
+) -> list[int]:
+    """Units on a host they must leave, and second members of an anti-affinity group on
+    one host (the smallest of them leave)."""
+    forced = [
+        i
+        for i, u in enumerate(units)
+        if u.must_move
+        and u.movable
+        and i not in frozen
+        and (u.cur < 0 or st.host_of[u.members[0]] == u.cur)
+    ]
     chosen = set(forced)
-    # a second member of an anti-affinity group on one host must leave
     for grp in p.anti:
         seen: set[int] = set()
         for g in sorted(grp, key=lambda g: p.cpu[g] + p.mem[g] / GIB_F):
-            h = p.cur[g]
+            h = st.host_of[g]
             if h in seen:
                 i = unit_of[g]
-                if units[i].movable and i not in chosen:
+                if units[i].movable and i not in chosen and i not in frozen:
                     forced.append(i)
                     chosen.add(i)
             else:
                 seen.add(h)
+    return forced
+
+
+def _evictions(
+    p: Problem,
+    units: list[Unit],
+    st: State,
+    unit_on: list[list[int]],
+    cap_c: list[float],
+    cap_m: list[float],
+    chosen: set[int],
+    frozen: frozenset[int],
+) -> list[int]:
+    """Per balanced host over its caps (after the forced units leave), the fewest units
+    whose removal brings it under; the hosts furthest over first."""
     by_host: list[tuple[float, list[int]]] = []
     for h in range(p.n_hosts):
         if not p.balanced[h]:
@@ -292,65 +413,398 @@ def repair(
         em = lm - cap_m[h]
         if ec <= EPS and em <= 0.5:
             continue
-        cands = [i for i in unit_on[h] if i not in chosen and units[i].movable]
+        cands = [i for i in unit_on[h] if i not in chosen and units[i].movable and i not in frozen]
         pick = _pick_evictions(p, units, cands, ec, em, h)
         excess = max(ec / (p.cpu_total[h] or 1.0), em / (p.mem_total[h] or 1.0))
         by_host.append((excess, pick))
         chosen.update(pick)
-    order = list(forced)
     by_host.sort(key=lambda t: -t[0])
-    for _, pick in by_host:
-        order.extend(pick)
-    # budget
-    n = 0
-    b = 0.0
+    return [i for _, pick in by_host for i in pick]
+
+
+def _within_budget(
+    p: Problem, units: list[Unit], st: State, order: list[int], budget: _Budget
+) -> tuple[list[int], bool]:
+    """The units of ``order`` the budget allows (in order; each counted as leaving its
+    host now); False when some had to be left out."""
     kept: list[int] = []
     complete = True
+    moves, left = budget.moves, budget.bytes
     for i in order:
         u = units[i]
-        dn = len(u.members)
-        if n + dn > max_moves or b + u.mem_bytes > max_bytes:
-            if not partial:
-                return None
+        h = st.host_of[u.members[0]]
+        dn = sum(1 for g in u.members if p.cur[g] == h)
+        db = sum(p.mem[g] for g in u.members if p.cur[g] == h)
+        if dn > moves or db > left + 0.5:
             complete = False
             continue
-        n += dn
-        b += u.mem_bytes
+        moves -= dn
+        left -= db
         kept.append(i)
+    return kept, complete
+
+
+def _place_all(
+    p: Problem,
+    units: list[Unit],
+    st: State,
+    unit_on: list[list[int]],
+    kept: list[int],
+    cap_c: list[float],
+    cap_m: list[float],
+    best_fit: bool,
+    *,
+    keep_going: bool,
+    make_room: bool = True,
+) -> bool:
+    """Lift the kept units and place them largest first; one that fits nowhere even after
+    making room goes back where it was. False when one did (or, unless ``keep_going``,
+    at the first such unit)."""
+    src = {i: st.host_of[units[i].members[0]] for i in kept}
     for i in kept:
         st.lift(units[i])
     avg_c, avg_m = _avg(p.cpu_total), _avg(p.mem_total)
-    kept.sort(key=lambda i: -(units[i].cpu / avg_c + units[i].mem / avg_m))
+    kept = sorted(kept, key=lambda i: -(units[i].cpu / avg_c + units[i].mem / avg_m))
     placer = _Placer(p, st, cap_c, cap_m, best_fit)
     misses = 0
+    ok = True
     for i in kept:
         u = units[i]
         h = placer.place(u)
         if h >= 0:
             st.drop(u, h)
             placer.touched(h)
-        elif (partial or misses < max(20, len(kept) // 8)) and placer.make_room(
-            u, units, unit_on
-        ) >= 0:
+        elif (
+            (make_room or u.must_move)
+            and (keep_going or misses < max(20, len(kept) // 8))
+            and placer.make_room(u, units, unit_on) >= 0
+        ):
             misses += 1
-        elif not partial or u.cur < 0:
-            return None
+        elif not keep_going or src[i] < 0:
+            return False
         else:
-            st.drop(u, u.cur)  # stays where it is: carried, reported by verify
-            complete = False
+            st.drop(u, src[i])  # stays where it was: carried, reported by verify
+            ok = False
         h = st.host_of[u.members[0]]
-        if u.cur >= 0 and u.cur != h:
-            unit_on[u.cur].remove(i)
+        if src[i] >= 0 and src[i] != h:
+            unit_on[src[i]].remove(i)
             unit_on[h].append(i)
-    # a guest whose home has room again goes back (one move fewer)
+    return ok
+
+
+def _send_home(
+    units: list[Unit], st: State, kept: list[int], cap_c: list[float], cap_m: list[float]
+) -> None:
+    """A unit whose home has room again goes back (one move fewer)."""
     for i in kept:
         u = units[i]
         h = st.host_of[u.members[0]]
         if u.cur >= 0 and h != u.cur:
             st.lift(u)
             st.drop(u, u.cur if st.fits(u, u.cur, cap_c, cap_m) else h)
-    moves, moved_bytes = moves_and_bytes(p, st.host_of)
-    return RepairResult(st.host_of, moves, moved_bytes, complete)
+
+
+def _all_within(
+    p: Problem,
+    units: list[Unit],
+    st: State,
+    cap_c: list[float],
+    cap_m: list[float],
+    frozen: frozenset[int],
+) -> bool:
+    """Every balanced host under its caps and every forced move done."""
+    for h in range(p.n_hosts):
+        if p.balanced[h] and (st.cpu[h] > cap_c[h] + EPS or st.mem[h] > cap_m[h] + 0.5):
+            return False
+    return not any(
+        u.must_move and u.movable and i not in frozen and st.host_of[u.members[0]] == u.cur
+        for i, u in enumerate(units)
+    )
+
+
+class _Rooms:
+    """Usable hosts ordered by their room (normalized) under the caps: CPU, memory."""
+
+    def __init__(self, p: Problem, st: State, cap_c: list[float], cap_m: list[float]) -> None:
+        self.p, self.st, self.cap_c, self.cap_m = p, st, cap_c, cap_m
+        self.key_c = [0.0] * p.n_hosts
+        self.key_m = [0.0] * p.n_hosts
+        self.by_c: list[tuple[float, int]] = []
+        self.by_m: list[tuple[float, int]] = []
+        for h in range(p.n_hosts):
+            if p.usable[h] and h not in st.closed:
+                self.key_c[h], self.key_m[h] = self._room(h)
+                self.by_c.append((self.key_c[h], h))
+                self.by_m.append((self.key_m[h], h))
+        self.by_c.sort()
+        self.by_m.sort()
+
+    def _room(self, h: int) -> tuple[float, float]:
+        p, st = self.p, self.st
+        return (
+            (self.cap_c[h] - st.cpu[h]) / (p.cpu_total[h] or 1.0),
+            (self.cap_m[h] - st.mem[h]) / (p.mem_total[h] or 1.0),
+        )
+
+    def touched(self, h: int) -> None:
+        if not self.p.usable[h] or h in self.st.closed:
+            return
+        kc, km = self._room(h)
+        for lst, old, new in ((self.by_c, self.key_c[h], kc), (self.by_m, self.key_m[h], km)):
+            i = bisect.bisect_left(lst, (old, h))
+            if i < len(lst) and lst[i] == (old, h):
+                del lst[i]
+            bisect.insort(lst, (new, h))
+        self.key_c[h], self.key_m[h] = kc, km
+
+    def top(self, want_c: bool, want_m: bool, k: int) -> list[int]:
+        """The k roomiest hosts in each wanted resource (most room first, no repeats)."""
+        out: list[int] = []
+        seen: set[int] = set()
+        for want, lst in ((want_c, self.by_c), (want_m, self.by_m)):
+            if not want:
+                continue
+            for _, h in itertools.islice(reversed(lst), k):
+                if h not in seen:
+                    seen.add(h)
+                    out.append(h)
+        return out
+
+
+SETTLE_UNITS = 12  # units of an over host tried per step, the most useful first
+SETTLE_HOSTS = 10  # destinations tried per resource, the roomiest first
+SWAP_UNITS = 6
+SWAP_HOSTS = 6
+
+
+def _settle(
+    p: Problem,
+    units: list[Unit],
+    st: State,
+    unit_on: list[list[int]],
+    cap_c: list[float],
+    cap_m: list[float],
+    frozen: frozenset[int],
+    budget: _Budget,
+) -> None:
+    """Water-filling fix-up: take the host furthest over its caps; move the unit that takes
+    most of its excess to a host with room in the resources it is over in, or else swap it
+    with a smaller unit there; repeat until no host is over or none can be helped. Each
+    step lowers that host's excess and keeps the other host within its caps."""
+    rooms = _Rooms(p, st, cap_c, cap_m)
+
+    def excess(h: int) -> float:
+        return max(0.0, (st.cpu[h] - cap_c[h]) / (p.cpu_total[h] or 1.0)) + max(
+            0.0, (st.mem[h] - cap_m[h] - 0.5) / (p.mem_total[h] or 1.0)
+        )
+
+    heap = [(-excess(h), h) for h in range(p.n_hosts) if p.balanced[h] and excess(h) > EPS]
+    heapq.heapify(heap)
+    steps = 0
+    limit = 4 * len(heap) + 64
+    while heap and steps < limit:
+        negx, h = heapq.heappop(heap)
+        x = excess(h)
+        if x <= EPS:
+            continue
+        if x < -negx - 1e-12:
+            heapq.heappush(heap, (-x, h))  # stale entry
+            continue
+        steps += 1
+        if not (
+            _settle_move(p, units, st, unit_on, rooms, cap_c, cap_m, frozen, budget, h, x)
+            or _settle_swap(p, units, st, unit_on, rooms, cap_c, cap_m, frozen, budget, h, x)
+        ):
+            continue  # nothing helps this host: left over (the caller sees it)
+        if excess(h) > EPS:
+            heapq.heappush(heap, (-excess(h), h))
+
+
+def _useful(
+    p: Problem, st: State, u: Unit, h: int, cap_c: list[float], cap_m: list[float]
+) -> float:
+    """How much of host h's (normalized) excess leaving it would take."""
+    ec = max(0.0, st.cpu[h] - cap_c[h])
+    em = max(0.0, st.mem[h] - cap_m[h])
+    return min(u.cpu, ec) / (p.cpu_total[h] or 1.0) + min(u.mem, em) / (p.mem_total[h] or 1.0)
+
+
+def _movers(
+    p: Problem,
+    units: list[Unit],
+    st: State,
+    unit_on: list[list[int]],
+    cap_c: list[float],
+    cap_m: list[float],
+    frozen: frozenset[int],
+    h: int,
+    k: int,
+) -> list[int]:
+    cands = [
+        i
+        for i in unit_on[h]
+        if units[i].movable and i not in frozen and st.host_of[units[i].members[0]] == h
+    ]
+    cands.sort(key=lambda i: -_useful(p, st, units[i], h, cap_c, cap_m))
+    return cands[:k]
+
+
+def _move_unit(
+    st: State,
+    units: list[Unit],
+    unit_on: list[list[int]],
+    rooms: _Rooms,
+    budget: _Budget,
+    i: int,
+    src: int,
+    dst: int,
+    cost: tuple[int, float],
+) -> None:
+    u = units[i]
+    st.lift(u)
+    st.drop(u, dst)
+    unit_on[src].remove(i)
+    unit_on[dst].append(i)
+    budget.spend(*cost)
+    rooms.touched(src)
+    rooms.touched(dst)
+
+
+def _settle_move(
+    p: Problem,
+    units: list[Unit],
+    st: State,
+    unit_on: list[list[int]],
+    rooms: _Rooms,
+    cap_c: list[float],
+    cap_m: list[float],
+    frozen: frozenset[int],
+    budget: _Budget,
+    h: int,
+    x: float,
+) -> bool:
+    want_c = st.cpu[h] > cap_c[h] + EPS
+    want_m = st.mem[h] > cap_m[h] + 0.5
+    dests = rooms.top(want_c, want_m, SETTLE_HOSTS)
+    best: tuple[float, int, float, int, int, tuple[int, float]] | None = None
+    for i in _movers(p, units, st, unit_on, cap_c, cap_m, frozen, h, SETTLE_UNITS):
+        u = units[i]
+        gain = _useful(p, st, u, h, cap_c, cap_m)
+        if gain <= EPS:
+            break
+        size = u.cpu / (p.cpu_total[h] or 1.0) + u.mem / (p.mem_total[h] or 1.0)
+        st.lift(u)
+        for d in ([u.cur] if u.cur >= 0 and u.cur != h else []) + dests:
+            if d == h or not st.fits(u, d, cap_c, cap_m):
+                continue
+            cost = budget.cost(p, u, h, d)
+            if not budget.allows(*cost):
+                continue
+            # most of the excess first, then fewer moves, then the smaller unit
+            key = (round(min(gain, x), 9), -cost[0], -size, d, i, cost)
+            if best is None or key[:3] > best[:3]:
+                best = key
+        st.drop(u, h)
+    if best is None:
+        return False
+    _, _, _, d, i, cost = best
+    _move_unit(st, units, unit_on, rooms, budget, i, h, d, cost)
+    return True
+
+
+def _settle_swap(
+    p: Problem,
+    units: list[Unit],
+    st: State,
+    unit_on: list[list[int]],
+    rooms: _Rooms,
+    cap_c: list[float],
+    cap_m: list[float],
+    frozen: frozenset[int],
+    budget: _Budget,
+    h: int,
+    x: float,
+) -> bool:
+    """Unit a leaves h for host d while a smaller unit b comes from d to h: h's excess
+    drops, d stays within its caps."""
+    want_c = st.cpu[h] > cap_c[h] + EPS
+    want_m = st.mem[h] > cap_m[h] + 0.5
+    dests = rooms.top(want_c, want_m, SWAP_HOSTS)
+    tc = p.cpu_total[h] or 1.0
+    tm = p.mem_total[h] or 1.0
+    over_c = st.cpu[h] - cap_c[h]
+    over_m = st.mem[h] - cap_m[h] - 0.5
+    vroom_h = max(p.vcpu_cap[h], st.vcpu[h]) - st.vcpu[h] + EPS
+    movers = [
+        (i, units[i]) for i in _movers(p, units, st, unit_on, cap_c, cap_m, frozen, h, SWAP_UNITS)
+    ]
+    best: tuple[float, int, int, int, int] | None = None
+    for d in dests:
+        if d == h:
+            continue
+        rc = cap_c[d] - st.cpu[d] + EPS
+        rm = cap_m[d] - st.mem[d] + 0.5
+        rv = p.vcpu_cap[d] - st.vcpu[d] + EPS
+        here = [
+            (i, a)
+            for i, a in movers
+            if (a.allowed is None or d in a.allowed) and (d not in st.closed or d == a.cur)
+        ]
+        if not here:
+            continue
+        for j in unit_on[d]:
+            b = units[j]
+            if not b.movable or j in frozen or (b.allowed is not None and h not in b.allowed):
+                continue
+            if (h in st.closed and h != b.cur) or st.host_of[b.members[0]] != d:
+                continue
+            for i, a in here:
+                dc = a.cpu - b.cpu  # what h loses and d gains
+                dm = a.mem - b.mem
+                if dc > rc or dm > rm or a.vcpus - b.vcpus > rv or b.vcpus - a.vcpus > vroom_h:
+                    continue
+                nx = max(0.0, (over_c - dc) / tc) + max(0.0, (over_m - dm) / tm)
+                if nx >= x - 1e-6:
+                    continue
+                if (a.anti or b.anti) and not _swap_keeps_anti(st, a, b, h, d):
+                    continue
+                ca = budget.cost(p, a, h, d)
+                cb = budget.cost(p, b, d, h)
+                n = ca[0] + cb[0]
+                if not budget.allows(n, ca[1] + cb[1]):
+                    continue
+                key = (round(x - nx, 9), -n, i, j, d)
+                if best is None or key[:2] > best[:2]:
+                    best = key
+    if best is None:
+        return False
+    _, _, i, j, d = best
+    a, b = units[i], units[j]
+    ca = budget.cost(p, a, h, d)
+    cb = budget.cost(p, b, d, h)
+    st.lift(a)
+    st.lift(b)
+    st.drop(a, d)
+    st.drop(b, h)
+    unit_on[h].remove(i)
+    unit_on[d].append(i)
+    unit_on[d].remove(j)
+    unit_on[h].append(j)
+    budget.spend(ca[0] + cb[0], ca[1] + cb[1])
+    rooms.touched(h)
+    rooms.touched(d)
+    return True
+
+
+def _swap_keeps_anti(st: State, a: Unit, b: Unit, h: int, d: int) -> bool:
+    st.lift(a)
+    st.lift(b)
+    ok = all(st.anti[gid].get(d, 0) + k <= 1 for gid, k in a.anti) and all(
+        st.anti[gid].get(h, 0) + k <= 1 for gid, k in b.anti
+    )
+    st.drop(a, h)
+    st.drop(b, d)
+    return ok
 
 
 def _avg(xs: list[float]) -> float:
@@ -516,42 +970,55 @@ def balance_search(
     *,
     max_moves: int,
     max_bytes: float,
-    steps: int = 5,
-    resolution: float = 0.0005,
     search: bool = True,
+    resolution: float = 0.002,
 ) -> list[Candidate]:
-    """Repair to the hard limits, then search the lowest target (above the LP bound) the
-    greedy repair reaches within the budget. Returns every result found."""
-    out: list[Candidate] = []
+    """Balance without stalling on a plateau, in two stages.
+
+    1. *Shed*: bring every host under the hard limits and do the forced moves, as far as
+       room and budget allow (what cannot be fixed stays where it is; the caller names it).
+    2. *Water levels*: per resource r a target ``bound_r + d / weight_r`` for every host,
+       lowered step by step (d halves each time) from the state the previous level reached:
+       each level moves units off the hosts above it (fewest units first) onto hosts below
+       it, then settles the leftovers by moves and swaps, worst host first. Many hosts at
+       the same maximum are no obstacle: a level is reached when all of them are under it.
+       It stops at the first level it cannot reach (that result is still a candidate: it
+       lowered the hosts it could). The lowest level reached is then redone from stage 1's
+       state directly, which often needs fewer moves than the walk down.
+
+    Returns every result; the caller ranks them (objective, then fewest moves)."""
     cap_c, cap_m = limit_caps(p)
-    base = repair(
-        p, units, unit_of, cap_c, cap_m, max_moves=max_moves, max_bytes=max_bytes, partial=True
+    shed = repair(
+        p,
+        units,
+        unit_of,
+        cap_c,
+        cap_m,
+        max_moves=max_moves,
+        max_bytes=max_bytes,
+        partial=True,
+        settle=True,
     )
-    if base is None:
+    assert shed is not None  # partial repairs always return
+    out = [_candidate(p, shed, "repair")]
+    if not search or shed.moves >= max_moves:
         return out
-    out.append(
-        Candidate(
-            base.host_of,
-            balance_score(p, base.host_of),
-            base.moves,
-            base.moved_bytes,
-            base.complete,
-            "repair",
-        )
-    )
-    if not base.complete or not search:
-        return out
+    frozen, closed, ok_c, ok_m = _after_shed(p, units, shed.host_of, cap_c, cap_m)
     lbc, lbm = util_lower_bounds(p)
     wc, wm = p.w_cpu, p.w_mem
-    lb = max(wc * lbc, wm * lbm)
-    top = max(out[0].score - lb, 0.0)
+    uc, um = max_utils(p, shed.host_of)
+    top = max(wc * (uc - lbc), wm * (um - lbm), 0.0)
 
-    def attempt(delta: float) -> bool:
-        # every resource under the same weighted target: bound + delta (weight 0: limits)
-        tc = (lb + delta) / wc if wc > 0 else 1e9
-        tm = (lb + delta) / wm if wm > 0 else 1e9
-        cc, cm = target_caps(p, tc, tm)
-        # least room first, exact on the scarcer resource: packs tight targets
+    def caps_at(d: float) -> tuple[list[float], list[float]]:
+        tc = lbc + d / wc if wc > 0 else float("inf")
+        tm = lbm + d / wm if wm > 0 else float("inf")
+        return (
+            [min(ok_c[h], tc * p.cpu_total[h]) for h in range(p.n_hosts)],
+            [min(ok_m[h], tm * p.mem_total[h]) for h in range(p.n_hosts)],
+        )
+
+    def level(d: float, start: list[int], label: str) -> RepairResult:
+        cc, cm = caps_at(d)
         r = repair(
             p,
             units,
@@ -560,40 +1027,61 @@ def balance_search(
             cm,
             max_moves=max_moves,
             max_bytes=max_bytes,
-            partial=False,
-            best_fit=True,
+            partial=True,
+            best_fit=False,
+            start=start,
+            frozen=frozen,
+            closed=closed,
+            settle=True,
         )
-        if r is None:
-            return False
-        out.append(
-            Candidate(
-                r.host_of,
-                balance_score(p, r.host_of),
-                r.moves,
-                r.moved_bytes,
-                True,
-                f"target+{delta:.4f}",
-            )
-        )
-        return True
+        assert r is not None
+        out.append(_candidate(p, r, f"{label}+{d:.4f}"))
+        return r
 
-    # find a reachable target near the bound (doubling from 1 point), then bisect down
-    lo, hi = 0.0, min(0.01, top)
-    while hi < top and not attempt(hi):
-        lo, hi = hi, min(2 * hi, top)
-    for _ in range(steps):
-        if hi - lo < resolution:
+    reached: float | None = None
+    prev = shed.host_of
+    d = top / 2
+    while d >= resolution:
+        r = level(d, prev, "level")
+        if not r.complete:
             break
-        mid = (lo + hi) / 2
-        if attempt(mid):
-            hi = mid
-        else:
-            lo = mid
-    # a few looser targets too: fewer moves, or room to honour soft rules
-    for frac in (0.5, 0.25, 0.125):
-        if top * frac > 2 * hi:
-            attempt(top * frac)
+        reached, prev = d, r.host_of
+        d /= 2
+    if reached is None:
+        # not even halfway (budget, or a plateau the first level cannot clear): the
+        # highest hosts still come down as far as the budget allows
+        for frac in (0.75, 0.875):
+            if level(top * frac, shed.host_of, "level").complete:
+                break
+    elif reached < top / 2:
+        level(reached, shed.host_of, "direct")
     return out
+
+
+def _candidate(p: Problem, r: RepairResult, label: str) -> Candidate:
+    return Candidate(
+        r.host_of, balance_score(p, r.host_of), r.moves, r.moved_bytes, r.complete, label
+    )
+
+
+def _after_shed(
+    p: Problem, units: list[Unit], host_of: list[int], cap_c: list[float], cap_m: list[float]
+) -> tuple[frozenset[int], frozenset[int], list[float], list[float]]:
+    """After stage 1: units that had to move but could not (they stay, frozen), hosts
+    still over a limit (closed: they may only shed, at most to the level they reached)
+    and the caps that follow (a host over a limit keeps its reached load as its cap)."""
+    frozen = frozenset(
+        i
+        for i, u in enumerate(units)
+        if u.must_move and u.movable and u.cur >= 0 and host_of[u.members[0]] == u.cur
+    )
+    cpu, mem, _ = p.loads(host_of)
+    ok_c = [max(cap_c[h], cpu[h]) for h in range(p.n_hosts)]
+    ok_m = [max(cap_m[h], mem[h]) for h in range(p.n_hosts)]
+    closed = frozenset(
+        h for h in range(p.n_hosts) if cpu[h] > cap_c[h] + EPS or mem[h] > cap_m[h] + 0.5
+    )
+    return frozen, closed, ok_c, ok_m
 
 
 def consolidate(

@@ -19,16 +19,29 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulp
 
 from balancerd.solve.heuristic import Unit
-from balancerd.solve.problem import GIB, Problem, power_weight
+from balancerd.solve.problem import GIB, Problem, power_weight, util_lower_bounds
 
-PENALTY = 1000.0  # objective units per forced move left undone / per unit of overflow
+PENALTY = 1000.0  # objective units per forced move left undone / per host-capacity of overflow
 SPREAD = 0.05  # balance: weight of each resource's own highest utilization (spread term)
 POWER_ON_COST = 0.5  # extra host-equivalents for switching a powered-off host on
+HOST_POINTS = 100.0  # migration_cost is charged in points: 1/100 of one host's capacity
+
+
+def n_balanced(p: Problem) -> int:
+    return max(1, sum(p.balanced))
+
+
+def migration_weight(p: Problem) -> float:
+    """Objective units per byte moved: ``migration_cost`` per GiB, in host-points. Balance
+    counts ``z`` once for the whole cluster, so there a point is 1/100 of the cluster's
+    hosts' worth; power-save counts each host on, so there it is 1/100 of a host."""
+    scale = HOST_POINTS * (n_balanced(p) if p.objective != "power-save" else 1)
+    return p.policy.solver.migration_cost / GIB / scale
 
 
 @dataclass
@@ -42,6 +55,34 @@ class IlpResult:
     gap: float | None
     n_vars: int
     detail: str = ""
+
+
+Terms = list[tuple[pulp.LpVariable, float]]
+
+
+@dataclass
+class _Model:
+    """The ILP under construction: the problem, its variables and objective terms."""
+
+    p: Problem
+    units: list[Unit]
+    free: list[int]
+    cands: dict[int, list[int]]
+    start: list[int]
+    z_cap: float | None
+    prob: pulp.LpProblem
+    fc: list[float] = field(default_factory=list)  # load of the units not free, per host
+    fm: list[float] = field(default_factory=list)
+    fv: list[float] = field(default_factory=list)
+    x: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)
+    on_host: dict[int, list[tuple[pulp.LpVariable, int]]] = field(default_factory=dict)
+    active: dict[int, pulp.LpVariable] = field(default_factory=dict)
+    objective: Terms = field(default_factory=list)
+    const: float = 0.0
+
+    @property
+    def power(self) -> bool:
+        return self.p.objective == "power-save"
 
 
 def solve_ilp(
@@ -62,124 +103,182 @@ def solve_ilp(
     minimize the number of moves instead (then migration cost) - the polish of an
     incumbent on a cluster too big for the whole problem."""
     t0 = time.perf_counter()
-    pol = p.policy
-    mc = pol.solver.migration_cost
-    power = p.objective == "power-save"
-    prob = pulp.LpProblem("placement", pulp.LpMinimize)
-    free_set = set(free)
+    m = _Model(p, units, free, cands, start, z_cap, pulp.LpProblem("placement", pulp.LpMinimize))
+    _fixed_loads(m)
+    _assignment(m, max_moves, max_bytes)
+    if m.power:
+        _power_terms(m)
+    else:
+        _balance_terms(m)
+    _capacity(m)
+    _anti_affinity(m)
+    m.prob += pulp.LpAffineExpression(m.objective) + m.const, "objective"
+    for (i, h), v in m.x.items():  # warm start from the incumbent
+        v.setInitialValue(1 if start[units[i].members[0]] == h else 0)
+    res = _run(m.prob, backend, time_limit_s, gap)
+    return IlpResult(
+        host_of=_read(m, res),
+        backend=backend,
+        status=res.status,
+        seconds=time.perf_counter() - t0,
+        objective=res.objective,
+        bound=res.bound,
+        gap=res.gap,
+        n_vars=len(m.x),
+        detail=res.detail,
+    )
 
-    # constants: load of every non-free unit on its incumbent host
-    fc = [0.0] * p.n_hosts
-    fm = [0.0] * p.n_hosts
-    fv = [0.0] * p.n_hosts
-    for i, u in enumerate(units):
-        if i in free_set:
+
+def _fixed_loads(m: _Model) -> None:
+    """Constants: the load of every unit that is not free, on its incumbent host."""
+    p = m.p
+    m.fc, m.fm, m.fv = [0.0] * p.n_hosts, [0.0] * p.n_hosts, [0.0] * p.n_hosts
+    free = set(m.free)
+    for i, u in enumerate(m.units):
+        if i in free:
             continue
         for g in u.members:
-            h = start[g]
-            fc[h] += p.cpu[g]
-            fm[h] += p.mem[g]
-            fv[h] += p.vcpus[g]
-    cur_c, cur_m, _ = p.loads(p.cur)
+            h = m.start[g]
+            m.fc[h] += p.cpu[g]
+            m.fm[h] += p.mem[g]
+            m.fv[h] += p.vcpus[g]
 
-    x: dict[tuple[int, int], pulp.LpVariable] = {}
-    cost_terms: list[tuple[pulp.LpVariable, float]] = []
-    move_terms: list[tuple[pulp.LpVariable, float]] = []
-    byte_terms: list[tuple[pulp.LpVariable, float]] = []
-    on_host: dict[int, list[tuple[int, pulp.LpVariable]]] = {}
-    for i in free:
-        u = units[i]
+
+def _assignment(m: _Model, max_moves: int, max_bytes: float) -> None:
+    """x[u, h]: each free unit on exactly one candidate host; what moving costs (bytes,
+    and in a polish one unit per guest moved), forced moves left undone, soft rules; the
+    migration budget."""
+    p = m.p
+    mw = migration_weight(p)
+    polish = m.z_cap is not None
+    moves: Terms = []
+    moved_bytes: Terms = []
+    for i in m.free:
+        u = m.units[i]
         row = []
-        for h in cands[i]:
-            v = _var(prob, f"x_{i}_{h}", cat="Binary")
-            x[i, h] = v
+        for h in m.cands[i]:
+            v = _var(m.prob, f"x_{i}_{h}", cat="Binary")
+            m.x[i, h] = v
             row.append(v)
-            on_host.setdefault(h, []).append((i, v))
+            m.on_host.setdefault(h, []).append((v, i))
             moved = [g for g in u.members if p.cur[g] != h]
             if moved:
-                gib = sum(p.mem[g] for g in moved) / GIB
-                cost_terms.append((v, mc * gib + (len(moved) if z_cap is not None else 0.0)))
-                move_terms.append((v, float(len(moved))))
-                byte_terms.append((v, sum(p.mem[g] for g in moved)))
+                b = sum(p.mem[g] for g in moved)
+                m.objective.append((v, mw * b + (len(moved) if polish else 0.0)))
+                moves.append((v, float(len(moved))))
+                moved_bytes.append((v, b))
             bad = sum(1 for g in u.members if p.must_move[g] and p.cur[g] == h)
             soft = sum(p.soft[g][1] for g in u.members if h in p.soft[g][0])
             if bad or soft:
-                cost_terms.append((v, PENALTY * bad + soft))
-        prob += pulp.lpSum(row) == 1, f"one_{i}"
-    if move_terms:
-        prob += pulp.LpAffineExpression(move_terms) <= max_moves, "budget_moves"
-        prob += pulp.LpAffineExpression(byte_terms) <= max_bytes, "budget_bytes"
+                m.objective.append((v, PENALTY * bad + soft))
+        m.prob += pulp.lpSum(row) == 1, f"one_{i}"
+    if moves:
+        m.prob += pulp.LpAffineExpression(moves) <= max_moves, "budget_moves"
+        m.prob += pulp.LpAffineExpression(moved_bytes) <= max_bytes, "budget_bytes"
 
-    penalty_terms: list[tuple[pulp.LpVariable, float]] = []
-    objective_terms: list[tuple[pulp.LpVariable, float]] = []
-    const = 0.0
-    involved = sorted(on_host)
-    active: dict[int, pulp.LpVariable] = {}
-    if power:
-        for h in involved:
-            if fc[h] > 0 or fm[h] > 0 or fv[h] > 0:
-                continue  # already on: constant
-            a = _var(prob, f"a_{h}", cat="Binary")
-            active[h] = a
-            w = power_weight(p, h) + (POWER_ON_COST if p.powered_off[h] else 0.0)
-            objective_terms.append((a, w))
-        const_on = [h for h in range(p.n_hosts) if (fc[h] > 0 or fm[h] > 0 or fv[h] > 0)]
-        const += sum(power_weight(p, h) for h in const_on)
-        prob += (
-            pulp.lpSum(active.values())
-            >= min(p.policy.power.min_active_hosts, len(const_on) + len(active)) - len(const_on),
-            "min_active",
-        )
-    # balance: z = highest weighted utilization; zc / zm = per resource (the spread term)
-    z = _var(prob, "z", low=0.0)
-    zc = _var(prob, "zc", low=0.0)
-    zm = _var(prob, "zm", low=0.0)
-    if not power:
-        if z_cap is None:
-            objective_terms.append((z, 1.0))
-        else:
-            prob += z <= z_cap, "z_cap"
-        objective_terms += [(zc, SPREAD), (zm, SPREAD)]
-        prob += z >= zc, "z_c"
-        prob += z >= zm, "z_m"
-        zc_const = zm_const = 0.0
-        for h in range(p.n_hosts):
-            if p.balanced[h] and h not in on_host:
-                zc_const = max(zc_const, p.w_cpu * fc[h] / p.cpu_total[h])
-                zm_const = max(zm_const, p.w_mem * fm[h] / p.mem_total[h])
-        prob += zc >= zc_const, "zc_rest"
-        prob += zm >= zm_const, "zm_rest"
 
-    for h in involved:
-        terms = on_host[h]
-        lc = pulp.LpAffineExpression([(v, units[i].cpu) for i, v in terms])
-        lm = pulp.LpAffineExpression([(v, units[i].mem) for i, v in terms])
-        lv = pulp.LpAffineExpression([(v, units[i].vcpus) for i, v in terms])
-        scale_c = 1.0 if active.get(h) is None else active[h]
-        cap_c = p.cpu_cap[h]
-        cap_m = p.mem_cap[h]
-        # hosts over a limit today: may shed, may not grow, overflow is penalized
+def _power_terms(m: _Model) -> None:
+    """Power-save: a[h] = host h on (for hosts empty apart from free units), weighted by
+    its idle power; at least min_active_hosts on."""
+    p = m.p
+    on = [h for h in range(p.n_hosts) if m.fc[h] > 0 or m.fm[h] > 0 or m.fv[h] > 0]
+    for h in sorted(m.on_host):
+        if m.fc[h] > 0 or m.fm[h] > 0 or m.fv[h] > 0:
+            continue  # already on: constant
+        a = _var(m.prob, f"a_{h}", cat="Binary")
+        m.active[h] = a
+        m.objective.append((a, power_weight(p, h) + (POWER_ON_COST if p.powered_off[h] else 0.0)))
+    m.const += sum(power_weight(p, h) for h in on)
+    m.prob += (
+        pulp.lpSum(m.active.values())
+        >= min(p.policy.power.min_active_hosts, len(on) + len(m.active)) - len(on),
+        "min_active",
+    )
+
+
+def _balance_terms(m: _Model) -> None:
+    """Balance: z = highest weighted utilization (or at most z_cap in a polish); zc / zm
+    each resource's own highest (the spread term); e[h, r] the weighted utilization above
+    the bound, summed over hosts and divided by their number (many equal maxima lowered
+    is progress)."""
+    p = m.p
+    z = _var(m.prob, "z", low=0.0)
+    zc = _var(m.prob, "zc", low=0.0)
+    zm = _var(m.prob, "zm", low=0.0)
+    if m.z_cap is None:
+        m.objective.append((z, 1.0))
+    else:
+        m.prob += z <= m.z_cap, "z_cap"
+    m.objective += [(zc, SPREAD), (zm, SPREAD)]
+    m.prob += z >= zc, "z_c"
+    m.prob += z >= zm, "z_m"
+    zc_const = zm_const = 0.0
+    for h in range(p.n_hosts):
+        if p.balanced[h] and h not in m.on_host:
+            zc_const = max(zc_const, p.w_cpu * m.fc[h] / p.cpu_total[h])
+            zm_const = max(zm_const, p.w_mem * m.fm[h] / p.mem_total[h])
+    m.prob += zc >= zc_const, "zc_rest"
+    m.prob += zm >= zm_const, "zm_rest"
+    lbc, lbm = util_lower_bounds(p)
+    per_host = 1.0 / n_balanced(p)
+    for h in sorted(m.on_host):
+        if not p.balanced[h]:
+            continue
+        terms = m.on_host[h]
+        for name, w, zr, total, fixed, lb, size in (
+            ("c", p.w_cpu, zc, p.cpu_total[h], m.fc[h], lbc, _cpu),
+            ("m", p.w_mem, zm, p.mem_total[h], m.fm[h], lbm, _mem),
+        ):
+            if w <= 0:
+                continue
+            load = pulp.LpAffineExpression([(v, size(m.units[i])) for v, i in terms])
+            m.prob += zr >= (w / total) * (load + fixed), f"z{name}_{h}"
+            e = _var(m.prob, f"e{name}_{h}", low=0.0)
+            m.prob += e >= (w / total) * (load + fixed) - w * lb, f"e{name}_{h}"
+            m.objective.append((e, per_host))
+
+
+def _cpu(u: Unit) -> float:
+    return u.cpu
+
+
+def _mem(u: Unit) -> float:
+    return u.mem
+
+
+def _capacity(m: _Model) -> None:
+    """Hard caps per host. A host over a cap today may shed, may not grow; what it keeps
+    above the cap is penalized. Power-save: a host that is off holds nothing."""
+    p = m.p
+    cur_c, cur_m, _ = p.loads(p.cur)
+    for h in sorted(m.on_host):
+        terms = m.on_host[h]
+        lc = pulp.LpAffineExpression([(v, m.units[i].cpu) for v, i in terms])
+        lm = pulp.LpAffineExpression([(v, m.units[i].mem) for v, i in terms])
+        lv = pulp.LpAffineExpression([(v, m.units[i].vcpus) for v, i in terms])
+        scale = m.active.get(h)
         for name, load, fixed, cap, total, cur in (
-            ("c", lc, fc[h], cap_c, p.cpu_total[h], cur_c[h]),
-            ("m", lm, fm[h], cap_m, p.mem_total[h], cur_m[h]),
+            ("c", lc, m.fc[h], p.cpu_cap[h], p.cpu_total[h], cur_c[h]),
+            ("m", lm, m.fm[h], p.mem_cap[h], p.mem_total[h], cur_m[h]),
         ):
             if cur > cap + 1e-9:
-                o = _var(prob, f"o{name}_{h}", low=0.0, up=cur - cap)
-                penalty_terms.append((o, PENALTY / (total or 1.0)))
-                prob += load + fixed <= cap + o, f"cap{name}_{h}"
-            elif isinstance(scale_c, pulp.LpVariable):
-                prob += load + fixed <= cap * scale_c, f"cap{name}_{h}"
+                o = _var(m.prob, f"o{name}_{h}", low=0.0, up=cur - cap)
+                m.objective.append((o, PENALTY / (total or 1.0)))
+                m.prob += load + fixed <= cap + o, f"cap{name}_{h}"
+            elif scale is not None:
+                m.prob += load + fixed <= cap * scale, f"cap{name}_{h}"
             else:
-                prob += load + fixed <= cap, f"cap{name}_{h}"
-        prob += lv + fv[h] <= max(p.vcpu_cap[h], fv[h]), f"capv_{h}"
-        if not power and p.balanced[h]:
-            if p.w_cpu > 0:
-                prob += zc >= (p.w_cpu / p.cpu_total[h]) * (lc + fc[h]), f"zc_{h}"
-            if p.w_mem > 0:
-                prob += zm >= (p.w_mem / p.mem_total[h]) * (lm + fm[h]), f"zm_{h}"
+                m.prob += load + fixed <= cap, f"cap{name}_{h}"
+        m.prob += lv + m.fv[h] <= max(p.vcpu_cap[h], m.fv[h]), f"capv_{h}"
 
-    # anti-affinity: at most one per host (or today's count where already broken)
-    unit_index = {g: i for i, u in enumerate(units) for g in u.members} if p.anti else {}
+
+def _anti_affinity(m: _Model) -> None:
+    """At most one member of a group per host (or today's count where already broken)."""
+    p = m.p
+    if not p.anti:
+        return
+    free = set(m.free)
+    unit_index = {g: i for i, u in enumerate(m.units) for g in u.members}
     for gid, grp in enumerate(p.anti):
         fixed_cnt: dict[int, int] = {}
         cur_cnt: dict[int, int] = {}
@@ -188,49 +287,31 @@ def solve_ilp(
         unit_k: dict[int, int] = {}
         for g in grp:
             i = unit_index[g]
-            if i in free_set:
+            if i in free:
                 unit_k[i] = unit_k.get(i, 0) + 1
             else:
-                fixed_cnt[start[g]] = fixed_cnt.get(start[g], 0) + 1
+                fixed_cnt[m.start[g]] = fixed_cnt.get(m.start[g], 0) + 1
         if not unit_k:
             continue
-        hosts = {h for i in unit_k for h in cands[i]}
+        hosts = {h for i in unit_k for h in m.cands[i]}
         for h in hosts:
-            terms2 = [(x[i, h], float(k)) for i, k in unit_k.items() if (i, h) in x]
-            if len(terms2) + fixed_cnt.get(h, 0) <= 1 and all(k <= 1 for _, k in terms2):
+            terms = [(m.x[i, h], float(k)) for i, k in unit_k.items() if (i, h) in m.x]
+            if len(terms) + fixed_cnt.get(h, 0) <= 1 and all(k <= 1 for _, k in terms):
                 continue
             limit = max(1, cur_cnt.get(h, 0)) - fixed_cnt.get(h, 0)
-            prob += pulp.LpAffineExpression(terms2) <= limit, f"anti_{gid}_{h}"
+            m.prob += pulp.LpAffineExpression(terms) <= limit, f"anti_{gid}_{h}"
 
-    prob += (
-        pulp.LpAffineExpression(objective_terms + cost_terms + penalty_terms) + const,
-        "objective",
-    )
 
-    # warm start from the incumbent
-    for (i, h), v in x.items():
-        v.setInitialValue(1 if start[units[i].members[0]] == h else 0)
-
-    res = _run(prob, backend, time_limit_s, gap)
-    host_of: list[int] | None = None
-    if res.status in ("optimal", "feasible", "time-limit") and res.has_solution:
-        host_of = list(start)
-        for (i, h), v in x.items():
-            val = v.value()
-            if val is not None and val > 0.5:
-                for g in units[i].members:
-                    host_of[g] = h
-    return IlpResult(
-        host_of=host_of,
-        backend=backend,
-        status=res.status,
-        seconds=time.perf_counter() - t0,
-        objective=res.objective,
-        bound=res.bound,
-        gap=res.gap,
-        n_vars=len(x),
-        detail=res.detail,
-    )
+def _read(m: _Model, res: _Run) -> list[int] | None:
+    if res.status not in ("optimal", "feasible", "time-limit") or not res.has_solution:
+        return None
+    host_of = list(m.start)
+    for (i, h), v in m.x.items():
+        val = v.value()
+        if val is not None and val > 0.5:
+            for g in m.units[i].members:
+                host_of[g] = h
+    return host_of
 
 
 def _var(

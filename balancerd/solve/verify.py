@@ -22,8 +22,11 @@ class Violation:
     kind: str  # capacity | pin | rule | anti-affinity | affinity | maintenance | excluded | host
     message: str
     carried: bool = False  # already so in the current placement, not made worse
+    why: str = ""  # why a violation that is not "already so today" is accepted
 
     def __str__(self) -> str:
+        if self.why:
+            return f"{self.message} ({self.why})"
         return self.message + (" (already so today)" if self.carried else "")
 
 
@@ -44,8 +47,8 @@ def verify(
     hosts = {h.name: h for h in snapshot.hosts}
     vms = {v.name: v for v in snapshot.vms}
 
-    def add(kind: str, msg: str, carried: bool = False) -> None:
-        out.append(Violation(kind, msg, carried))
+    def add(kind: str, msg: str, carried: bool = False, why: str = "") -> None:
+        out.append(Violation(kind, msg, carried, why))
 
     for name in cur.host_of:
         if name not in target.host_of:
@@ -102,6 +105,7 @@ def verify(
     after = loads(target)
     before = loads(cur)
     gains = {h for vm in moved for h in [target.host_of[vm]]}
+    even = _cpu_even_level(snapshot, policy, capacity)
     for name, host in hosts.items():
         if not host.up and not (host.powered_off and name in gains):
             continue  # its guests are unknown; nothing is placed there
@@ -119,11 +123,21 @@ def verify(
                 continue
             b = before[name][k]
             carried = b > cap * (1 + _TOL) and a <= b * (1 + _TOL) + _TOL and name not in gains
+            why = ""
+            if (
+                k == 0
+                and not carried
+                and even is not None
+                and a <= (even[0] * cpus + even[1]) * (1 + _TOL) + _TOL
+            ):
+                # over-subscribed CPU is spread, not refused: no host above the even level
+                # plus the largest guest (what any good spread of the load needs)
+                carried, why = True, "CPU over-subscribed: within the even spread"
             if k == 1:
                 msg = f"host {name}: guest memory {a / 2**30:.2f} GiB > limit {cap / 2**30:.2f} GiB"
             else:
                 msg = f"host {name}: {what} {a:.2f} {unit} > limit {cap:.2f} {unit}"
-            add("capacity", msg, carried)
+            add("capacity", msg, carried, why)
 
     # anti-affinity: no new sharing of a host within a group
     for grp in c.anti_affinity:
@@ -152,3 +166,34 @@ def verify(
 
 def blocking(violations: list[Violation]) -> list[Violation]:
     return [v for v in violations if not v.carried]
+
+
+def _cpu_even_level(
+    snapshot: Snapshot, policy: Policy, capacity: Mapping[str, HostCapacity]
+) -> tuple[float, float] | None:
+    """When the guests' CPU demand exceeds what the usable hosts allow under
+    ``max_cpu_util``: (the utilization an even spread needs = demand / usable cores, the
+    largest guest's demand in cores). A host with n cores may then hold up to
+    ``level * n + largest``. None when CPU is not over-subscribed."""
+    c = policy.constraints
+    usable_cores = 0.0
+    usable_cap = 0.0
+    counted: set[str] = set()
+    for h in snapshot.hosts:
+        over = capacity.get(h.name)
+        cpus = float(over.cpus) if over and over.cpus > 0 else float(h.cpus)
+        if h.up and h.name not in c.exclude_hosts:
+            counted.add(h.name)
+            if h.name not in c.maintenance and cpus > 0:
+                usable_cores += cpus
+                usable_cap += cpus * policy.limits.max_cpu_util
+    need = 0.0
+    largest = 0.0
+    for v in snapshot.vms:
+        if v.host in counted:
+            need += v.cpu_cores
+            if v.name not in c.exclude_vms:
+                largest = max(largest, v.cpu_cores)
+    if usable_cores <= 0 or need <= usable_cap * (1 + _TOL) + _TOL:
+        return None
+    return need / usable_cores, largest
