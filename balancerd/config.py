@@ -1,34 +1,70 @@
 """Daemon settings (YAML): hosts and their URIs, policy files, intervals, metrics, state.
 
 ``load_config(path)`` validates the whole file and raises ``ConfigError`` listing every
-problem as ``FILE:LINE: field.path: message``.
+problem as ``FILE:LINE: field.path: message``. Whatever it accepts can run: every number
+has an upper bound, the daemon can reach READY within the unit's start timeout, each
+host's power section builds its driver, URIs use known transports. Rules between the
+config and the policies it names are ``cross_check_policies``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
+import os
 import re
+import stat
+import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
+from urllib.parse import unquote, urlsplit
 
 from balancerd.errors import ConfigError
 from balancerd.units import MIB
 from balancerd.validate import (
-    COUNT,
+    DAY_S,
+    HOUR_S,
     INVALID,
     NAME,
-    NON_NEGATIVE,
-    POSITIVE,
-    POSITIVE_COUNT,
+    YEAR_S,
     Flag,
     ListOf,
     Problems,
     Text,
+    amount,
+    count,
     fld,
+    format_number,
     obj,
+    seconds,
 )
-from balancerd.yamlpos import Document, FieldPath, YamlError, load_file, load_text
+from balancerd.yamlpos import (
+    Document,
+    FieldPath,
+    YamlError,
+    format_path,
+    line_of,
+    load_file,
+    load_text,
+    show,
+)
+
+if TYPE_CHECKING:
+    from balancerd.policy.model import Policy
+
+# TimeoutStartSec= of systemd/balancerd.service (a test keeps the two equal): READY must
+# come within it, and READY needs READY_SAMPLES samples of the hosts.
+START_TIMEOUT_S = 180.0
+READY_SAMPLES = 2
+
+# libvirt URI transports balancerd connects with unless the config allows more.
+KNOWN_URI_TRANSPORTS = ("qemu", "qemu+tcp", "qemu+tls", "qemu+ssh", "qemu+unix", "test")
+# URI query parameters that make libvirt run a program (ext: command=; ssh: netcat=).
+PROGRAM_URI_PARAMS = ("command", "netcat")
 
 
 @dataclass(frozen=True)
@@ -87,7 +123,15 @@ class Config:
     # No progress from the collect/cycle jobs for this long (a call hung past every
     # timeout): stop feeding the systemd watchdog, so systemd restarts the daemon.
     stall_timeout_s: float = 60.0
+    # URI transports allowed besides KNOWN_URI_TRANSPORTS (and with them, for their URIs,
+    # the query parameters that run programs): the operator's explicit choice.
+    allow_uri_transports: tuple[str, ...] = ()
     source: str = ""  # the file it was loaded from
+    lines: Mapping[FieldPath, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, path: FieldPath) -> str:
+        """``FILE:LINE`` of a field (of its nearest written ancestor if not written)."""
+        return f"{self.source}:{line_of(self.lines, path)}"
 
     def policy_path(self) -> Path:
         """The default policy, relative paths taken from the config file's folder."""
@@ -162,19 +206,20 @@ def _cron_weekdays(field_text: str) -> str:
 
 _DRIVER_KEYS = {  # power driver -> keys it uses (besides "driver")
     "ipmi": ("address", "user", "password_file"),
-    "wol": ("mac", "broadcast"),
+    "wol": ("mac", "broadcast", "off_command"),
     "command": ("on_command", "off_command"),
     "lab": ("lab_dir",),
     "none": (),
 }
-_DRIVER_NEEDS = {
-    "ipmi": ("address",),
+# Keys a driver cannot be built without (``power.make_driver`` asks the same).
+DRIVER_NEEDS = {
+    "ipmi": ("address", "user", "password_file"),
     "wol": ("mac",),
     "command": ("on_command", "off_command"),
     "lab": ("lab_dir",),
 }
 
-_ARGV = ListOf(Text(), min_items=1)
+_ARGV = ListOf(Text(max_len=1024), min_items=1)
 _POWER = obj(
     {
         "driver": fld(Text(enum=tuple(_DRIVER_KEYS)), "how the host is switched on and off"),
@@ -188,9 +233,11 @@ _POWER = obj(
             ),
             "wol: the host's MAC address",
         ),
-        "broadcast": fld(Text(), "wol: broadcast address the magic packet goes to"),
+        "broadcast": fld(Text(max_len=15), "wol: IPv4 broadcast address the magic packet goes to"),
         "on_command": fld(_ARGV, "command: argv that powers the host on ({host} substituted)"),
-        "off_command": fld(_ARGV, "command: argv that powers the host off ({host} substituted)"),
+        "off_command": fld(
+            _ARGV, "command, wol: argv that powers the host off ({host} substituted)"
+        ),
         "lab_dir": fld(Text(), "lab: the lab state directory holding the host"),
     },
     cls=PowerDriverConfig,
@@ -200,9 +247,11 @@ _HOST = obj(
         "name": fld(NAME, "host name used in policies, logs and metrics", required=True),
         "uri": fld(Text(), "libvirt URI, e.g. qemu+tcp://10.77.0.11/system", required=True),
         "migration_uri": fld(Text(), "where the migration stream goes, e.g. tcp://10.77.0.11"),
-        "cpus": fld(COUNT, "CPUs to plan with instead of what the host reports (0: the host's)"),
+        "cpus": fld(
+            count(2**20), "CPUs to plan with instead of what the host reports (0: the host's)"
+        ),
         "mem_mib": fld(
-            NON_NEGATIVE,
+            amount(2**32),
             "MiB of memory to plan with instead of what the host reports (0: the host's)",
             "mem_bytes",
             scale=MIB,
@@ -215,8 +264,13 @@ _HOST = obj(
 _SCHEDULE = obj(
     {
         "cron": fld(Text(), "5-field crontab expression: when the window opens", required=True),
-        "duration_h": fld(POSITIVE, "hours the window stays open", "duration_s", scale=3600),
-        "duration_s": fld(POSITIVE, "seconds the window stays open"),
+        "duration_h": fld(
+            amount(YEAR_S // HOUR_S, positive=True, doc="1 year"),
+            "hours the window stays open",
+            "duration_s",
+            scale=HOUR_S,
+        ),
+        "duration_s": fld(seconds(YEAR_S), "seconds the window stays open"),
         "policy": fld(Text(), "policy file in force during the window"),
         "freeze": fld(Flag(), "true: no migrations during the window"),
     },
@@ -236,12 +290,30 @@ CONFIG = obj(
             inline=True,
         ),
         "state_dir": fld(Text(), "directory for the daemon's state"),
-        "collect_interval_s": fld(POSITIVE, "seconds between samples of the hosts"),
-        "cycle_interval_s": fld(POSITIVE, "seconds between balancing cycles"),
-        "smoothing_window": fld(POSITIVE_COUNT, "samples averaged for utilization"),
-        "host_timeout_s": fld(POSITIVE, "seconds allowed for one call to one host"),
+        "collect_interval_s": fld(
+            seconds(DAY_S),
+            f"seconds between samples of the hosts (READY needs {READY_SAMPLES} samples "
+            f"within the unit's start timeout, {format_number(START_TIMEOUT_S)} s)",
+        ),
+        "cycle_interval_s": fld(seconds(YEAR_S), "seconds between balancing cycles"),
+        "smoothing_window": fld(count(1000, low=1), "samples averaged for utilization"),
+        "host_timeout_s": fld(seconds(HOUR_S), "seconds allowed for one call to one host"),
         "stall_timeout_s": fld(
-            POSITIVE, "seconds without job progress before the systemd watchdog is starved"
+            seconds(DAY_S),
+            "seconds without job progress before the systemd watchdog is starved",
+        ),
+        "allow_uri_transports": fld(
+            ListOf(
+                Text(
+                    pattern=r"[a-z][a-z0-9.-]*(\+[a-z0-9.-]+)?",
+                    pattern_doc="a libvirt URI scheme like qemu+libssh2",
+                    max_len=64,
+                ),
+                unique=True,
+            ),
+            "libvirt URI transports allowed besides "
+            + ", ".join(KNOWN_URI_TRANSPORTS)
+            + " (their URIs may also use command= / netcat=, which run programs)",
         ),
     },
     cls=Config,
@@ -278,7 +350,7 @@ def _validate_config(doc: Document) -> Config:
         out.add((), "invalid config")  # not reached: every INVALID records its problem
     if out.lines:
         raise ConfigError(out.lines)
-    config: Config = dataclasses.replace(built, source=doc.source)
+    config: Config = dataclasses.replace(built, source=doc.source, lines=doc.lines)
     return config
 
 
@@ -298,10 +370,17 @@ def _cross_check_config(data: dict[Any, Any], out: Problems) -> None:
                 )
             else:
                 first[value] = index
+    allowed = data.get("allow_uri_transports")
+    allowed = [a for a in allowed if isinstance(a, str)] if isinstance(allowed, list) else []
     for index, host in enumerate(hosts if isinstance(hosts, list) else []):
         power = host.get("power") if isinstance(host, dict) else None
         if isinstance(power, dict):
             _check_power_driver(power, ("hosts", index, "power"), out)
+        uri = host.get("uri") if isinstance(host, dict) else None
+        if isinstance(uri, str) and uri:
+            problem = uri_problem(uri, allowed)
+            if problem:
+                out.add(("hosts", index, "uri"), problem)
     metrics = data.get("metrics")
     listen = metrics.get("listen") if isinstance(metrics, dict) else None
     if isinstance(listen, str) and listen:
@@ -322,28 +401,162 @@ def _cross_check_config(data: dict[Any, Any], out: Problems) -> None:
             ("cycle_interval_s",),
             f"{cycle} is shorter than collect_interval_s {collect}: a cycle needs fresh samples",
         )
+    if _is_number(collect) and READY_SAMPLES * collect > START_TIMEOUT_S:
+        out.add(
+            ("collect_interval_s",),
+            f"{format_number(collect)} s: READY needs {READY_SAMPLES} samples "
+            f"({format_number(READY_SAMPLES * collect)} s), longer than the start timeout "
+            f"TimeoutStartSec={format_number(START_TIMEOUT_S)} s of balancerd.service: "
+            "systemd would stop the daemon before it is ready",
+        )
 
 
 def _check_power_driver(power: dict[Any, Any], path: FieldPath, out: Problems) -> None:
     driver = power.get("driver", "none")
-    if driver not in _DRIVER_KEYS:
+    if not isinstance(driver, str) or driver not in _DRIVER_KEYS:
         return  # reported by the field check
     used = _DRIVER_KEYS[driver]
     for key in power:
         if key != "driver" and key in _POWER.fields and key not in used:
             out.add((*path, key), f"not used by driver {driver}")
-    for key in _DRIVER_NEEDS.get(driver, ()):
-        if key not in power:
-            out.add((*path, key), f"required by driver {driver}")
+    # What building the driver would find (the same check as power.make_driver), on the
+    # section's valid fields (the others are reported by the field check).
+    built = _POWER.check(
+        {k: v for k, v in power.items() if k in used or k == "driver"}, path, Problems(out.doc)
+    )
+    if built is INVALID:
+        return
+    for rel, message in power_problems(built):
+        out.add((*path, *rel), message)
+
+
+def power_problems(cfg: PowerDriverConfig) -> list[tuple[FieldPath, str]]:
+    """What keeps ``cfg``'s driver from being built and run, as (path under ``power``,
+    message): keys the driver needs, command templates, the password file's mode. The
+    config loader and ``power.make_driver`` both ask this."""
+    out: list[tuple[FieldPath, str]] = []
+    values = {key: getattr(cfg, spec.attr or key) for key, spec in _POWER.fields.items()}
+    for key in DRIVER_NEEDS.get(cfg.driver, ()):
+        if not values[key]:
+            out.append(((key,), f"required by driver {cfg.driver}"))
+    if cfg.driver == "ipmi" and cfg.ipmi_password_file:
+        problem = secret_file_problem(cfg.ipmi_password_file)
+        if problem:
+            out.append((("password_file",), problem))
+    used = _DRIVER_KEYS.get(cfg.driver, ())
+    for key in ("on_command", "off_command"):
+        if key not in used:
+            continue
+        for index, arg in enumerate(values[key]):
+            problem = argv_template_problem(arg)
+            if problem:
+                out.append(((key, index), problem))
+    if cfg.driver == "wol" and cfg.broadcast:
+        try:
+            ipaddress.IPv4Address(cfg.broadcast)
+        except ValueError:
+            out.append((("broadcast",), f"must be an IPv4 address, got '{show(cfg.broadcast)}'"))
+    return out
+
+
+def secret_file_problem(path: str) -> str:
+    """Why the file holding a password must not be used ("" if it may, or does not exist
+    yet): a relative path (read from wherever the daemon runs), not a regular file, or
+    group / others may read or write it."""
+    if not os.path.isabs(path):
+        return f"must be an absolute path, got '{show(path)}'"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ""  # checked again when the driver is built and used
+    except (OSError, ValueError) as exc:
+        return f"cannot check {show(path)}: {getattr(exc, 'strerror', None) or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{show(path)} is not a regular file"
+    if st.st_mode & 0o077:
+        mode = stat.S_IMODE(st.st_mode)
+        return (
+            f"{show(path)} is open to group or others (mode {mode:04o}): a password file "
+            f"must be readable by its owner only (chmod 600 {show(path)})"
+        )
+    return ""
+
+
+def argv_template_problem(arg: str) -> str:
+    """Why an argument template of a power command cannot be expanded ("" if it can):
+    ``{host}`` is the only field, without format spec or conversion (``{{`` ``}}`` for
+    braces), so expanding never fails, reads attributes or builds a huge string."""
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(arg) if f is not None]
+        specs = [(spec, conv) for _, f, spec, conv in string.Formatter().parse(arg) if f]
+    except ValueError as exc:
+        return f"bad template '{show(arg)}': {exc} (write {{{{ and }}}} for braces)"
+    if any(f != "host" for f in fields) or any(spec or conv for spec, conv in specs):
+        return (
+            f"bad template '{show(arg)}': only {{host}} may be substituted "
+            "(write {{ and }} for braces)"
+        )
+    return ""
+
+
+def uri_problem(uri: str, allowed: Sequence[str] = ()) -> str:
+    """Why balancerd will not connect to ``uri`` ("" if it will): a transport outside
+    ``KNOWN_URI_TRANSPORTS`` and ``allowed``, or a query parameter that runs a program
+    (``command=``, ``netcat=``) on a transport the operator did not allow explicitly."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:
+        return f"not a libvirt URI ({exc}), e.g. qemu+tls://host1/system"
+    scheme = parts.scheme.lower()
+    if not scheme or not uri.lower().startswith(scheme + ":"):
+        return f"not a libvirt URI: '{show(uri)}' has no transport, e.g. qemu+tls://host1/system"
+    if scheme not in KNOWN_URI_TRANSPORTS and scheme not in allowed:
+        return (
+            f"transport '{show(scheme)}' is not allowed (known: "
+            + ", ".join(KNOWN_URI_TRANSPORTS)
+            + "); list it in allow_uri_transports to use it"
+        )
+    if scheme in allowed:
+        return ""
+    for param in re.split(r"[&;]", parts.query):
+        name = unquote(param.partition("=")[0]).strip().lower()
+        if name in PROGRAM_URI_PARAMS:
+            return (
+                f"query parameter {name}= makes libvirt run a program: refused (list "
+                f"'{scheme}' in allow_uri_transports if you mean it)"
+            )
+    return ""
+
+
+def cross_check_policies(config: Config, policies: Mapping[str, Policy]) -> list[str]:
+    """Rules between the config and the policies it names (both already valid on their
+    own), as ``FILE:LINE: field.path: message`` lines; empty when they fit together.
+    ``daemon.reload.load_all`` runs it before a swap, as at start."""
+    out: list[str] = []
+    stall = config.stall_timeout_s
+    stall_where = config.where(("stall_timeout_s",))
+    for policy in policies.values():
+        limit = policy.solver.time_limit_s
+        # CBC is given whole seconds (at least 1); HiGHS the limit itself.
+        runs = max(1.0, math.ceil(limit)) if policy.solver.backend == "cbc" else limit
+        if runs >= stall:
+            path: FieldPath = ("spec", "solver", "time_limit_s")
+            cbc = f" (CBC runs {format_number(runs)} s)" if runs != limit else ""
+            out.append(
+                f"{policy.source}:{line_of(policy.lines, path)}: {format_path(path)}: "
+                f"{format_number(limit)} s{cbc} is not below stall_timeout_s "
+                f"{format_number(stall)} s ({stall_where}): the systemd watchdog would "
+                "restart balancerd during a solve"
+            )
+    return out
 
 
 def _check_schedule_entry(entry: dict[Any, Any], path: FieldPath, out: Problems) -> None:
     cron = entry.get("cron")
     if isinstance(cron, str) and cron:
-        try:
-            cron_trigger(cron)
-        except ValueError as exc:
-            out.add((*path, "cron"), f"not a valid crontab expression '{cron}': {exc}")
+        problem = cron_problem(cron)
+        if problem:
+            out.add((*path, "cron"), problem)
     has_h, has_s = "duration_h" in entry, "duration_s" in entry
     if has_h and has_s:
         out.add((*path, "duration_s"), "give duration_h or duration_s, not both")
@@ -359,6 +572,23 @@ def _check_schedule_entry(entry: dict[Any, Any], path: FieldPath, out: Problems)
         _check_file(out.doc.source, policy, (*path, "policy"), out)
 
 
+def cron_problem(expr: str) -> str:
+    """Why ``expr`` cannot open a window ("" if it can): not a crontab expression, or one
+    that never fires (the 30th of February)."""
+    try:
+        trigger = cron_trigger(expr, timezone=UTC)
+    except ValueError as exc:
+        return f"not a valid crontab expression '{show(expr)}': {show(str(exc), 200)}"
+    # Any expression that fires at all does within 28 years (weekdays of a date repeat);
+    # searching from far ahead stops at year 9999 quickly when it never does.
+    if trigger.get_next_fire_time(None, _NEVER_FROM) is None:
+        return f"'{show(expr)}' never fires (no such date)"
+    return ""
+
+
+_NEVER_FROM = datetime(9950, 1, 1, tzinfo=UTC)
+
+
 def _check_file(source: str, path: str, field_path: FieldPath, out: Problems) -> None:
     resolved = resolve_relative(source, path)
     if not resolved.is_file():
@@ -366,16 +596,29 @@ def _check_file(source: str, path: str, field_path: FieldPath, out: Problems) ->
 
 
 def _listen_problem(listen: str) -> str:
+    shown = show(listen)
     host, sep, port = listen.rpartition(":")
     if not sep or not host:
-        return f"must be HOST:PORT (e.g. 127.0.0.1:9177), got '{listen}'"
+        return f"must be HOST:PORT (e.g. 127.0.0.1:9177), got '{shown}'"
     if host.startswith("[") != host.endswith("]"):
-        return f"an IPv6 address must be written [ADDR]:PORT, got '{listen}'"
+        return f"an IPv6 address must be written [ADDR]:PORT, got '{shown}'"
     if ":" in host and not host.startswith("["):
-        return f"an IPv6 address must be written [ADDR]:PORT, got '{listen}'"
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        return f"port must be 1..65535, got '{port}'"
+        return f"an IPv6 address must be written [ADDR]:PORT, got '{shown}'"
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        return f"port must be 1..65535, got '{show(port)}'"
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"not an IPv6 address: '{show(host)}'"
+    elif not _HOSTNAME.fullmatch(host):
+        return f"not an IP address or host name: '{show(host)}'"
     return ""
+
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
 
 
 def _is_number(value: object) -> TypeGuard[float]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-from balancerd.yamlpos import Document, FieldPath, format_path, key_part
+from balancerd.yamlpos import MAX_PROBLEMS, Document, FieldPath, format_path, key_part, show
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -42,19 +42,37 @@ INVALID: Any = _Invalid()
 
 
 class Problems:
-    """Collects ``FILE:LINE: field.path: message`` lines against one document."""
+    """Collects ``FILE:LINE: field.path: message`` lines against one document (at most
+    ``MAX_PROBLEMS``; the rest are counted in a last line)."""
 
     def __init__(self, doc: Document) -> None:
         self.doc = doc
         self._found: list[tuple[int, int, str]] = []  # (line, order found, text)
+        self._dropped = 0
+        self._index: dict[FieldPath, dict[object, int]] = {}  # item_path's lookups
+
+    @property
+    def full(self) -> bool:
+        """No more problems are kept: callers may skip working out a message."""
+        return len(self._found) >= MAX_PROBLEMS
 
     def add(self, path: FieldPath, message: str) -> None:
+        if self.full:
+            self._dropped += 1
+            return
         self._found.append((self.doc.line(path), len(self._found), self.doc.problem(path, message)))
 
     @property
     def lines(self) -> list[str]:
         """The problems in file order (ties in the order found)."""
-        return [text for _, _, text in sorted(self._found)]
+        out = [text for _, _, text in sorted(self._found)]
+        if self._dropped:
+            last = max(line for line, _, _ in self._found)
+            out.append(
+                f"{self.doc.source}:{last}: (document): {self._dropped} more problem(s) "
+                f"not shown (only the first {MAX_PROBLEMS} are)"
+            )
+        return out
 
     def raw(self, path: FieldPath) -> object:
         """The value written at ``path`` (``None`` if absent)."""
@@ -74,38 +92,59 @@ class Problems:
 
     def item_path(self, path: FieldPath, item: object) -> FieldPath:
         """Path of ``item`` in the list at ``path`` (of the list if not found)."""
-        written = self.raw(path)
-        if isinstance(written, list):
-            for index, candidate in enumerate(written):
-                if candidate == item:
-                    return (*path, index)
-        return path
+        index = self._index.get(path)
+        if index is None:  # built once per list: rules ask for many items of one list
+            index = {}
+            written = self.raw(path)
+            for i, candidate in enumerate(written if isinstance(written, list) else []):
+                if isinstance(candidate, str):
+                    index.setdefault(candidate, i)
+            self._index[path] = index
+        found = index.get(item) if isinstance(item, str) else None
+        return path if found is None else (*path, found)
 
 
 def _get_key(mapping: dict[Any, Any], key: str) -> object:
     if key in mapping:
         return mapping[key]
-    for k, v in mapping.items():  # keys that were not strings are addressed by str()
-        if str(k) == key:
+    for k, v in mapping.items():  # keys that were not strings are addressed as in paths
+        if key_part(k) == key:
             return v
     return None
 
 
 def describe(value: object) -> str:
-    """How a written value is shown in a message."""
+    """How a written value is shown in a message: the token, shortened and escaped."""
     if value is None:
         return "null (an empty value)"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and abs(value) >= 10**20:
+        return f"an integer of {len(str(abs(value)))} digits"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return f"'{value}'" if value else "'' (an empty string)"
+        return f"'{show(value)}'" if value else "'' (an empty string)"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
-    return f"{type(value).__name__} {value!s}"
+    return f"a {_KIND_NAMES.get(type(value), type(value).__name__)} value"
+
+
+_KIND_NAMES = {bytes: "binary", set: "set", float: "number", int: "integer", str: "string"}
+
+
+def describe_kind(value: object) -> str:
+    """What kind of value it is, without showing it: for a whole file that is not the
+    expected document (a password file named by mistake must not be printed)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number (not shown)"
+    if isinstance(value, str):
+        return "a string (not shown)"
+    return describe(value) if isinstance(value, list | dict) or value is None else "a value"
 
 
 def format_number(x: float) -> str:
@@ -125,11 +164,12 @@ class Kind:
     def schema(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def fail(self, value: object, path: FieldPath, out: Problems) -> Any:
+    def fail(self, value: object, path: FieldPath, out: Problems, why: str = "") -> Any:
         hint = ""
         if isinstance(value, bool) and isinstance(self, Text | Choice):
             hint = " (YAML reads yes/no/on/off/true/false as booleans: quote it)"
-        out.add(path, f"must be {self.expect()}, got {describe(value)}{hint}")
+        got = describe(value) if path else describe_kind(value)  # a whole file: not shown
+        out.add(path, f"must be {self.expect()}, got {got}{hint}{why}")
         return INVALID
 
 
@@ -140,6 +180,7 @@ class Number(Kind):
     ge: float | None = None
     lt: float | None = None
     le: float | None = None
+    high_doc: str = ""  # what the upper bound is, for messages: "1 day", "libvirt's maximum"
 
     def expect(self) -> str:
         noun = "an integer" if self.integer else "a number"
@@ -148,19 +189,24 @@ class Number(Kind):
         if low is not None and high is not None:
             left = "[" if self.ge is not None else "("
             right = "]" if self.le is not None else ")"
-            return f"{noun} in {left}{format_number(low)}, {format_number(high)}{right}"
+            why = f" ({self.high_doc})" if self.high_doc else ""
+            return f"{noun} in {left}{format_number(low)}, {format_number(high)}{right}{why}"
         if low is not None:
             return f"{noun} {'>=' if self.ge is not None else '>'} {format_number(low)}"
         if high is not None:
             return f"{noun} {'<=' if self.le is not None else '<'} {format_number(high)}"
         return noun
 
+    def __post_init__(self) -> None:
+        if self.le is None and self.lt is None:
+            raise TypeError("a Number needs an upper bound (le or lt): every value must run")
+
     def check(self, value: object, path: FieldPath, out: Problems) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             return self.fail(value, path, out)
         if self.integer and not isinstance(value, int):
             return self.fail(value, path, out)
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return self.fail(value, path, out)
         if (
             (self.gt is not None and not value > self.gt)
@@ -169,7 +215,7 @@ class Number(Kind):
             or (self.le is not None and not value <= self.le)
         ):
             return self.fail(value, path, out)
-        return int(value) if self.integer else float(value)
+        return int(value) if self.integer else float(value) + 0.0  # -0.0 -> 0.0
 
     def schema(self) -> dict[str, Any]:
         s: dict[str, Any] = {"type": "integer" if self.integer else "number"}
@@ -184,12 +230,18 @@ class Number(Kind):
         return s
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL, C1
+_CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # ... except \t \n
+
+
 @dataclass(frozen=True)
 class Text(Kind):
     enum: tuple[str, ...] = ()
     const: str | None = None
     pattern: str | None = None  # full match
     pattern_doc: str = ""  # says what the pattern means, for messages
+    max_len: int = 4096  # PATH_MAX
+    multiline: bool = False  # free text: tabs and line breaks allowed
 
     def expect(self) -> str:
         if self.const is not None:
@@ -203,6 +255,12 @@ class Text(Kind):
     def check(self, value: object, path: FieldPath, out: Problems) -> Any:
         if not isinstance(value, str) or not value:
             return self.fail(value, path, out)
+        if len(value) > self.max_len:
+            return self.fail(value, path, out, f" (at most {self.max_len} characters)")
+        control = (_CONTROL_BUT_LINES if self.multiline else _CONTROL).search(value)
+        if control is not None:
+            code = f"#x{ord(control.group()):02x}"
+            return self.fail(value, path, out, f" (control character {code} not allowed)")
         if self.const is not None and value != self.const:
             return self.fail(value, path, out)
         if self.enum and value not in self.enum:
@@ -219,6 +277,7 @@ class Text(Kind):
             s["enum"] = list(self.enum)
         else:
             s["minLength"] = 1
+            s["maxLength"] = self.max_len
         if self.pattern is not None:
             s["pattern"] = f"^(?:{self.pattern})$"
         return s
@@ -373,13 +432,23 @@ class Obj(Kind):
     def check(self, value: object, path: FieldPath, out: Problems) -> Any:
         if not isinstance(value, dict):
             return self.fail(value, path, out)
+        if not path and value and not any(isinstance(k, str) and k in self.fields for k in value):
+            # Not the document at all (a password file named by mistake?): no key is shown.
+            out.add(
+                (),
+                "not the expected document: none of its keys is one of "
+                + ", ".join(self.fields)
+                + " (keys not shown)",
+            )
+            return INVALID
         attrs: dict[str, Any] = {}
         ok = True
         for key, raw in value.items():
             name = key_part(key)
             spec = self.fields.get(name) if isinstance(key, str) else None
             if spec is None:
-                out.add((*path, name), self._unknown(name, path))
+                # (when no more problems are kept, only counted, skip finding a suggestion)
+                out.add((*path, name), "unknown key" if out.full else self._unknown(name, path))
                 continue
             built = spec.kind.check(raw, (*path, name), out)
             if built is INVALID:
@@ -404,7 +473,7 @@ class Obj(Kind):
 
     def _unknown(self, key: str, path: FieldPath) -> str:
         names = list(self.fields)
-        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key[:64], names, n=1, cutoff=0.6)
         if not close:
             close = [n for n in names if n.lower() == key.lower()]
         if close:
@@ -543,10 +612,44 @@ def json_text(schema: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------
 # Kinds used by more than one document
 
-NAME = Text(pattern=r"[A-Za-z0-9][A-Za-z0-9_.:-]*", pattern_doc="a name (letters, digits, _.:-)")
+MINUTE_S = 60
+HOUR_S = 3600
+DAY_S = 86400
+YEAR_S = 365 * DAY_S  # no duration, interval or timeout of balancerd is longer
+
+NAME = Text(
+    pattern=r"[A-Za-z0-9][A-Za-z0-9_.:-]*",
+    pattern_doc="a name (letters, digits, _.:-)",
+    max_len=253,  # a DNS name; libvirt domain names are shorter in practice
+)
 NAMES = ListOf(NAME, unique=True)
 FRACTION = Number(gt=0, le=1)
-NON_NEGATIVE = Number(ge=0)
-POSITIVE = Number(gt=0)
-COUNT = Number(integer=True, ge=0)
-POSITIVE_COUNT = Number(integer=True, ge=1)
+
+
+def duration_text(s: float) -> str:
+    """``86400`` -> ``1 day``: an upper bound in words."""
+    for size, unit in ((YEAR_S, "year"), (DAY_S, "day"), (HOUR_S, "hour"), (MINUTE_S, "minute")):
+        if s >= size and s % size == 0:
+            n = int(s // size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{format_number(s)} s"
+
+
+def seconds(high: float, *, zero: bool = False) -> Number:
+    """A duration in seconds: > 0 (>= 0 with ``zero``) and at most ``high``."""
+    doc = f"at most {duration_text(high)}" if high >= MINUTE_S else ""
+    if zero:
+        return Number(ge=0, le=high, high_doc=doc)
+    return Number(gt=0, le=high, high_doc=doc)
+
+
+def count(high: int, *, low: int = 0, doc: str = "") -> Number:
+    """An integer in [low, high]."""
+    return Number(integer=True, ge=low, le=high, high_doc=doc)
+
+
+def amount(high: float, *, positive: bool = False, doc: str = "") -> Number:
+    """A real >= 0 (> 0 with ``positive``) and at most ``high``."""
+    if positive:
+        return Number(gt=0, le=high, high_doc=doc)
+    return Number(ge=0, le=high, high_doc=doc)

@@ -187,7 +187,7 @@ BAD = [
         _edit("mem_mib: 2048", "mem_mib: -1"),
         "mem_mib",
         "hosts[0].mem_mib",
-        "must be a number >= 0, got -1",
+        "must be a number in [0, 4294967296], got -1",
     ),
     (
         "bad_driver",
@@ -316,7 +316,7 @@ BAD = [
         _edit("smoothing_window: 3", "smoothing_window: 0"),
         "smoothing_window",
         "smoothing_window",
-        "must be an integer >= 1, got 0",
+        "must be an integer in [1, 1000], got 0",
     ),
     (
         "unknown_top_level_key",
@@ -383,11 +383,11 @@ def test_all_config_problems_at_once(folder: Path) -> None:
     found = config_problems(folder, text)
     src = folder / "balancerd.yaml"
     assert found == [
-        f"{src}:3: hosts[1].cpus: must be an integer >= 0, got -2",
+        f"{src}:3: hosts[1].cpus: must be an integer in [0, 1048576], got -2",
         f"{src}:3: hosts[1].name: 'a' is used by hosts[0] too: each host needs its own",
         f"{src}:4: policy: policy file not found: {folder / 'nowhere.yaml'}",
         f"{src}:5: metrics.listen: must be HOST:PORT (e.g. 127.0.0.1:9177), got 'nope'",
-        f"{src}:6: cycle_interval_s: must be a number > 0, got 0",
+        f"{src}:6: cycle_interval_s: must be a number in (0, 31536000] (at most 1 year), got 0",
     ]
 
 

@@ -452,8 +452,8 @@ def test_drivers_for_reports_every_problem_at_once() -> None:
     with pytest.raises(ConfigError) as err:
         drivers_for(hosts)
     assert err.value.problems == [
-        "hosts[0].power.ipmi_address: required for driver ipmi",
-        "hosts[0].power.ipmi_password_file: required for driver ipmi",
+        "hosts[0].power.address: required by driver ipmi",
+        "hosts[0].power.password_file: required by driver ipmi",
         "hosts[1].power.mac: bad MAC address 'nope'",
         "hosts[2].power.driver: unknown driver 'magic' (one of none, ipmi, wol, command, lab)",
     ]

@@ -45,7 +45,7 @@ def _validate(doc: Document) -> Policy:
     policy: Policy | None
     if built is not INVALID:
         spec: dict[str, Any] = built["spec"]
-        policy = Policy(name=built["metadata"]["name"], source=doc.source, **spec)
+        policy = Policy(name=built["metadata"]["name"], source=doc.source, lines=doc.lines, **spec)
     else:
         # Cross-field rules still run on what did validate, so one pass reports everything.
         policy = _partial_policy(doc)

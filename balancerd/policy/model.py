@@ -154,3 +154,7 @@ class Policy:
     migration: Migration = field(default_factory=Migration)
     solver: Solver = field(default_factory=Solver)
     source: str = ""  # file it was loaded from
+    # Field path -> line in ``source`` (for rules checked against the daemon config).
+    lines: Mapping[tuple[str | int, ...], int] = field(
+        default_factory=dict, compare=False, repr=False
+    )

@@ -15,6 +15,9 @@ from balancerd.validate import Problems, format_number
 from balancerd.yamlpos import FieldPath
 
 C = ("spec", "constraints")
+# must / must_not conflicts are found per VM-host pair: a policy naming more pairs than
+# this (never a real one) is refused rather than checked for minutes.
+MAX_RULE_PAIRS = 200_000
 
 
 def cross_check(policy: Policy, out: Problems) -> None:
@@ -54,9 +57,12 @@ def _check_constraints(c: Constraints, out: Problems) -> None:
     parent: dict[str, str] = {}
 
     def root(vm: str) -> str:
-        while parent.get(vm, vm) != vm:
-            vm = parent[vm]
-        return vm
+        top = vm
+        while parent.get(top, top) != top:
+            top = parent[top]
+        while vm != top:  # path compression: long chains of groups stay linear
+            parent[vm], vm = top, parent[vm]
+        return top
 
     for group in c.affinity:
         for vm in group[1:]:
@@ -64,7 +70,7 @@ def _check_constraints(c: Constraints, out: Problems) -> None:
             if a != b:
                 parent[b] = a
     for index, group in enumerate(c.anti_affinity):
-        clash = _first_pair(group, lambda a, b: root(a) == root(b))
+        clash = _first_pair(group, root)
         if clash is not None:
             a, b = clash
             out.add(
@@ -72,6 +78,13 @@ def _check_constraints(c: Constraints, out: Problems) -> None:
                 f"'{a}' and '{b}' must share a host (affinity) and must not (anti_affinity)",
             )
     seen: dict[tuple[str, str], tuple[str, int]] = {}
+    pairs = sum(len(r.vms) * len(r.hosts) for r in c.host_rules if r.kind in ("must", "must_not"))
+    if pairs > MAX_RULE_PAIRS:
+        out.add(
+            (*C, "host_rules"),
+            f"must / must_not rules name {pairs} VM-host pairs, more than {MAX_RULE_PAIRS}: "
+            "use exclude_hosts, pin or fewer, larger host groups",
+        )
     for index, rule in enumerate(c.host_rules):
         path = (*C, "host_rules", index)
         if rule.kind in ("must", "must_not") and out.has((*path, "weight")):
@@ -81,7 +94,7 @@ def _check_constraints(c: Constraints, out: Problems) -> None:
                 (*path, "hosts"),
                 "all these hosts are in maintenance: the VMs would have nowhere to run",
             )
-        if rule.kind not in ("must", "must_not"):
+        if rule.kind not in ("must", "must_not") or pairs > MAX_RULE_PAIRS:
             continue
         for vm in rule.vms:
             for host in rule.hosts:
@@ -95,11 +108,14 @@ def _check_constraints(c: Constraints, out: Problems) -> None:
                 seen.setdefault((vm, host), (rule.kind, index))
 
 
-def _first_pair(items: Sequence[str], match: Callable[[str, str], bool]) -> tuple[str, str] | None:
-    for i, a in enumerate(items):
-        for b in items[i + 1 :]:
-            if match(a, b):
-                return a, b
+def _first_pair(items: Sequence[str], key: Callable[[str], str]) -> tuple[str, str] | None:
+    """The first two items with the same key (in one pass)."""
+    first: dict[str, str] = {}
+    for item in items:
+        k = key(item)
+        if k in first:
+            return first[k], item
+        first[k] = item
     return None
 
 

@@ -28,13 +28,12 @@ from balancerd.policy.model import (
 )
 from balancerd.units import GIB, MIB
 from balancerd.validate import (
-    COUNT,
+    DAY_S,
     FRACTION,
+    HOUR_S,
     NAME,
     NAMES,
-    NON_NEGATIVE,
-    POSITIVE,
-    POSITIVE_COUNT,
+    YEAR_S,
     Choice,
     Field,
     Flag,
@@ -43,19 +42,40 @@ from balancerd.validate import (
     Number,
     Obj,
     Text,
+    amount,
+    count,
     fld,
     obj,
+    seconds,
 )
 
 API_VERSION = "balancerd/v1"
 KIND = "Policy"
 
+# Upper bounds: every value the loader accepts must run (solver coefficients stay sane,
+# byte counts fit in 63 bits, durations fit a timedelta, libvirt and QEMU accept the rest).
+MAX_WEIGHT = 1000.0  # resource and host-rule weights (relative to each other)
+MAX_OBJECTIVE = 1e6  # min_improvement, migration_cost: objective units
+MAX_WATTS = 1e6
+MAX_HOSTS = 10_000
+MAX_MIB = 2**32  # 4 PiB (as bytes: 2**52)
+MAX_GIB = 2**32  # 4 EiB (as bytes: 2**62)
+MAX_OVERCOMMIT = 1000.0
+MAX_MOVES = 100_000
+MAX_CONCURRENT = 1000
+# libvirt's QEMU_DOMAIN_MIG_BANDWIDTH_MAX: INT64_MAX bytes/s in MiB/s.
+MAX_BANDWIDTH_MIB_S = (2**63 - 1) // 2**20
+# QEMU refuses a downtime limit above 2000 s (MAX_MIGRATE_DOWNTIME_SECONDS).
+MAX_DOWNTIME_MS = 2_000_000
+MAX_STALL_SAMPLES = 3600
+MAX_SOLVER_TIME_S = HOUR_S
+
 
 def _power_model() -> Obj:
     return obj(
         {
-            "idle_watts": fld(NON_NEGATIVE, "power drawn by a powered-on host with no load"),
-            "max_watts": fld(NON_NEGATIVE, "power drawn at full CPU load"),
+            "idle_watts": fld(amount(MAX_WATTS), "power drawn by a powered-on host with no load"),
+            "max_watts": fld(amount(MAX_WATTS), "power drawn at full CPU load"),
         },
         cls=PowerModel,
     )
@@ -64,7 +84,7 @@ def _power_model() -> Obj:
 def _weight(attr: str, what: str) -> Field:
     return fld(
         obj(
-            {"weight": fld(NON_NEGATIVE, f"weight of {what} in the objective", attr)},
+            {"weight": fld(amount(MAX_WEIGHT), f"weight of {what} in the objective", attr)},
             defaults=Resources,
         ),
         f"{what} settings",
@@ -100,13 +120,15 @@ SPEC = obj(
                     "max_cpu_util": fld(FRACTION, "a host's CPU demand / capacity stays <= this"),
                     "max_mem_util": fld(FRACTION, "a host's guest memory / memory stays <= this"),
                     "mem_headroom_mib": fld(
-                        NON_NEGATIVE,
+                        amount(MAX_MIB),
                         "MiB kept free on each host for the host itself",
                         "mem_headroom_bytes",
                         scale=MIB,
                         as_int=True,
                     ),
-                    "cpu_overcommit": fld(POSITIVE, "allowed guest vCPUs per host CPU"),
+                    "cpu_overcommit": fld(
+                        amount(MAX_OVERCOMMIT, positive=True), "allowed guest vCPUs per host CPU"
+                    ),
                 },
                 cls=Limits,
             ),
@@ -116,9 +138,12 @@ SPEC = obj(
             obj(
                 {
                     "min_improvement": fld(
-                        NON_NEGATIVE, "act only if the objective improves by at least this"
+                        amount(MAX_OBJECTIVE),
+                        "act only if the objective improves by at least this",
                     ),
-                    "cooldown_s": fld(NON_NEGATIVE, "seconds a moved guest is left alone"),
+                    "cooldown_s": fld(
+                        seconds(YEAR_S, zero=True), "seconds a moved guest is left alone"
+                    ),
                 },
                 cls=Hysteresis,
             ),
@@ -130,7 +155,9 @@ SPEC = obj(
                     "quantile": fld(
                         FRACTION, "plan each guest's CPU at this quantile of its readings"
                     ),
-                    "window_s": fld(POSITIVE, "seconds of readings the quantile looks back on"),
+                    "window_s": fld(
+                        seconds(DAY_S), "seconds of readings the quantile looks back on"
+                    ),
                 },
                 cls=DemandForecast,
             ),
@@ -139,9 +166,9 @@ SPEC = obj(
         "budget": fld(
             obj(
                 {
-                    "max_moves": fld(COUNT, "migrations per cycle at most"),
+                    "max_moves": fld(count(MAX_MOVES), "migrations per cycle at most"),
                     "max_gib": fld(
-                        NON_NEGATIVE,
+                        amount(MAX_GIB),
                         "GiB of guest memory moved per cycle at most",
                         "max_bytes",
                         scale=GIB,
@@ -190,7 +217,7 @@ SPEC = obj(
                                         required=True,
                                     ),
                                     "weight": fld(
-                                        NON_NEGATIVE,
+                                        amount(MAX_WEIGHT),
                                         "cost per guest breaking a should / should_not rule",
                                     ),
                                 },
@@ -208,10 +235,18 @@ SPEC = obj(
         "power": fld(
             obj(
                 {
-                    "min_active_hosts": fld(COUNT, "never power off below this many hosts"),
-                    "reserve_hosts": fld(COUNT, "hosts kept on and empty beyond what is needed"),
-                    "grace_period_s": fld(NON_NEGATIVE, "seconds empty before power-off"),
-                    "min_off_s": fld(NON_NEGATIVE, "seconds a host stays off at least"),
+                    "min_active_hosts": fld(
+                        count(MAX_HOSTS), "never power off below this many hosts"
+                    ),
+                    "reserve_hosts": fld(
+                        count(MAX_HOSTS), "hosts kept on and empty beyond what is needed"
+                    ),
+                    "grace_period_s": fld(
+                        seconds(YEAR_S, zero=True), "seconds empty before power-off"
+                    ),
+                    "min_off_s": fld(
+                        seconds(YEAR_S, zero=True), "seconds a host stays off at least"
+                    ),
                     "default_model": fld(_power_model(), "watts of hosts not in host_models"),
                     "host_models": fld(
                         MapOf(_power_model(), key_doc="host name"), "host -> its watts"
@@ -224,13 +259,19 @@ SPEC = obj(
         "migration": fld(
             obj(
                 {
-                    "bandwidth_mib_s": fld(POSITIVE, "migration bandwidth cap, MiB/s"),
-                    "max_downtime_ms": fld(
-                        Number(integer=True, ge=1), "allowed guest pause at switch-over, ms"
+                    "bandwidth_mib_s": fld(
+                        amount(MAX_BANDWIDTH_MIB_S, positive=True, doc="libvirt's maximum"),
+                        "migration bandwidth cap, MiB/s",
                     ),
-                    "max_concurrent": fld(POSITIVE_COUNT, "migrations at once, cluster-wide"),
+                    "max_downtime_ms": fld(
+                        count(MAX_DOWNTIME_MS, low=1, doc="QEMU's maximum"),
+                        "allowed guest pause at switch-over, ms",
+                    ),
+                    "max_concurrent": fld(
+                        count(MAX_CONCURRENT, low=1), "migrations at once, cluster-wide"
+                    ),
                     "max_concurrent_per_host": fld(
-                        POSITIVE_COUNT, "migrations at once into or out of one host"
+                        count(MAX_CONCURRENT, low=1), "migrations at once into or out of one host"
                     ),
                     "on_stall": fld(
                         Choice(OnStall),
@@ -238,15 +279,15 @@ SPEC = obj(
                         "finish, or abort and leave it where it was",
                     ),
                     "downtime_steps_ms": fld(
-                        ListOf(Number(integer=True, ge=1), unique=True),
+                        ListOf(count(MAX_DOWNTIME_MS, low=1, doc="QEMU's maximum"), unique=True),
                         "downtimes allowed in turn while a migration stalls, ms, increasing",
                     ),
                     "auto_converge": fld(Flag(), "throttle the guest's CPUs when stalling"),
                     "stall_samples": fld(
-                        Number(integer=True, ge=2),
+                        count(MAX_STALL_SAMPLES, low=2),
                         "1 s samples without progress that make a stall",
                     ),
-                    "max_time_s": fld(POSITIVE, "hard cap on one migration, seconds"),
+                    "max_time_s": fld(seconds(DAY_S), "hard cap on one migration, seconds"),
                     "allow_cold": fld(Flag(), "cold-migrate when a live migration fails"),
                     "allow_backward": fld(
                         Flag(), "allow destinations with older libvirt/QEMU than the source"
@@ -263,9 +304,12 @@ SPEC = obj(
             obj(
                 {
                     "backend": fld(Choice(SolverBackend), "MILP solver"),
-                    "time_limit_s": fld(POSITIVE, "seconds the solver may run"),
+                    "time_limit_s": fld(
+                        seconds(MAX_SOLVER_TIME_S),
+                        "seconds the solver may run (below the daemon's stall_timeout_s)",
+                    ),
                     "gap": fld(Number(ge=0, lt=1), "relative gap at which the solver may stop"),
-                    "migration_cost": fld(NON_NEGATIVE, "objective units per GiB moved"),
+                    "migration_cost": fld(amount(MAX_OBJECTIVE), "objective units per GiB moved"),
                 },
                 cls=Solver,
             ),
@@ -283,7 +327,7 @@ DOCUMENT = obj(
             obj(
                 {
                     "name": fld(NAME, "policy name (shown in logs and metrics)", required=True),
-                    "description": fld(Text(), "free text for operators"),
+                    "description": fld(Text(multiline=True), "free text for operators"),
                 }
             ),
             "policy identity",

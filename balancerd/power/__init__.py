@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from balancerd.config import HostConfig, PowerDriverConfig
+from balancerd.config import HostConfig, PowerDriverConfig, power_problems
 from balancerd.errors import ConfigError
 from balancerd.power.base import PowerDriver, PowerError
 from balancerd.power.command import CommandDriver
@@ -23,6 +23,7 @@ from balancerd.power.manager import (
     decide_power,
 )
 from balancerd.power.wol import WolDriver, parse_mac
+from balancerd.yamlpos import format_path
 
 DRIVERS = ("none", "ipmi", "wol", "command", "lab")
 
@@ -46,19 +47,11 @@ __all__ = [
 
 
 def _problems(cfg: PowerDriverConfig, where: str) -> list[str]:
-    required = {
-        "ipmi": ("ipmi_address", "ipmi_user", "ipmi_password_file"),
-        "wol": ("mac",),
-        "command": ("on_command", "off_command"),
-        "lab": ("lab_dir",),
-    }
+    """What the config loader checks too (``config.power_problems``: needed keys, command
+    templates, the password file's mode), and the MAC as the driver reads it."""
     if cfg.driver not in DRIVERS:
         return [f"{where}.driver: unknown driver {cfg.driver!r} (one of {', '.join(DRIVERS)})"]
-    out = [
-        f"{where}.{name}: required for driver {cfg.driver}"
-        for name in required.get(cfg.driver, ())
-        if not getattr(cfg, name)
-    ]
+    out = [f"{format_path((where, *rel))}: {message}" for rel, message in power_problems(cfg)]
     if cfg.driver == "wol" and cfg.mac:
         try:
             parse_mac(cfg.mac)
