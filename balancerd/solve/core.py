@@ -75,6 +75,7 @@ REDUCED_ILP_MAX_VARS = 4_000
 REDUCED_TARGET_HOSTS = 12
 
 Ranked = list[tuple[float, str, list[int]]]
+REFERENCES = ("current", "repair")  # what other candidates must improve on (hysteresis)
 
 
 @dataclass(frozen=True)
@@ -480,22 +481,34 @@ def _ilp_scope(
 
 def _prefer_fewer_moves(p: Problem, ranked: Ranked) -> Ranked:
     """Placements within the policy's relative gap (solver.gap, on the score) of the best
-    one are equally good: among them the fewest moves go first."""
+    one, and (balance) with no more load above the balanced level than the gap allows,
+    are equally good: among them the fewest moves go first."""
     if not ranked:
         return ranked
-    best_obj = ranked[0][0]
-    tol = p.policy.solver.gap * max(score(p, ranked[0][2]), 1e-9)
-    near = [t for t in ranked if t[0] <= best_obj + tol]
-    rest = [t for t in ranked if t[0] > best_obj + tol]
+    gap = p.policy.solver.gap
+    best_obj, _, best = ranked[0]
+    tol = gap * max(score(p, best), 1e-9)
+    near: Ranked = []
+    rest: Ranked = []
+    if p.objective == "power-save":
+        for t in ranked:
+            (near if t[0] <= best_obj + tol else rest).append(t)
+    else:
+        best_x = excess_above(p, best)
+        for t in ranked:
+            ok = t[0] <= best_obj + tol and excess_above(p, t[2]) <= best_x * (1 + gap) + tol
+            (near if ok else rest).append(t)
     near.sort(key=lambda t: (moves_and_bytes(p, t[2])[0], t[0]))
     return near + rest
 
 
 def _worth_their_moves(p: Problem, ranked: Ranked) -> tuple[Ranked, str]:
-    """Hysteresis between candidates: one that moves more guests than another, without
-    lowering the violation further, must improve on it by ``min_improvement`` (see
-    ``improvement``); else it is dropped. So a forced drain does not drag a rebalancing
-    of the whole cluster along unless that rebalancing is worth it on its own."""
+    """Hysteresis against the two reference placements, today's and the plain repair of
+    what is broken (shed: forced moves and limits only): a candidate that moves more
+    guests than one of them, without lowering the violation further, must improve on it
+    by ``min_improvement`` (see ``improvement``); else it is dropped. So a forced drain
+    does not drag a rebalancing of the whole cluster along unless that rebalancing is
+    worth it on its own. Among the candidates worth it, the objective decides."""
     need = p.policy.hysteresis.min_improvement
     power = p.objective == "power-save"
     margin = p.policy.hysteresis.min_improvement
@@ -519,7 +532,7 @@ def _worth_their_moves(p: Problem, ranked: Ranked) -> tuple[Ranked, str]:
     unit = "host-equivalents" if power else "utilization"
     for k, entry in enumerate(ranked):
         _, moves, viol, sc, hot = facts[k]
-        worse = [f for f in facts if f[1] < moves and f[2] <= viol + 1e-9]
+        worse = [f for f in facts if f[0] in REFERENCES and f[1] < moves and f[2] <= viol + 1e-9]
         short = [f for f in worse if gain(f, sc, hot) < need]
         if not short:
             keep.append(entry)
