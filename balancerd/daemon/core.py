@@ -442,7 +442,10 @@ class Daemon:
             if self._stop:
                 return None
             report = self._cycle()
-        except Exception as exc:  # logged once, counted, and the next cycle runs
+        except BalancerdError as exc:  # an expected failure: one clear line
+            log.error("cycle failed: %s", exc)
+            self.stats.record_cycle(time.monotonic() - started_s, ok=False, error=str(exc))
+        except Exception as exc:  # a bug: logged once with its traceback, counted, go on
             log.exception("cycle failed")
             self.stats.record_cycle(time.monotonic() - started_s, ok=False, error=str(exc))
         else:
