@@ -40,13 +40,13 @@ from dataclasses import dataclass, replace
 from balancerd.hypervisor.base import JobStats
 from balancerd.outcomes import MigrationMode
 from balancerd.policy.model import Migration
+from balancerd.units import MIB
 
-MIB = 1024 * 1024
 # QEMU's auto-converge throttle never goes above this percentage.
 THROTTLE_CEILING_PCT = 99
 # Pause when what is left of the pass would take at most this long to send...
 PAUSE_AT_S = 0.2
-PAUSE_AT_MIN_BYTES = 2 * 1024 * 1024
+PAUSE_AT_MIN_BYTES = 2 * MIB
 # ... or after waiting this long (job time) for such a moment.
 PAUSE_WAIT_MAX_S = 6.0
 

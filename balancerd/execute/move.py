@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from balancerd.errors import HypervisorError
-from balancerd.execute.converge import MIB, Mode, StallRules, mode_of
+from balancerd.execute.converge import Mode, StallRules, mode_of
 from balancerd.execute.journal import Journal
 from balancerd.execute.monitor import MonitorResult, run_migration
 from balancerd.execute.preflight import preflight
@@ -22,6 +22,7 @@ from balancerd.hypervisor.base import Hypervisor, JobStats, MigrationRequest
 from balancerd.model import Move
 from balancerd.outcomes import MigrationMode, MoveOutcome, SkipKind, new_migration_id
 from balancerd.policy.model import Migration
+from balancerd.units import MIB
 
 log = logging.getLogger(__name__)
 

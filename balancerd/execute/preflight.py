@@ -28,10 +28,10 @@ from balancerd.hypervisor.base import DomainFacts, HostFacts, Hypervisor
 from balancerd.model import Move
 from balancerd.outcomes import SkipKind
 from balancerd.policy.model import Migration
+from balancerd.units import MIB
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
 SAFE_CACHE_MODES = ("none", "directsync")
 MIGRATABLE_STATES = ("running", "paused")
 

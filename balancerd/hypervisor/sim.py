@@ -27,8 +27,7 @@ from balancerd.hypervisor.base import (
     MigrationRequest,
 )
 from balancerd.model import HostSample, VmSample
-
-NS = 1_000_000_000
+from balancerd.units import NS
 
 
 @dataclass
