@@ -463,21 +463,22 @@ def secret_file_problem(path: str) -> str:
     """Why the file holding a password must not be used ("" if it may, or does not exist
     yet): a relative path (read from wherever the daemon runs), not a regular file, or
     group / others may read or write it."""
+    shown = show(path, 4096)  # a path is shown whole (a Text is at most 4096 characters)
     if not os.path.isabs(path):
-        return f"must be an absolute path, got '{show(path)}'"
+        return f"must be an absolute path, got '{shown}'"
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return ""  # checked again when the driver is built and used
     except (OSError, ValueError) as exc:
-        return f"cannot check {show(path)}: {getattr(exc, 'strerror', None) or exc}"
+        return f"cannot check {shown}: {getattr(exc, 'strerror', None) or exc}"
     if not stat.S_ISREG(st.st_mode):
-        return f"{show(path)} is not a regular file"
+        return f"{shown} is not a regular file"
     if st.st_mode & 0o077:
         mode = stat.S_IMODE(st.st_mode)
         return (
-            f"{show(path)} is open to group or others (mode {mode:04o}): a password file "
-            f"must be readable by its owner only (chmod 600 {show(path)})"
+            f"{shown} is open to group or others (mode {mode:04o}): a password file "
+            f"must be readable by its owner only (chmod 600 {shown})"
         )
     return ""
 
@@ -490,10 +491,10 @@ def argv_template_problem(arg: str) -> str:
         fields = [f for _, f, spec, conv in string.Formatter().parse(arg) if f is not None]
         specs = [(spec, conv) for _, f, spec, conv in string.Formatter().parse(arg) if f]
     except ValueError as exc:
-        return f"bad template '{show(arg)}': {exc} (write {{{{ and }}}} for braces)"
+        return f"bad command template '{show(arg)}': {exc} (write {{{{ and }}}} for braces)"
     if any(f != "host" for f in fields) or any(spec or conv for spec, conv in specs):
         return (
-            f"bad template '{show(arg)}': only {{host}} may be substituted "
+            f"bad command template '{show(arg)}': only {{host}} may be substituted "
             "(write {{ and }} for braces)"
         )
     return ""

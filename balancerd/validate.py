@@ -378,6 +378,7 @@ class MapOf(Kind):
 
     value: Kind
     key_doc: str = "name"
+    key: Text | None = None  # what a key must be (besides a non-empty string)
 
     def expect(self) -> str:
         return f"a mapping of {self.key_doc} to values"
@@ -392,17 +393,33 @@ class MapOf(Kind):
                 hint = " (quote it)" if not isinstance(key, str) else ""
                 out.add(key_path, f"{self.key_doc} must be a string, got {describe(key)}{hint}")
                 continue
+            if self.key is not None and self.key.check(key, key_path, _KeyProblems(out)) is INVALID:
+                out.add(key_path, f"{self.key_doc} must be {self.key.expect()}")
+                continue
             item = self.value.check(raw, key_path, out)
             if item is not INVALID:
                 built[key] = item
         return built
 
     def schema(self) -> dict[str, Any]:
+        names: dict[str, Any] = {"minLength": 1}
+        if self.key is not None:
+            names = {k: v for k, v in self.key.schema().items() if k != "type"}
         return {
             "type": "object",
-            "propertyNames": {"minLength": 1},
+            "propertyNames": names,
             "additionalProperties": self.value.schema(),
         }
+
+
+class _KeyProblems(Problems):
+    """Swallows the problem of a key's own check (the caller words it as a key's)."""
+
+    def __init__(self, out: Problems) -> None:
+        super().__init__(out.doc)
+
+    def add(self, path: FieldPath, message: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)

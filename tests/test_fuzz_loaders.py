@@ -22,9 +22,9 @@ from balancerd.errors import ConfigError, PolicyError
 from balancerd.policy.load import load_policy, load_policy_text
 
 HEAD = "apiVersion: balancerd/v1\nkind: Policy\nmetadata: {name: t}\n"
-SRC = "/tmp/t.yaml"
+SRC = "/srv/t.yaml"
 LOADERS: list[Callable[[str, str], object]] = [load_policy_text, load_config_text]
-LINE = re.compile(r"^/tmp/t\.yaml:\d+: \S")  # every problem: FILE:LINE: ...
+LINE = re.compile(r"^/srv/t\.yaml:\d+: \S")  # every problem: FILE:LINE: ...
 
 # The "billion laughs": 9 levels of 9 aliases, 387 million leaves from 300 bytes.
 LAUGHS = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import math
 import textwrap
+import time
 from pathlib import Path
 
 import jsonschema
@@ -36,7 +39,7 @@ from balancerd.policy.model import (
 )
 from balancerd.policy.schema import SCHEMA_PATH, schema_text
 from balancerd.policy.spec import DOCUMENT, SPEC
-from balancerd.validate import Obj
+from balancerd.validate import Number, Obj
 from balancerd.yamlpos import YamlError, load_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -817,3 +820,182 @@ def test_cli_exit_codes(
     assert f"{bad}:{line_of(bad_text, 'glpk')}: spec.solver.backend:" in captured.err
 
     assert _cli_exit(["check-policy", str(tmp_path / "none.yaml")], monkeypatch) == 1
+
+
+# ------------------------------------------------------ every accepted value runs
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "message"),
+    [
+        (
+            "migration: {downtime_steps_ms: [1000, 100000000000000000000000000]}",
+            "spec.migration.downtime_steps_ms[1]",
+            "must be an integer in [1, 2000000] (QEMU's maximum), got an integer of 27 digits",
+        ),
+        (
+            "migration: {max_downtime_ms: 18446744073709551616}",
+            "spec.migration.max_downtime_ms",
+            "must be an integer in [1, 2000000] (QEMU's maximum), got 18446744073709551616",
+        ),
+        (
+            "migration: {bandwidth_mib_s: 9.0e+12}",
+            "spec.migration.bandwidth_mib_s",
+            "must be a number in (0, 8796093022207] (libvirt's maximum), got 9000000000000.0",
+        ),
+        (
+            "migration: {max_time_s: 1.0e+12}",
+            "spec.migration.max_time_s",
+            "must be a number in (0, 86400] (at most 1 day)",
+        ),
+        (
+            "hysteresis: {cooldown_s: 1.0e+12}",
+            "spec.hysteresis.cooldown_s",
+            "must be a number in [0, 31536000] (at most 1 year)",
+        ),
+        (
+            "power: {grace_period_s: 1.0e+300, min_off_s: .inf}",
+            "spec.power.grace_period_s",
+            "(at most 1 year)",
+        ),
+        (
+            "solver: {time_limit_s: 1.0e+400}",
+            "spec.solver.time_limit_s",
+            "must be a number in (0, 3600] (at most 1 hour), got inf",
+        ),
+        (
+            "limits: {mem_headroom_mib: 1.0e+300}",
+            "spec.limits.mem_headroom_mib",
+            "must be a number in [0, 4294967296], got 1e+300",
+        ),
+        (
+            "budget: {max_gib: 0x7fffffffffffffffffff}",
+            "spec.budget.max_gib",
+            "must be a number in [0, 4294967296], got an integer of 24 digits",
+        ),
+        (
+            "forecast: {window_s: 31536000}",
+            "spec.forecast.window_s",
+            "must be a number in (0, 86400] (at most 1 day)",
+        ),
+    ],
+    ids=lambda v: v.split("{")[0].strip(": ") if "{" in v else None,
+)
+def test_values_that_cannot_run_are_refused(spec: str, path: str, message: str) -> None:
+    """Was: accepted, then an overflow in libvirt / QEMU / timedelta / float at run time
+    (downtime steps past 2**64, a 1e12 s migration cap, an OverflowError for 0x... * GiB)."""
+    text = doc(f"objective: balance\n{spec}")
+    found = problems(text)
+    prefix = f"{SRC}:{line_of(text, spec.split(':')[0])}: {path}: "
+    assert any(p.startswith(prefix) and message in p for p in found), "\n".join(found)
+
+
+def test_every_number_has_an_upper_bound() -> None:
+    """A Number without one cannot even be declared: the tables cannot grow one."""
+    with pytest.raises(TypeError, match="upper bound"):
+        Number(ge=0)
+
+
+def test_negative_zero_is_zero() -> None:
+    policy = load_policy_text(doc("objective: balance\nhysteresis: {cooldown_s: -0.0}"), SRC)
+    assert math.copysign(1.0, policy.hysteresis.cooldown_s) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "shown"),
+    [
+        ("mode: '" + "x" * 10_000 + "'", "got '" + "x" * 40 + "... (10000 characters)'"),
+        ('mode: "\\e[2J\\e[31mok"', "got '\\x1b[2J\\x1b[31mok'"),
+        ('constraints: {exclude_vms: ["vm\\x01"]}', "got 'vm\\x01'"),
+    ],
+    ids=["long", "terminal_escapes", "control"],
+)
+def test_messages_show_a_token_short_and_escaped(spec: str, shown: str) -> None:
+    """Was: the whole value, control characters included, in the message."""
+    found = problems(doc(f"objective: balance\n{spec}"))
+    assert len(found) == 1 and shown in found[0], found
+    assert len(found[0]) < 250 and found[0].isprintable()
+
+
+def test_free_text_may_span_lines_but_names_may_not_hold_controls() -> None:
+    text = HEAD.replace("  name: t\n", "  name: t\n  description: |\n    two\n    lines\n")
+    assert load_policy_text(text + "spec: {objective: balance}\n", SRC).name == "t"
+    found = problems(doc('objective: balance\nconstraints: {pin: {"vm\\n1": [h1]}}'))
+    assert any("spec.constraints.pin.vm\\n1:" in p for p in found), found
+
+
+def test_constraint_rules_stay_linear() -> None:
+    """Was: quadratic (3 s here; a 10,000-VM anti-affinity group: half a minute)."""
+    n = 3600  # within MAX_NODES
+    names = [f"vm-{i}" for i in range(n)]
+    chain = ", ".join(f"[{a}, {b}]" for a, b in itertools.pairwise(names[: n // 2]))
+    spec = (
+        "objective: balance\nconstraints:\n"
+        f"  anti_affinity: [[{', '.join(reversed(names))}]]\n"
+        f"  affinity: [{chain}]\n"
+        f"  exclude_vms: [{', '.join(names[: n // 2])}]\n"
+        f"  pin: {{{', '.join(f'{v}: [h1]' for v in names[n // 2 - 3 : n // 2])}}}\n"
+    )
+    started = time.thread_time()
+    found = problems(doc(spec))
+    assert time.thread_time() - started < 1.0
+    assert found[0] == (
+        f"{SRC}:8: spec.constraints.anti_affinity[0]: 'vm-1799' and 'vm-1798' must share a "
+        "host (affinity) and must not (anti_affinity)"
+    )
+    assert [p.split(": ")[1] for p in found[1:]] == [
+        f"spec.constraints.exclude_vms[{i}]" for i in (1797, 1798, 1799)
+    ]
+
+
+def test_must_and_must_not_pairs_are_bounded() -> None:
+    vms = ", ".join(f"v{i}" for i in range(700))
+    hosts = ", ".join(f"h{i}" for i in range(700))
+    rule = f"{{kind: must, vms: [{vms}], hosts: [{hosts}]}}"
+    spec = f"objective: balance\nconstraints:\n  host_rules:\n    - {rule}\n"
+    started = time.thread_time()
+    found = problems(doc(spec))
+    assert time.thread_time() - started < 1.0
+    assert found == [
+        f"{SRC}:8: spec.constraints.host_rules: must / must_not rules name 490000 VM-host "
+        "pairs, more than 200000: use exclude_hosts, pin or fewer, larger host groups"
+    ]
+
+
+# ------------------------------------------------------ check-policy on hostile files
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x01",
+        b"[" * 10_000,
+        b"a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+        + b"".join(
+            f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n".encode()
+            for p, c in zip("bcdefgh", "cdefghi", strict=True)
+        ),
+        b"spec: {objective: \xff}",
+        b"apiVersion: balancerd/v1\nkind: Policy\nmetadata: {name: x}\n"
+        b"spec: {objective: balance, budget: {max_moves: " + b"9" * 5000 + b"}}",
+        b"",
+        b"S3cret-Hunter2\n",
+    ],
+    ids=["control", "deep", "laughs", "not_utf8", "huge_int", "empty", "password"],
+)
+def test_check_policy_reports_hostile_files_in_one_line_each(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+) -> None:
+    """Exit 1 (as documented for check-policy), one FILE:LINE line per problem, no
+    traceback, nothing of a password file."""
+    path = tmp_path / "p.yaml"
+    path.write_bytes(content)
+    assert _cli_exit(["check-policy", str(path)], monkeypatch) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert lines and all(line.startswith(f"{path}:") for line in lines), lines
+    assert "Traceback" not in captured.err and "S3cret" not in captured.err

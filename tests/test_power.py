@@ -32,6 +32,7 @@ from balancerd.power import (
     drivers_for,
     make_driver,
 )
+from balancerd.power.command import expand
 from balancerd.power.manager import OFF_SETTLE_S
 from balancerd.power.wol import magic_packet, parse_mac
 
@@ -416,7 +417,7 @@ def test_ipmi_argument_list_and_status(tmp_path: Path, output: str, expected: bo
 def test_ipmi_odd_status_is_an_error(tmp_path: Path) -> None:
     tool = recorder(tmp_path, "ipmitool", stdout="Error: Unable to establish IPMI v2 session")
     with pytest.raises(PowerError, match="unexpected ipmitool output"):
-        IpmiDriver("a", "u", "f", ipmitool=str(tool)).is_on("h1")
+        IpmiDriver("a", "u", "/etc/balancerd/ipmi.pass", ipmitool=str(tool)).is_on("h1")
 
 
 def test_lab_driver_names_the_lab_in_errors(tmp_path: Path) -> None:
@@ -439,7 +440,7 @@ def test_make_driver_builds_each_kind() -> None:
     assert isinstance(make_driver(PowerDriverConfig("wol", mac="52:54:00:ab:cd:01")), WolDriver)
     cmd = make_driver(PowerDriverConfig("command", on_command=("a",), off_command=("b",)))
     assert isinstance(cmd, CommandDriver)
-    assert isinstance(make_driver(PowerDriverConfig("lab", lab_dir="/tmp/lab")), LabDriver)
+    assert isinstance(make_driver(PowerDriverConfig("lab", lab_dir="/run/lab")), LabDriver)
 
 
 def test_drivers_for_reports_every_problem_at_once() -> None:
@@ -461,3 +462,44 @@ def test_drivers_for_reports_every_problem_at_once() -> None:
         (*hosts[3:], HostConfig("h5", "u", power=PowerDriverConfig("lab", lab_dir="/x")))
     )
     assert list(good) == ["h5"]
+
+
+# --- secrets and templates ---------------------------------------------------------------
+
+
+def test_a_password_file_open_to_others_is_refused_at_build_and_use(tmp_path: Path) -> None:
+    """The driver refuses a group/world-readable password file; chmod'ed after the
+    driver was built, ipmitool is not run with it."""
+    tool = recorder(tmp_path, "ipmitool", stdout="Chassis Power is on")
+    secret = tmp_path / "bmc.pw"
+    secret.write_text("S3cret\n")
+    secret.chmod(0o644)
+    cfg = PowerDriverConfig(
+        "ipmi", ipmi_address="bmc", ipmi_user="u", ipmi_password_file=str(secret)
+    )
+    with pytest.raises(ConfigError) as err:
+        make_driver(cfg, "hosts[0].power")
+    assert err.value.problems == [
+        f"hosts[0].power.password_file: {secret} is open to group or others (mode 0644): a "
+        f"password file must be readable by its owner only (chmod 600 {secret})"
+    ]
+    secret.chmod(0o600)
+    drv = make_driver(cfg)
+    assert isinstance(drv, IpmiDriver)
+    drv.ipmitool = str(tool)
+    assert drv.is_on("h1") is True
+    secret.chmod(0o604)
+    with pytest.raises(PowerError, match=r"h1: power off: password_file .* \(mode 0604\)"):
+        drv.power_off("h1")
+    assert [c[-1] for c in calls(tmp_path, "ipmitool")] == ["status"]  # off never ran
+
+
+@pytest.mark.parametrize(
+    "template", ["{host.__class__.__mro__}", "{host:>999999999}", "{host!r}", "{0}", "{", "}"]
+)
+def test_command_templates_substitute_only_the_host(template: str) -> None:
+    """Was: str.format ran any field: attributes of the host string, or a format spec
+    that builds a gigabyte."""
+    with pytest.raises(PowerError, match="bad command template"):
+        expand(["x", template], "h1")
+    assert expand(["x{{literal}}", "--node={host}"], "h1") == ["x{literal}", "--node=h1"]

@@ -183,7 +183,7 @@ SPEC = obj(
             obj(
                 {
                     "pin": fld(
-                        MapOf(ListOf(NAME, min_items=1, unique=True), key_doc="VM name"),
+                        MapOf(ListOf(NAME, min_items=1, unique=True), key_doc="VM name", key=NAME),
                         "VM -> the only hosts it may run on",
                     ),
                     "exclude_vms": fld(NAMES, "VMs never moved (still counted on their host)"),
@@ -249,7 +249,7 @@ SPEC = obj(
                     ),
                     "default_model": fld(_power_model(), "watts of hosts not in host_models"),
                     "host_models": fld(
-                        MapOf(_power_model(), key_doc="host name"), "host -> its watts"
+                        MapOf(_power_model(), key_doc="host name", key=NAME), "host -> its watts"
                     ),
                 },
                 cls=Power,

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from balancerd.config import argv_template_problem
 from balancerd.power.base import PowerError, run_argv
 
 
 def expand(template: Sequence[str], host: str) -> list[str]:
-    """Each argument is formatted on its own, so a host name can never split into two."""
-    try:
-        return [arg.format(host=host) for arg in template]
-    except (KeyError, IndexError, ValueError) as exc:
-        raise PowerError(f"{host}: bad command template {list(template)!r}: {exc}") from exc
+    """Each argument is formatted on its own, so a host name can never split into two.
+    Only ``{host}`` is substituted (as the config loader checks): no attribute access,
+    no format spec that could build a string of any size."""
+    for arg in template:
+        problem = argv_template_problem(arg)
+        if problem:
+            raise PowerError(f"{host}: {problem}")
+    return [arg.format(host=host) for arg in template]
 
 
 class CommandDriver:

@@ -1,7 +1,12 @@
-"""IPMI over LAN with ``ipmitool`` (argument list, password from a file, never a shell)."""
+"""IPMI over LAN with ``ipmitool`` (argument list, password from a file, never a shell).
+
+The password file must be readable by its owner only: checked when the config is loaded
+(if the file exists then), when the driver is built, and before every use.
+"""
 
 from __future__ import annotations
 
+from balancerd.config import secret_file_problem
 from balancerd.power.base import PowerError, run_argv
 
 
@@ -37,14 +42,20 @@ class IpmiDriver:
             action,
         ]
 
+    def _run(self, host: str, action: str) -> str:
+        problem = secret_file_problem(self.password_file)
+        if problem:  # its mode changed since the driver was built
+            raise PowerError(f"{host}: power {action}: password_file {problem}")
+        return run_argv(self.argv(action), host, action, self.timeout_s)
+
     def power_on(self, host: str) -> None:
-        run_argv(self.argv("on"), host, "on", self.timeout_s)
+        self._run(host, "on")
 
     def power_off(self, host: str) -> None:
-        run_argv(self.argv("off"), host, "off", self.timeout_s)
+        self._run(host, "off")
 
     def is_on(self, host: str) -> bool | None:
-        out = run_argv(self.argv("status"), host, "status", self.timeout_s)
+        out = self._run(host, "status")
         # "Chassis Power is on" / "Chassis Power is off"
         words = out.strip().lower().split()
         if words[-1:] == ["on"]:
