@@ -271,3 +271,29 @@ def test_same_named_guests_on_two_hosts_are_left_where_they_are(harness: Harness
     assert all(not m.vm.startswith("vm0") for m in report.plan.moves)
     assert any("vm0 is on h1, h2" in n for n in report.plan.notes), report.plan.notes
     assert "vm0" in harness.hv.hosts["h1"].vms and "vm0" in harness.hv.hosts["h2"].vms
+
+
+def test_a_guest_preflight_refuses_backs_off_instead_of_failing_every_cycle(
+    harness: Harness, tmp_path: Path
+) -> None:
+    from balancerd.hypervisor.base import DiskFacts
+
+    drain = POLICY.replace("MODE", "automatic") + "  constraints: {maintenance: [h1]}\n"
+    (tmp_path / "policy.yaml").write_text(drain)
+    assert harness.daemon.reload()
+
+    wb = harness.hv.hosts["h1"].vms["vm0"]
+    wb.disks = (DiskFacts("vda", "/shared/vm0.qcow2", "writeback", "disk", False),)
+    harness.collect(3)
+    first = harness.daemon.cycle_once()
+    assert first is not None
+    refused = [r for r in first.results if r.vm == "vm0"]
+    assert refused and refused[0].skip_kind is SkipKind.CACHE_MODE
+    harness.collect(1)
+    second = harness.daemon.cycle_once()
+    assert second is not None
+    assert all(m.vm != "vm0" for m in second.plan.moves)
+    assert any(n.startswith("vm0 backs off") for n in second.plan.notes), second.plan.notes
+    status = json.loads((harness.state / STATUS_FILE).read_text())
+    assert [b["vm"] for b in status["backing_off"]] == ["vm0"]
+    assert "cache='writeback'" in status["backing_off"][0]["reason"]

@@ -468,3 +468,29 @@ def test_pause_and_complete_in_flight_with_its_id_and_labels_the_dashboard_queri
         rc = daemon.stop()
         notify.close()
     assert rc == 0, daemon.output()[-3000:]
+
+
+def test_the_first_decision_comes_once_the_smoothing_window_is_full(
+    lab_factory: Any, work: Path
+) -> None:
+    """With a 300 s cycle interval, the first plan still comes right after the smoothing
+    window (3 samples, 1 s apart) is full, not five minutes later."""
+    guests = (GuestSpec("f1", "host1"), GuestSpec("f2", "host1"))
+    lab = boot(lab_factory, LabSpec(hosts=2, guests=guests, host_cpus=1))
+    *_, notify, daemon = start(
+        lab, work, "first", "balance", mode="recommend", cycle_interval_s=300
+    )
+    try:
+        assert notify.wait_for("READY=1", 60), daemon.output()
+        ready_at = time.monotonic()
+        deadline = ready_at + 60
+        while "plan policy=" not in daemon.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        waited_s = time.monotonic() - ready_at
+        assert "plan policy=" in daemon.output(), daemon.output()[-2000:]
+        # READY comes at 2 samples; the window is full one collect interval (1 s) later.
+        assert waited_s <= 1.0 + 5.0, waited_s
+    finally:
+        rc = daemon.stop()
+        notify.close()
+    assert rc == 0

@@ -109,7 +109,13 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"  last cycle: {daemon.get('last_cycle')}")
             for m in daemon.get("in_flight", []):
-                print(f"  migrating: {m}")
+                print(
+                    f"  migrating: {m.get('vm')} {m.get('src')}->{m.get('dst')} "
+                    f"(id {m.get('migration_id')})"
+                )
+            for b in daemon.get("backing_off", []):
+                to = f" -> {b['to']}" if b.get("to") else ""
+                print(f"  held back: {b['vm']}{to} for {b['for_s']} s: {b['reason']}")
         else:
             print("\ndaemon: not running (no live status in the state directory)")
     return 0 if any(h.up for h in snapshot.hosts) else 1

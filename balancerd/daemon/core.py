@@ -25,6 +25,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
+from balancerd.backoff import BackoffTable
 from balancerd.collect import Capacity, SampleHistory, build_snapshot, capacity_from_config
 from balancerd.config import Config
 from balancerd.daemon.cycle import CycleActions, CycleInputs, CycleReport, run_cycle
@@ -110,6 +111,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._ready_sent = False
+        self._first_cycle_due = False  # the first cycle was brought forward
         self._server: Any = None  # the metrics HTTP server while running
         self._cycle_idle = threading.Event()  # no cycle runs (stop waits for this)
         self._cycle_idle.set()
@@ -141,6 +143,7 @@ class Daemon:
             self.stats.record_journal_corrupt()
         self.power = _load_tracker(state_dir / POWER_FILE, clock())
         self.known_capacity: dict[str, Capacity] = {}  # last seen while up
+        self.backoff = BackoffTable()  # guests (and guest -> host pairs) that keep failing
         self.demand = DemandHistory(keep_s=loaded.forecast_window_s)
         self.scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -413,6 +416,11 @@ class Daemon:
             self._ready_sent = True
             self.notifier.ready(status=f"collecting: {up}/{len(snapshot.hosts)} hosts up")
             log.info("ready hosts_up=%d hosts=%d", up, len(snapshot.hosts))
+        if not self._first_cycle_due and len(history) >= history.window:
+            # The smoothing window is full: decide now, not a whole cycle interval later.
+            self._first_cycle_due = True
+            if self.scheduler.running:
+                self.scheduler.modify_job("cycle", next_run_time=datetime.now().astimezone())
         self._write_status("idle")
         return snapshot
 
@@ -480,10 +488,13 @@ class Daemon:
         with self._lock:
             # Plan with each guest's forecast demand (spec.forecast), act on the real snapshot.
             planning = self.demand.planning_snapshot(snapshot, policy.forecast, now_s)
+        with self._lock:
+            cycle_policy, backoff_notes = self.backoff.apply(policy, now_s)
         inputs = CycleInputs(
             snapshot=snapshot,
             planning=planning,
-            policy=policy,
+            policy=cycle_policy,
+            notes=tuple(backoff_notes),
             active=active,
             last_moved_s=dict(self.rt.last_moved_s),
             now_s=now_s,
@@ -529,6 +540,8 @@ class Daemon:
             r = run_move(e, move)
             if r.outcome is MoveOutcome.MIGRATED:
                 self.rt.last_moved_s[r.vm] = self._clock()
+            with self._lock:
+                self.backoff.record(r, self._clock())
             self.recorder.move_finished(r, policy.name)
             finished.add(id(r))
             return r
@@ -576,6 +589,20 @@ class Daemon:
             return f"it holds {listed}"
         return ""
 
+    def _backoff_status(self) -> list[dict[str, Any]]:
+        now_s = self._clock()
+        with self._lock:
+            guests, pairs = self.backoff.active(now_s)
+        out: list[dict[str, Any]] = [
+            {"vm": vm, "to": None, "for_s": round(b.until_s - now_s), "reason": b.reason}
+            for vm, b in sorted(guests.items())
+        ]
+        out += [
+            {"vm": vm, "to": dst, "for_s": round(b.until_s - now_s), "reason": b.reason}
+            for (vm, dst), b in sorted(pairs.items())
+        ]
+        return out
+
     def _write_status(self, state: str) -> None:
         active, policy = self.active()
         report = self.rt.last_report
@@ -591,6 +618,7 @@ class Daemon:
                     "last_cycle": {} if report is None else report.summary(),
                     "in_flight": self.stats.summary().get("in_flight", []),
                     "powered_off": list(self.power.powered_off()),
+                    "backing_off": self._backoff_status(),
                 },
             )
         except OSError as exc:

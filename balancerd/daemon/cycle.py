@@ -29,6 +29,7 @@ class CycleInputs:
     last_moved_s: Mapping[str, float]  # guest -> when it last moved (cooldowns)
     now_s: float
     at: str  # ISO timestamp for the report
+    notes: tuple[str, ...] = ()  # for the plan (e.g. guests backing off)
 
 
 class CycleActions(Protocol):
@@ -96,6 +97,7 @@ def run_cycle(
     plan = decide_fn(
         planning, planning_policy, last_moved_s=dict(inputs.last_moved_s), now_s=inputs.now_s
     )
+    notes = [*inputs.notes, *notes]
     if notes:
         plan = replace(plan, notes=(*plan.notes, *notes))
     on_plan(plan)
