@@ -405,13 +405,28 @@ def test_command_driver_times_out(tmp_path: Path) -> None:
                                                   ("Chassis Power is off", False)])  # fmt: skip
 def test_ipmi_argument_list_and_status(tmp_path: Path, output: str, expected: bool) -> None:
     tool = recorder(tmp_path, "ipmitool", stdout=output)
-    drv = IpmiDriver("10.0.0.101", "admin", "/etc/balancerd/ipmi-h1.pass", ipmitool=str(tool))
+    drv = IpmiDriver(
+        "10.0.0.101",
+        "admin",
+        "/etc/balancerd/ipmi-h1.pass",
+        ipmitool=str(tool),
+        soft_off_timeout_s=0.2,
+        poll_s=0.05,
+    )
     drv.power_on("h1")
     drv.power_off("h1")
     assert drv.is_on("h1") is expected
     base = ["-I", "lanplus", "-H", "10.0.0.101", "-U", "admin", "-f"]
     base += ["/etc/balancerd/ipmi-h1.pass", "chassis", "power"]
-    assert calls(tmp_path, "ipmitool") == [[*base, "on"], [*base, "off"], [*base, "status"]]
+    actions = [c[-1] for c in calls(tmp_path, "ipmitool")]
+    assert calls(tmp_path, "ipmitool")[0] == [*base, "on"]
+    # Soft (ACPI) first; a host that reports off is left at that; one that stays on gets
+    # a hard power-off once the soft timeout has passed.
+    assert actions[1:3] == ["soft", "status"]
+    if expected:
+        assert actions[-2:] == ["off", "status"] and actions.count("status") >= 3
+    else:
+        assert actions == ["on", "soft", "status", "status"]
 
 
 def test_ipmi_odd_status_is_an_error(tmp_path: Path) -> None:
@@ -489,7 +504,7 @@ def test_a_password_file_open_to_others_is_refused_at_build_and_use(tmp_path: Pa
     drv.ipmitool = str(tool)
     assert drv.is_on("h1") is True
     secret.chmod(0o604)
-    with pytest.raises(PowerError, match=r"h1: power off: password_file .* \(mode 0604\)"):
+    with pytest.raises(PowerError, match=r"h1: power soft: password_file .* \(mode 0604\)"):
         drv.power_off("h1")
     assert [c[-1] for c in calls(tmp_path, "ipmitool")] == ["status"]  # off never ran
 

@@ -6,8 +6,18 @@ The password file must be readable by its owner only: checked when the config is
 
 from __future__ import annotations
 
+import logging
+import time
+
 from balancerd.config import secret_file_problem
 from balancerd.power.base import PowerError, run_argv
+
+log = logging.getLogger(__name__)
+
+# A soft power-off (ACPI) gets this long to finish before a hard one. Kept under the
+# daemon's default stall timeout (60 s): the cycle waits for it.
+SOFT_OFF_TIMEOUT_S = 45.0
+SOFT_OFF_POLL_S = 3.0
 
 
 class IpmiDriver:
@@ -18,7 +28,11 @@ class IpmiDriver:
         password_file: str,
         ipmitool: str = "ipmitool",
         timeout_s: float = 30.0,
+        soft_off_timeout_s: float = SOFT_OFF_TIMEOUT_S,
+        poll_s: float = SOFT_OFF_POLL_S,
     ) -> None:
+        self.soft_off_timeout_s = soft_off_timeout_s
+        self.poll_s = poll_s
         self.address = address
         self.user = user
         self.password_file = password_file
@@ -26,7 +40,7 @@ class IpmiDriver:
         self.timeout_s = timeout_s
 
     def argv(self, action: str) -> list[str]:
-        """``action``: on | off | status."""
+        """``action``: on | off | soft | status."""
         return [
             self.ipmitool,
             "-I",
@@ -52,6 +66,25 @@ class IpmiDriver:
         self._run(host, "on")
 
     def power_off(self, host: str) -> None:
+        """A soft (ACPI) power-off first, so the host's OS shuts down cleanly; a hard one
+        only if it is still on after ``soft_off_timeout_s``."""
+        self._run(host, "soft")
+        deadline = time.monotonic() + self.soft_off_timeout_s
+        while True:
+            try:
+                if self.is_on(host) is False:
+                    return
+            except PowerError as exc:
+                log.info("%s: power status after soft off: %s", host, exc)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_s)
+        log.warning(
+            "%s still on %.0f s after a soft power-off; powering off hard",
+            host,
+            self.soft_off_timeout_s,
+            extra={"HOST": host},
+        )
         self._run(host, "off")
 
     def is_on(self, host: str) -> bool | None:
