@@ -66,6 +66,8 @@ class SkipKind(enum.StrEnum):
     RECOMMEND = "recommend"  # the policy only recommends
     POLICY_CHANGED = "policy-changed"  # another policy became active mid-plan
     JOURNAL = "journal"  # the intent could not be recorded (state directory full?)
+    PAUSED = "paused"  # an operator paused balancerd (`balancerd pause`)
+    STALE = "stale"  # a saved plan's step no longer fits (rules or capacity changed since)
     OTHER = "other"
 
 
