@@ -332,7 +332,9 @@ def test_capacity_override_is_used() -> None:
     cap = {"a": HostCapacity(cpus=4, mem_bytes=64 * GIB), "b": HostCapacity(cpus=4)}
     plan = decide(s, pol, capacity=cap)
     assert sum(h == "a" for h in plan.target.host_of.values()) == 2, plan.reason
-    assert not decide(s, pol).moves or True
+    # The override is what makes "a" hot: at 64 cores the same guests use 10 % of it.
+    plain = decide(s, pol)
+    assert plan.score_before > 1.0 > 0.2 > plain.score_before, (plan.score_before, plain)
     assert not [v for v in verify(s, pol, plan.target, capacity=cap) if not v.carried]
 
 
@@ -615,7 +617,7 @@ def test_highs_backend_is_selectable() -> None:
     # gap 0: the greedy placement is not provably optimal, so the ILP runs
     res = solve(s, policy(solver=Solver(backend="highs", time_limit_s=5.0, gap=0.0)))
     assert any("ilp:highs" in st for st in res.stages), res.stages
-    assert res.report.backend in ("highs", "greedy")
+    assert res.report.backend == "highs", res.report
     assert not [v for v in verify(s, policy(), res.target) if not v.carried]
 
 
