@@ -41,6 +41,10 @@ class _Step:
     src: int
     dst: int
     final_dst: int  # differs from dst when staged
+    done: bool = False
+
+
+RESORT_SHARE = 0.05  # re-rank the pending steps when this share of them has finished
 
 
 def order_moves(
@@ -57,142 +61,193 @@ def order_moves(
     Steps out of ``uncounted_sources`` (e.g. a pool of guests waiting to start) do not
     count against the per-host concurrency of their source."""
     p = problem or build_problem(snapshot, policy, capacity=capacity)
-    mig = policy.migration
-    per_host_limit = max(1, mig.max_concurrent_per_host)
-    wave_limit = max(1, mig.max_concurrent)
-    vms = {v.name: v for v in snapshot.vms}
-    notes: list[str] = []
-    cpu, mem, vcpu = p.loads(p.cur)
-    anti_of: dict[int, list[int]] = {}
-    for gid, grp in enumerate(p.anti):
-        for g in grp:
-            anti_of.setdefault(g, []).append(gid)
-    occupied: list[dict[int, int]] = [{} for _ in p.anti]  # group -> host -> members there
-    for gid, grp in enumerate(p.anti):
-        for g in grp:
-            occupied[gid][p.cur[g]] = occupied[gid].get(p.cur[g], 0) + 1
-
-    pending: list[_Step] = []
-    for vm, (_, dst) in target.moved_from(current).items():
-        gi = p.guest_index.get(vm)
-        if gi is None or dst not in p.host_index:
-            notes.append(f"{vm}: unknown guest or host; left out")
+    o = _Orderer(p, snapshot, policy, uncounted_sources)
+    o.add_steps(current, target)
+    while o.n_pending > 0:
+        running = o.next_wave()
+        if running:
+            o.finish(running)
             continue
-        h = p.host_index[dst]
-        pending.append(_Step(gi, p.cur[gi], h, h))
+        if not o.stage():
+            o.leave_out_the_rest()
+            break
+    return o.result()
 
-    def fits(g: int, h: int) -> bool:
-        if cpu[h] + p.cpu[g] > max(p.cpu_cap[h], 0.0) + 1e-9:
-            return False
-        if mem[h] + p.mem[g] > p.mem_cap[h] + 0.5 or vcpu[h] + p.vcpus[g] > p.vcpu_cap[h]:
-            return False
-        return all(occupied[gid].get(h, 0) == 0 for gid in anti_of.get(g, ()))
 
-    def reserve(g: int, h: int, sign: int) -> None:
-        cpu[h] += sign * p.cpu[g]
-        mem[h] += sign * p.mem[g]
-        vcpu[h] += sign * p.vcpus[g]
-        for gid in anti_of.get(g, ()):
-            occupied[gid][h] = occupied[gid].get(h, 0) + sign
+class _Orderer:
+    """Reserved loads (a step holds its guest on both hosts while it runs), anti-affinity
+    occupancy, and the pending steps, ranked: first the moves that free room others wait
+    for, then those of the hosts with the longest queues (they bound the number of waves),
+    then the largest guests. The ranking is refreshed whenever a twentieth of the steps
+    has finished (or no wave could be formed), not after every wave: plans of thousands of
+    moves are ordered in about linear time."""
 
-    staged_vms: set[int] = set()  # each guest is staged at most once: the loop ends
+    def __init__(
+        self, p: Problem, snapshot: Snapshot, policy: Policy, uncounted: frozenset[str]
+    ) -> None:
+        self.p = p
+        self.mig = policy.migration
+        self.per_host_limit = max(1, self.mig.max_concurrent_per_host)
+        self.wave_limit = max(1, self.mig.max_concurrent)
+        self.vms = {v.name: v for v in snapshot.vms}
+        self.notes: list[str] = []
+        self.cpu, self.mem, self.vcpu = p.loads(p.cur)
+        self.anti_of: dict[int, list[int]] = {}
+        self.occupied: list[dict[int, int]] = [{} for _ in p.anti]  # group -> host -> count
+        for gid, grp in enumerate(p.anti):
+            for g in grp:
+                self.anti_of.setdefault(g, []).append(gid)
+                self.occupied[gid][p.cur[g]] = self.occupied[gid].get(p.cur[g], 0) + 1
+        self.free_src = {p.host_index[n] for n in uncounted if n in p.host_index}
+        self.pending: list[_Step] = []
+        self.n_pending = 0
+        self.ranked_at = -1  # n_pending when the ranking was last refreshed
+        self.staged_vms: set[int] = set()  # each guest is staged at most once: it ends
+        self.staged = 0
+        self.moves: list[Move] = []
+        self.reached = list(p.cur)
+        self.wave = 0
 
-    def stage() -> _Step | None:
-        """Deadlock: send the smallest blocked guest to the roomiest host that takes it."""
-        for s in sorted(pending, key=lambda s: p.mem[s.vm]):
-            if s.dst != s.final_dst or s.vm in staged_vms:
+    def add_steps(self, current: Placement, target: Placement) -> None:
+        p = self.p
+        for vm, (_, dst) in target.moved_from(current).items():
+            gi = p.guest_index.get(vm)
+            if gi is None or dst not in p.host_index:
+                self.notes.append(f"{vm}: unknown guest or host; left out")
                 continue
-            best = -1
-            best_room = -1e18
-            for h in range(p.n_hosts):
-                if h in (s.src, s.final_dst) or not p.can_host(s.vm, h) or not fits(s.vm, h):
-                    continue
-                room = min(
-                    (p.mem_cap[h] - mem[h]) / (p.mem_total[h] or 1.0),
-                    (p.cpu_cap[h] - cpu[h]) / (p.cpu_total[h] or 1.0),
-                )
-                if room > best_room:
-                    best, best_room = h, room
-            if best >= 0:
-                s.dst = best
-                staged_vms.add(s.vm)
-                return s
-        return None
+            h = p.host_index[dst]
+            self.pending.append(_Step(gi, p.cur[gi], h, h))
+        self.n_pending = len(self.pending)
 
-    free_src = {p.host_index[n] for n in uncounted_sources if n in p.host_index}
-    moves: list[Move] = []
-    reached = list(p.cur)
-    wave = 0
-    staged = 0
-    while pending:
-        # moves that free room others wait for, then the long ones, go first
-        # first the moves that free room others wait for, then those of the hosts with
-        # the longest queue (they bound the number of waves), then the long ones
-        awaited = {t.dst for t in pending}
+    def fits(self, g: int, h: int) -> bool:
+        p = self.p
+        if self.cpu[h] + p.cpu[g] > max(p.cpu_cap[h], 0.0) + 1e-9:
+            return False
+        if self.mem[h] + p.mem[g] > p.mem_cap[h] + 0.5 or self.vcpu[h] + p.vcpus[g] > p.vcpu_cap[h]:
+            return False
+        return all(self.occupied[gid].get(h, 0) == 0 for gid in self.anti_of.get(g, ()))
+
+    def reserve(self, g: int, h: int, sign: int) -> None:
+        p = self.p
+        self.cpu[h] += sign * p.cpu[g]
+        self.mem[h] += sign * p.mem[g]
+        self.vcpu[h] += sign * p.vcpus[g]
+        for gid in self.anti_of.get(g, ()):
+            self.occupied[gid][h] = self.occupied[gid].get(h, 0) + sign
+
+    def rank(self) -> None:
+        """Drop finished steps and order the rest (see the class docstring)."""
+        self.pending = [s for s in self.pending if not s.done]
+        awaited = {t.dst for t in self.pending}
         queue: dict[int, int] = {}
-        for t in pending:
+        for t in self.pending:
             queue[t.src] = queue.get(t.src, 0) + 1
             queue[t.dst] = queue.get(t.dst, 0) + 1
-        pending.sort(
-            key=lambda s: (
-                s.src not in awaited,
-                -max(queue[s.src], queue[s.dst]),
-                -p.mem[s.vm],
-            )
+        mem = self.p.mem
+        self.pending.sort(
+            key=lambda s: (s.src not in awaited, -max(queue[s.src], queue[s.dst]), -mem[s.vm])
         )
+        self.ranked_at = self.n_pending
+
+    def next_wave(self) -> list[_Step]:
+        """Steps that may start together now, best ranked first; each reserves its
+        destination at once."""
+        if self.ranked_at < 0 or self.n_pending <= self.ranked_at * (1 - RESORT_SHARE):
+            self.rank()
+        running = self._fill()
+        if not running and self.ranked_at != self.n_pending:
+            self.rank()  # a stale ranking may hide a step that can start
+            running = self._fill()
+        return running
+
+    def _fill(self) -> list[_Step]:
         busy: dict[int, int] = {}
         running: list[_Step] = []
-        for s in pending:
-            if len(running) >= wave_limit:
+        for s in self.pending:
+            if len(running) >= self.wave_limit:
                 break
-            if busy.get(s.dst, 0) >= per_host_limit or (
-                s.src not in free_src and busy.get(s.src, 0) >= per_host_limit
-            ):
+            if s.done or busy.get(s.dst, 0) >= self.per_host_limit:
                 continue
-            if not fits(s.vm, s.dst):
+            if s.src not in self.free_src and busy.get(s.src, 0) >= self.per_host_limit:
                 continue
-            reserve(s.vm, s.dst, +1)
+            if not self.fits(s.vm, s.dst):
+                continue
+            self.reserve(s.vm, s.dst, +1)
             busy[s.src] = busy.get(s.src, 0) + 1
             busy[s.dst] = busy.get(s.dst, 0) + 1
             running.append(s)
-        if not running:
-            staged_step = stage()
-            if staged_step is None:
-                for t in pending:
-                    notes.append(
-                        f"{p.guests[t.vm]}: {p.hosts[t.src]} -> {p.hosts[t.final_dst]} cannot be "
-                        "ordered safely (no room on the way, no staging host); left out"
-                    )
-                break
-            staged += 1
-            notes.append(
-                f"{p.guests[staged_step.vm]} staged through {p.hosts[staged_step.dst]} on its "
-                f"way to {p.hosts[staged_step.final_dst]}"
-            )
-            continue
-        running_ids = {id(s) for s in running}
-        pending = [s for s in pending if id(s) not in running_ids]
+        return running
+
+    def finish(self, running: list[_Step]) -> None:
+        """The wave ends: sources are released, moves recorded, staged guests go on."""
+        p = self.p
         for s in running:
-            reserve(s.vm, s.src, -1)
-            reached[s.vm] = s.dst
-            v = vms[p.guests[s.vm]]
-            moves.append(
+            s.done = True
+            self.n_pending -= 1
+            self.reserve(s.vm, s.src, -1)
+            self.reached[s.vm] = s.dst
+            v = self.vms[p.guests[s.vm]]
+            self.moves.append(
                 Move(
                     vm=v.name,
                     src=p.hosts[s.src],
                     dst=p.hosts[s.dst],
                     mem_bytes=v.mem_bytes,
-                    expected_s=expected_seconds(v.mem_bytes, v.dirty_rate_bytes_s, mig),
-                    wave=wave,
+                    expected_s=expected_seconds(v.mem_bytes, v.dirty_rate_bytes_s, self.mig),
+                    wave=self.wave,
                 )
             )
             if s.dst != s.final_dst:
-                pending.append(_Step(s.vm, s.dst, s.final_dst, s.final_dst))
-        wave += 1
-    if staged:
-        notes.append(f"{staged} swap(s)/cycle(s) broken through a staging host")
-    placement = Placement({p.guests[g]: p.hosts[reached[g]] for g in range(p.n_guests)})
-    return tuple(moves), placement, tuple(notes)
+                self.pending.append(_Step(s.vm, s.dst, s.final_dst, s.final_dst))
+                self.n_pending += 1
+        self.wave += 1
+
+    def stage(self) -> bool:
+        """Deadlock: send the smallest blocked guest to the roomiest host that takes it
+        (on to its target in a later wave)."""
+        p = self.p
+        for s in sorted((s for s in self.pending if not s.done), key=lambda s: p.mem[s.vm]):
+            if s.dst != s.final_dst or s.vm in self.staged_vms:
+                continue
+            best = -1
+            best_room = -1e18
+            for h in range(p.n_hosts):
+                if h in (s.src, s.final_dst) or not p.can_host(s.vm, h) or not self.fits(s.vm, h):
+                    continue
+                room = min(
+                    (p.mem_cap[h] - self.mem[h]) / (p.mem_total[h] or 1.0),
+                    (p.cpu_cap[h] - self.cpu[h]) / (p.cpu_total[h] or 1.0),
+                )
+                if room > best_room:
+                    best, best_room = h, room
+            if best >= 0:
+                s.dst = best
+                self.staged_vms.add(s.vm)
+                self.staged += 1
+                self.notes.append(
+                    f"{p.guests[s.vm]} staged through {p.hosts[best]} on its way to "
+                    f"{p.hosts[s.final_dst]}"
+                )
+                self.ranked_at = -1
+                return True
+        return False
+
+    def leave_out_the_rest(self) -> None:
+        p = self.p
+        for t in self.pending:
+            if not t.done:
+                self.notes.append(
+                    f"{p.guests[t.vm]}: {p.hosts[t.src]} -> {p.hosts[t.final_dst]} cannot be "
+                    "ordered safely (no room on the way, no staging host); left out"
+                )
+        self.pending = []
+
+    def result(self) -> tuple[tuple[Move, ...], Placement, tuple[str, ...]]:
+        p = self.p
+        if self.staged:
+            self.notes.append(f"{self.staged} swap(s)/cycle(s) broken through a staging host")
+        placement = Placement({p.guests[g]: p.hosts[self.reached[g]] for g in range(p.n_guests)})
+        return tuple(self.moves), placement, tuple(self.notes)
 
 
 def power_changes(p: Problem, target: Placement) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -74,7 +74,7 @@ FULL_ILP_MAX_VARS = 20_000  # above this the ILP frees only the units around the
 REDUCED_ILP_MAX_VARS = 4_000
 REDUCED_TARGET_HOSTS = 12
 
-Ranked = list[tuple[float, str, list[int]]]
+Ranked = list[tuple["Measure", str, list[int]]]  # best first
 REFERENCES = ("current", "repair")  # what other candidates must improve on (hysteresis)
 
 
@@ -100,6 +100,64 @@ class SolveResult:
 # --- the objective and the measures built on it ------------------------------------------
 
 
+@dataclass(frozen=True)
+class Measure:
+    """Everything the ranking needs about one placement, from one pass over it."""
+
+    objective: float  # what candidates are ranked by (the ILP's terms)
+    violation: float  # hard rules left broken + load above the caps (host capacities)
+    score: float  # balance: highest weighted util; power-save: host-equivalents on
+    excess: float  # balance: weighted load above the bound (host capacities)
+    hot: float  # balance: the same above bound + min_improvement (hysteresis)
+    moves: int
+    moved_bytes: float
+
+
+def measure(p: Problem, host_of: list[int], lb: tuple[float, float] | None = None) -> Measure:
+    lbc, lbm = lb if lb is not None else util_lower_bounds(p)
+    margin = p.policy.hysteresis.min_improvement
+    cpu, mem, vcpu = p.loads(host_of)
+    viol = 0.0
+    excess = hot = 0.0
+    uc = um = 0.0
+    for h in range(p.n_hosts):
+        tc, tm = p.cpu_total[h] or 1.0, p.mem_total[h] or 1.0
+        viol += max(0.0, cpu[h] - p.cpu_cap[h]) / tc + max(0.0, mem[h] - p.mem_cap[h]) / tm
+        viol += max(0.0, vcpu[h] - p.vcpu_cap[h]) / (p.vcpu_cap[h] or 1.0)
+        if p.balanced[h]:
+            c, m = cpu[h] / tc, mem[h] / tm
+            uc, um = max(uc, c), max(um, m)
+            excess += p.w_cpu * max(0.0, c - lbc) + p.w_mem * max(0.0, m - lbm)
+            hot += p.w_cpu * max(0.0, c - lbc - margin) + p.w_mem * max(0.0, m - lbm - margin)
+    moves = 0
+    moved_bytes = soft = 0.0
+    for g in range(p.n_guests):
+        h = host_of[g]
+        if h != p.cur[g]:
+            moves += 1
+            moved_bytes += p.mem[g]
+        elif p.must_move[g]:
+            viol += 1.0
+        bad, w = p.soft[g]
+        if w and h in bad:
+            soft += w
+    for grp in p.affinity:
+        if len({host_of[g] for g in grp}) > 1:
+            viol += 1.0
+    for grp in p.anti:
+        viol += len(grp) - len({host_of[g] for g in grp})
+    obj = PENALTY * viol + soft + migration_weight(p) * moved_bytes
+    if p.objective == "power-save":
+        sc = power_on(p, host_of)
+        for h in set(host_of):
+            obj += power_weight(p, h) + (POWER_ON_COST if p.powered_off[h] else 0.0)
+    else:
+        wc, wm = p.w_cpu * uc, p.w_mem * um
+        sc = max(wc, wm)
+        obj += sc + SPREAD * (wc + wm) + excess / n_balanced(p)
+    return Measure(obj, viol, sc, excess, hot, moves, moved_bytes)
+
+
 def excess_above(p: Problem, host_of: list[int], margin: float = 0.0) -> float:
     """Weighted load above (bound_r + margin), summed over balanced hosts and resources,
     in host capacities (0.5 = half of one host)."""
@@ -118,43 +176,12 @@ def excess_above(p: Problem, host_of: list[int], margin: float = 0.0) -> float:
 def violation(p: Problem, host_of: list[int]) -> float:
     """Hard rules left broken (each forced move undone, each broken group) plus load above
     the caps, in host capacities."""
-    total = 0.0
-    for g in range(p.n_guests):
-        if p.must_move[g] and host_of[g] == p.cur[g]:
-            total += 1.0
-    for grp in p.affinity:
-        if len({host_of[g] for g in grp}) > 1:
-            total += 1.0
-    for grp in p.anti:
-        total += len(grp) - len({host_of[g] for g in grp})
-    cpu, mem, vcpu = p.loads(host_of)
-    for h in range(p.n_hosts):
-        total += max(0.0, cpu[h] - p.cpu_cap[h]) / (p.cpu_total[h] or 1.0)
-        total += max(0.0, mem[h] - p.mem_cap[h]) / (p.mem_total[h] or 1.0)
-        total += max(0.0, vcpu[h] - p.vcpu_cap[h]) / (p.vcpu_cap[h] or 1.0)
-    return total
+    return measure(p, host_of).violation
 
 
 def objective_value(p: Problem, host_of: list[int]) -> float:
     """The one objective every candidate is ranked by (same terms as the ILP)."""
-    total = PENALTY * violation(p, host_of)
-    moved_bytes = 0.0
-    for g in range(p.n_guests):
-        h = host_of[g]
-        if h != p.cur[g]:
-            moved_bytes += p.mem[g]
-        bad, w = p.soft[g]
-        if w and h in bad:
-            total += w
-    total += migration_weight(p) * moved_bytes
-    if p.objective == "power-save":
-        for h in set(host_of):
-            total += power_weight(p, h) + (POWER_ON_COST if p.powered_off[h] else 0.0)
-    else:
-        uc, um = max_utils(p, host_of)
-        wc, wm = p.w_cpu * uc, p.w_mem * um
-        total += max(wc, wm) + SPREAD * (wc + wm) + excess_above(p, host_of) / n_balanced(p)
-    return total
+    return measure(p, host_of).objective
 
 
 def power_on(p: Problem, host_of: list[int]) -> float:
@@ -237,19 +264,21 @@ def solve(
         return _refused(p, current, effort, notes, t0)
     units, unit_of = build_units(p)
     stages: list[str] = []
-    ranked = _greedy_stage(p, units, unit_of, effort, stages, t0)
+    lb = util_lower_bounds(p)
+    ranked = _greedy_stage(p, units, unit_of, effort, stages, t0, lb)
     bound: float | None = _objective_bound(p)
     ilp, full = _ilp_stage(p, units, ranked, bound, use_ilp, stages)
     if ilp is not None and ilp.host_of is not None:
-        ranked.append((objective_value(p, ilp.host_of), "ilp", ilp.host_of))
-        ranked.sort(key=lambda t: (t[0], t[1] != "ilp"))
+        ranked.append((measure(p, ilp.host_of, lb), "ilp", ilp.host_of))
+        ranked.sort(key=lambda t: (t[0].objective, t[1] != "ilp"))
     ranked, held = _worth_their_moves(p, _prefer_fewer_moves(p, ranked))
-    (obj, label, host_of), carried = _first_verified(
+    (m, label, host_of), carried = _first_verified(
         snapshot, policy, capacity, p, current, ranked, notes
     )
+    m0 = measure(p, p.cur, lb)
     if ilp is not None and full and ilp.bound is not None:
         bound = max(bound, ilp.bound) if bound is not None else ilp.bound
-    report = _report(p, obj, label, ilp, full, bound, t0)
+    report = _report(p, m.objective, label, ilp, full, bound, t0)
     if ilp is not None and label != "ilp":
         notes.append(f"ilp ({ilp.backend}) {ilp.status}: kept the {label} placement")
     unfixed = _unfixed(p, host_of)
@@ -261,16 +290,16 @@ def solve(
     return SolveResult(
         target=Placement({p.guests[g]: p.hosts[host_of[g]] for g in range(p.n_guests)}),
         report=report,
-        score_before=score(p, p.cur),
-        score_after=score(p, host_of),
-        forced=violation(p, host_of) < violation(p, p.cur) - 1e-9,
+        score_before=m0.score,
+        score_after=m.score,
+        forced=m.violation < m0.violation - 1e-9,
         violations=tuple(carried),
         notes=tuple(notes + unfixed),
         util_bound=util_bound,
         move_bound=move_bound,
         stages=tuple(stages),
         problem=p,
-        improvement=improvement(p, p.cur, host_of),
+        improvement=_gain(p, m0, m),
         unfixed=tuple(unfixed),
         held=held if label == "current" else "",
     )
@@ -299,6 +328,7 @@ def _greedy_stage(
     effort: Effort,
     stages: list[str],
     t0: float,
+    lb: tuple[float, float],
 ) -> Ranked:
     """Today's placement (zero moves) and the greedy candidates, best first."""
     bud = p.policy.budget
@@ -306,7 +336,6 @@ def _greedy_stage(
     if p.objective == "balance":
         # when one more move of the smallest guest costs more than the whole gap between
         # today and the bound, no balancing target can pay for itself: shed only
-        lb = balance_lower_bound(p)
         movable_mem = [p.mem[g] for g in range(p.n_guests) if p.movable[g]]
         cheapest = migration_weight(p) * min(movable_mem, default=0.0)
         cands = balance_search(
@@ -315,15 +344,16 @@ def _greedy_stage(
             unit_of,
             max_moves=bud.max_moves,
             max_bytes=float(bud.max_bytes),
-            search=cheapest < max(balance_score(p, p.cur) - lb, 0.0),
+            search=cheapest
+            < max(balance_score(p, p.cur) - max(p.w_cpu * lb[0], p.w_mem * lb[1]), 0.0),
         )
     else:
         cands = _power_candidates(p, units, unit_of, effort)
     stages.append(f"greedy:{len(cands)} candidates {time.perf_counter() - t0:.2f}s")
-    ranked: Ranked = [(objective_value(p, p.cur), "current", p.cur)]
+    ranked: Ranked = [(measure(p, p.cur, lb), "current", p.cur)]
     for c in cands:
-        ranked.append((objective_value(p, c.host_of), c.label, c.host_of))
-    ranked.sort(key=lambda t: t[0])
+        ranked.append((measure(p, c.host_of, lb), c.label, c.host_of))
+    ranked.sort(key=lambda t: t[0].objective)
     return _prefer_fewer_moves(p, ranked)
 
 
@@ -375,7 +405,8 @@ def _ilp_stage(
     """The ILP, unless the incumbent is already within the gap of the bound. Returns its
     result and whether it covered the whole problem."""
     pol = p.policy
-    inc_obj, _, incumbent = ranked[0]
+    inc_m, _, incumbent = ranked[0]
+    inc_obj = inc_m.objective
     if bound is not None and inc_obj - bound <= pol.solver.gap * max(abs(inc_obj), 1e-9):
         stages.append("ilp: skipped, the greedy placement is within the gap of the bound")
         return None, False
@@ -486,20 +517,24 @@ def _prefer_fewer_moves(p: Problem, ranked: Ranked) -> Ranked:
     if not ranked:
         return ranked
     gap = p.policy.solver.gap
-    best_obj, _, best = ranked[0]
-    tol = gap * max(score(p, best), 1e-9)
+    best = ranked[0][0]
+    tol = gap * max(best.score, 1e-9)
     near: Ranked = []
     rest: Ranked = []
-    if p.objective == "power-save":
-        for t in ranked:
-            (near if t[0] <= best_obj + tol else rest).append(t)
-    else:
-        best_x = excess_above(p, best)
-        for t in ranked:
-            ok = t[0] <= best_obj + tol and excess_above(p, t[2]) <= best_x * (1 + gap) + tol
-            (near if ok else rest).append(t)
-    near.sort(key=lambda t: (moves_and_bytes(p, t[2])[0], t[0]))
+    for t in ranked:
+        ok = t[0].objective <= best.objective + tol
+        if p.objective != "power-save":
+            ok = ok and t[0].excess <= best.excess * (1 + gap) + tol
+        (near if ok else rest).append(t)
+    near.sort(key=lambda t: (t[0].moves, t[0].objective))
     return near + rest
+
+
+def _gain(p: Problem, before: Measure, after: Measure) -> float:
+    """``improvement`` from two measures."""
+    if p.objective == "power-save":
+        return before.score - after.score
+    return max(before.score - after.score, before.hot - after.hot)
 
 
 def _worth_their_moves(p: Problem, ranked: Ranked) -> tuple[Ranked, str]:
@@ -510,35 +545,22 @@ def _worth_their_moves(p: Problem, ranked: Ranked) -> tuple[Ranked, str]:
     does not drag a rebalancing of the whole cluster along unless that rebalancing is
     worth it on its own. Among the candidates worth it, the objective decides."""
     need = p.policy.hysteresis.min_improvement
-    power = p.objective == "power-save"
-    margin = p.policy.hysteresis.min_improvement
-    facts = []
-    for _, label, host_of in ranked:
-        facts.append(
-            (
-                label,
-                moves_and_bytes(p, host_of)[0],
-                violation(p, host_of),
-                score(p, host_of),
-                0.0 if power else excess_above(p, host_of, margin),
-            )
-        )
-
-    def gain(f: tuple[str, int, float, float, float], sc: float, hot: float) -> float:
-        return f[3] - sc if power else max(f[3] - sc, f[4] - hot)
-
+    unit = "host-equivalents" if p.objective == "power-save" else "utilization"
+    refs = [(m, label) for m, label, _ in ranked if label in REFERENCES]
     keep: Ranked = []
     held = ""
-    unit = "host-equivalents" if power else "utilization"
-    for k, entry in enumerate(ranked):
-        _, moves, viol, sc, hot = facts[k]
-        worse = [f for f in facts if f[0] in REFERENCES and f[1] < moves and f[2] <= viol + 1e-9]
-        short = [f for f in worse if gain(f, sc, hot) < need]
+    for entry in ranked:
+        m = entry[0]
+        short = [
+            (r, label)
+            for r, label in refs
+            if r.moves < m.moves and r.violation <= m.violation + 1e-9 and _gain(p, r, m) < need
+        ]
         if not short:
             keep.append(entry)
-        elif not held and short[0][0] == "current":
+        elif not held and short[0][1] == "current":
             held = (
-                f"improvement {gain(short[0], sc, hot):.3f} is below min_improvement "
+                f"improvement {_gain(p, short[0][0], m):.3f} is below min_improvement "
                 f"{need:.3f} ({unit})"
             )
     return keep, held
@@ -552,14 +574,13 @@ def _first_verified(
     current: Placement,
     ranked: Ranked,
     notes: list[str],
-) -> tuple[tuple[float, str, list[int]], list[Violation]]:
+) -> tuple[tuple[Measure, str, list[int]], list[Violation]]:
     """The best candidate within the budget that the verifier does not block, with the
     violations it carries. Today's placement always qualifies."""
     bud = policy.budget
-    for obj, label, host_of in ranked:
+    for m, label, host_of in ranked:
         target = Placement({p.guests[g]: p.hosts[host_of[g]] for g in range(p.n_guests)})
-        n, b = moves_and_bytes(p, host_of)
-        if n > bud.max_moves or b > bud.max_bytes:
+        if m.moves > bud.max_moves or m.moved_bytes > bud.max_bytes:
             notes.append(f"{label}: over the migration budget; dropped")
             continue
         viol = verify(snapshot, policy, target, capacity=capacity, current=current)
@@ -567,7 +588,7 @@ def _first_verified(
         if bad:
             notes.append(f"{label}: rejected by verify: {bad[0]}")
             continue
-        return (obj, label, host_of), viol
+        return (m, label, host_of), viol
     raise AssertionError("today's placement always verifies: it carries what it has")
 
 

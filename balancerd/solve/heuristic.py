@@ -345,7 +345,8 @@ def repair(
         n, b = moves_and_bytes(p, st.host_of)
         left = _Budget(max_moves - n, max_bytes - b)
         _settle(p, units, st, unit_on, cap_c, cap_m, frozen, left)
-    _send_home(units, st, kept, cap_c, cap_m)
+    away = [i for i, u in enumerate(units) if u.cur >= 0 and st.host_of[u.members[0]] != u.cur]
+    _send_home(units, st, away, cap_c, cap_m)
     complete = complete and _all_within(p, units, st, cap_c, cap_m, frozen)
     if not complete and not partial:
         return None
@@ -413,9 +414,16 @@ def _evictions(
         em = lm - cap_m[h]
         if ec <= EPS and em <= 0.5:
             continue
-        cands = [i for i in unit_on[h] if i not in chosen and units[i].movable and i not in frozen]
-        pick = _pick_evictions(p, units, cands, ec, em, h)
         excess = max(ec / (p.cpu_total[h] or 1.0), em / (p.mem_total[h] or 1.0))
+        cands = [i for i in unit_on[h] if i not in chosen and units[i].movable and i not in frozen]
+        # units already away from home move on at no extra move: they go first
+        away = [i for i in cands if units[i].cur != h]
+        pick = _pick_evictions(p, units, away, ec, em, h) if away else []
+        ec -= sum(units[i].cpu for i in pick)
+        em -= sum(units[i].mem for i in pick)
+        if ec > EPS or em > 0.5:
+            home = [i for i in cands if units[i].cur == h]
+            pick += _pick_evictions(p, units, home, ec, em, h)
         by_host.append((excess, pick))
         chosen.update(pick)
     by_host.sort(key=lambda t: -t[0])
@@ -523,45 +531,44 @@ def _all_within(
 
 
 class _Rooms:
-    """Usable hosts ordered by their room (normalized) under the caps: CPU, memory."""
+    """Usable hosts ordered by their room (normalized) under the caps: CPU, memory, and
+    the smaller of the two (hosts with room in both)."""
 
     def __init__(self, p: Problem, st: State, cap_c: list[float], cap_m: list[float]) -> None:
         self.p, self.st, self.cap_c, self.cap_m = p, st, cap_c, cap_m
-        self.key_c = [0.0] * p.n_hosts
-        self.key_m = [0.0] * p.n_hosts
-        self.by_c: list[tuple[float, int]] = []
-        self.by_m: list[tuple[float, int]] = []
+        self.keys: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * p.n_hosts
+        self.lists: tuple[list[tuple[float, int]], ...] = ([], [], [])
         for h in range(p.n_hosts):
             if p.usable[h] and h not in st.closed:
-                self.key_c[h], self.key_m[h] = self._room(h)
-                self.by_c.append((self.key_c[h], h))
-                self.by_m.append((self.key_m[h], h))
-        self.by_c.sort()
-        self.by_m.sort()
+                self.keys[h] = self._room(h)
+                for lst, key in zip(self.lists, self.keys[h], strict=True):
+                    lst.append((key, h))
+        for lst in self.lists:
+            lst.sort()
 
-    def _room(self, h: int) -> tuple[float, float]:
+    def _room(self, h: int) -> tuple[float, float, float]:
         p, st = self.p, self.st
-        return (
-            (self.cap_c[h] - st.cpu[h]) / (p.cpu_total[h] or 1.0),
-            (self.cap_m[h] - st.mem[h]) / (p.mem_total[h] or 1.0),
-        )
+        rc = (self.cap_c[h] - st.cpu[h]) / (p.cpu_total[h] or 1.0)
+        rm = (self.cap_m[h] - st.mem[h]) / (p.mem_total[h] or 1.0)
+        return rc, rm, min(rc, rm)
 
     def touched(self, h: int) -> None:
         if not self.p.usable[h] or h in self.st.closed:
             return
-        kc, km = self._room(h)
-        for lst, old, new in ((self.by_c, self.key_c[h], kc), (self.by_m, self.key_m[h], km)):
-            i = bisect.bisect_left(lst, (old, h))
-            if i < len(lst) and lst[i] == (old, h):
+        new = self._room(h)
+        for lst, old_key, new_key in zip(self.lists, self.keys[h], new, strict=True):
+            i = bisect.bisect_left(lst, (old_key, h))
+            if i < len(lst) and lst[i] == (old_key, h):
                 del lst[i]
-            bisect.insort(lst, (new, h))
-        self.key_c[h], self.key_m[h] = kc, km
+            bisect.insort(lst, (new_key, h))
+        self.keys[h] = new
 
     def top(self, want_c: bool, want_m: bool, k: int) -> list[int]:
-        """The k roomiest hosts in each wanted resource (most room first, no repeats)."""
+        """The k roomiest hosts in each wanted resource and in both (most room first, no
+        repeats)."""
         out: list[int] = []
         seen: set[int] = set()
-        for want, lst in ((want_c, self.by_c), (want_m, self.by_m)):
+        for want, lst in zip((want_c, want_m, True), self.lists, strict=True):
             if not want:
                 continue
             for _, h in itertools.islice(reversed(lst), k):
@@ -640,13 +647,21 @@ def _movers(
     h: int,
     k: int,
 ) -> list[int]:
-    cands = [
-        i
-        for i in unit_on[h]
-        if units[i].movable and i not in frozen and st.host_of[units[i].members[0]] == h
-    ]
-    cands.sort(key=lambda i: -_useful(p, st, units[i], h, cap_c, cap_m))
-    return cands[:k]
+    """Up to k movable units wholly on h, those taking most of its excess first."""
+    ec = max(0.0, st.cpu[h] - cap_c[h])
+    em = max(0.0, st.mem[h] - cap_m[h])
+    tc = p.cpu_total[h] or 1.0
+    tm = p.mem_total[h] or 1.0
+    host_of = st.host_of
+    scored = []
+    for i in unit_on[h]:
+        u = units[i]
+        if u.movable and i not in frozen and host_of[u.members[0]] == h:
+            c = u.cpu if u.cpu < ec else ec
+            m = u.mem if u.mem < em else em
+            scored.append((-(c / tc + m / tm), i))
+    scored.sort()
+    return [i for _, i in scored[:k]]
 
 
 def _move_unit(
@@ -726,19 +741,21 @@ def _settle_swap(
     x: float,
 ) -> bool:
     """Unit a leaves h for host d while a smaller unit b comes from d to h: h's excess
-    drops, d stays within its caps."""
-    want_c = st.cpu[h] > cap_c[h] + EPS
-    want_m = st.mem[h] > cap_m[h] + 0.5
-    dests = rooms.top(want_c, want_m, SWAP_HOSTS)
-    tc = p.cpu_total[h] or 1.0
-    tm = p.mem_total[h] or 1.0
+    drops, d stays within its caps. The first swap that clears h's excess with at most
+    two moves is taken; else the one that lowers it most."""
     over_c = st.cpu[h] - cap_c[h]
     over_m = st.mem[h] - cap_m[h] - 0.5
+    dests = rooms.top(over_c > EPS, over_m > 0.0, SWAP_HOSTS)
+    tc = p.cpu_total[h] or 1.0
+    tm = p.mem_total[h] or 1.0
     vroom_h = max(p.vcpu_cap[h], st.vcpu[h]) - st.vcpu[h] + EPS
+    h_closed = h in st.closed
     movers = [
         (i, units[i]) for i in _movers(p, units, st, unit_on, cap_c, cap_m, frozen, h, SWAP_UNITS)
     ]
+    host_of = st.host_of
     best: tuple[float, int, int, int, int] | None = None
+    done = round(x, 9)
     for d in dests:
         if d == h:
             continue
@@ -746,7 +763,7 @@ def _settle_swap(
         rm = cap_m[d] - st.mem[d] + 0.5
         rv = p.vcpu_cap[d] - st.vcpu[d] + EPS
         here = [
-            (i, a)
+            (i, a, a.cpu, a.mem, a.vcpus)
             for i, a in movers
             if (a.allowed is None or d in a.allowed) and (d not in st.closed or d == a.cur)
         ]
@@ -756,14 +773,17 @@ def _settle_swap(
             b = units[j]
             if not b.movable or j in frozen or (b.allowed is not None and h not in b.allowed):
                 continue
-            if (h in st.closed and h != b.cur) or st.host_of[b.members[0]] != d:
+            if (h_closed and h != b.cur) or host_of[b.members[0]] != d:
                 continue
-            for i, a in here:
-                dc = a.cpu - b.cpu  # what h loses and d gains
-                dm = a.mem - b.mem
-                if dc > rc or dm > rm or a.vcpus - b.vcpus > rv or b.vcpus - a.vcpus > vroom_h:
+            bc, bm, bv = b.cpu, b.mem, b.vcpus
+            for i, a, ac, am, av in here:
+                dc = ac - bc  # what h loses and d gains
+                dm = am - bm
+                if dc > rc or dm > rm or av - bv > rv or bv - av > vroom_h:
                     continue
-                nx = max(0.0, (over_c - dc) / tc) + max(0.0, (over_m - dm) / tm)
+                nx = (over_c - dc if over_c > dc else 0.0) / tc + (
+                    over_m - dm if over_m > dm else 0.0
+                ) / tm
                 if nx >= x - 1e-6:
                     continue
                 if (a.anti or b.anti) and not _swap_keeps_anti(st, a, b, h, d):
@@ -776,6 +796,10 @@ def _settle_swap(
                 key = (round(x - nx, 9), -n, i, j, d)
                 if best is None or key[:2] > best[:2]:
                     best = key
+            if best is not None and best[0] >= done and best[1] >= -2:
+                break
+        if best is not None and best[0] >= done and best[1] >= -2:
+            break
     if best is None:
         return False
     _, _, i, j, d = best
@@ -1053,8 +1077,8 @@ def balance_search(
         for frac in (0.75, 0.875):
             if level(top * frac, shed.host_of, "level").complete:
                 break
-    elif reached < top / 2:
-        level(reached, shed.host_of, "direct")
+    elif reached < top / 2 and not level(reached, shed.host_of, "direct").complete:
+        level(2 * reached, shed.host_of, "direct")
     return out
 
 
