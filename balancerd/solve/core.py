@@ -635,9 +635,16 @@ def _unfixed(p: Problem, host_of: list[int]) -> list[str]:
         if n >= bud.max_moves or b >= bud.max_bytes
         else "no host has room for it under the limits"
     )
+    left: dict[int, list[str]] = {}
     for g in range(p.n_guests):
         if p.must_move[g] and p.movable[g] and host_of[g] == p.cur[g]:
-            out.append(f"guest {p.guests[g]} must leave host {p.hosts[p.cur[g]]}: {why}")
+            left.setdefault(p.cur[g], []).append(p.guests[g])
+    for h, names in left.items():
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        out.append(
+            f"host {p.hosts[h]}: {len(names)} guest(s) must leave it but stay this cycle, "
+            f"{why}: {shown}"
+        )
     cpu, mem, _ = p.loads(host_of)
     for h in range(p.n_hosts):
         for what, load, cap, total, unit, scale in (

@@ -475,6 +475,7 @@ def _place_all(
     kept = sorted(kept, key=lambda i: -(units[i].cpu / avg_c + units[i].mem / avg_m))
     placer = _Placer(p, st, cap_c, cap_m, best_fit)
     misses = 0
+    futile = 0  # make_room failures in a row: past a few, the cluster has no room left
     ok = True
     for i in kept:
         u = units[i]
@@ -482,22 +483,29 @@ def _place_all(
         if h >= 0:
             st.drop(u, h)
             placer.touched(h)
+            futile = 0
         elif (
             (make_room or u.must_move)
+            and futile < FUTILE_ROOM
             and (keep_going or misses < max(20, len(kept) // 8))
             and placer.make_room(u, units, unit_on) >= 0
         ):
             misses += 1
+            futile = 0
         elif not keep_going or src[i] < 0:
             return False
         else:
             st.drop(u, src[i])  # stays where it was: carried, reported by verify
             ok = False
+            futile += 1
         h = st.host_of[u.members[0]]
         if src[i] >= 0 and src[i] != h:
             unit_on[src[i]].remove(i)
             unit_on[h].append(i)
     return ok
+
+
+FUTILE_ROOM = 8  # units in a row that fit nowhere, even making room: stop making room
 
 
 def _send_home(
@@ -748,7 +756,11 @@ def _settle_swap(
     dests = rooms.top(over_c > EPS, over_m > 0.0, SWAP_HOSTS)
     tc = p.cpu_total[h] or 1.0
     tm = p.mem_total[h] or 1.0
-    vroom_h = max(p.vcpu_cap[h], st.vcpu[h]) - st.vcpu[h] + EPS
+    vroom_h = p.vcpu_cap[h] - st.vcpu[h] + EPS
+    # h takes b in: it must end within its hard limits (a step into a host over a limit
+    # can never be ordered safely), whatever the target
+    hard_c = p.cpu_cap[h] - st.cpu[h] + EPS
+    hard_m = p.mem_cap[h] - st.mem[h] + 0.5
     h_closed = h in st.closed
     movers = [
         (i, units[i]) for i in _movers(p, units, st, unit_on, cap_c, cap_m, frozen, h, SWAP_UNITS)
@@ -780,6 +792,8 @@ def _settle_swap(
                 dc = ac - bc  # what h loses and d gains
                 dm = am - bm
                 if dc > rc or dm > rm or av - bv > rv or bv - av > vroom_h:
+                    continue
+                if -dc > hard_c or -dm > hard_m:
                     continue
                 nx = (over_c - dc if over_c > dc else 0.0) / tc + (
                     over_m - dm if over_m > dm else 0.0
