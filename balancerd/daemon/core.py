@@ -9,13 +9,14 @@ make progress, and performs reload/stop when a signal handler has set a flag.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,15 @@ from prometheus_client import CollectorRegistry
 from balancerd.backoff import BackoffTable
 from balancerd.collect import Capacity, SampleHistory, build_snapshot, capacity_from_config
 from balancerd.config import Config
+from balancerd.control_client import default_socket_path
+from balancerd.daemon.control import (
+    ControlHandlers,
+    ControlServer,
+    ControlUnavailable,
+    EventHub,
+    OperatorCollector,
+    record_cycle,
+)
 from balancerd.daemon.cycle import CycleActions, CycleInputs, CycleReport, run_cycle
 from balancerd.daemon.reload import Loaded, load_all
 from balancerd.daemon.stats import StatsRecorder
@@ -39,10 +49,12 @@ from balancerd.execute.journal import Journal
 from balancerd.execute.move import Engine, MoveResult, run_move
 from balancerd.execute.reconcile import reconcile
 from balancerd.forecast import DemandHistory
+from balancerd.history import HISTORY_FILE, History
 from balancerd.hypervisor.base import Hypervisor
 from balancerd.metrics import DaemonStats, register, serve
 from balancerd.model import Move, Plan, Snapshot
 from balancerd.notify import Notifier
+from balancerd.operator import OperatorState
 from balancerd.outcomes import MoveOutcome, SkipKind
 from balancerd.policy.model import Policy
 from balancerd.power import PowerResult, PowerTracker, apply_power, decide_power, drivers_for
@@ -78,6 +90,8 @@ class _Runtime:
     snapshot: Snapshot | None = None
     last_plan: Plan | None = None
     last_report: CycleReport | None = None
+    last_inputs: CycleInputs | None = None  # what the last report was decided on
+    last_decided_at_s: float = 0.0  # wall clock: when its policy (and drains) were read
     last_moved_s: dict[str, float] = field(default_factory=dict)  # wall clock
 
 
@@ -92,9 +106,12 @@ class Daemon:
         serve_metrics: bool = True,
         max_cycles: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        control_socket: str | Path | None = None,
     ) -> None:
         """``clock``: seconds for cooldowns, grace periods and demand history. Monotonic, so
-        a wall-clock step neither freezes nor storms them (cron windows use wall time)."""
+        a wall-clock step neither freezes nor storms them (cron windows use wall time).
+        ``control_socket``: where ``balancerd drain`` & co. reach the daemon (None: the
+        default, see ``control_client.default_socket_path``; "": no control socket)."""
         self.config_path = config_path
         self._hypervisor_factory = hypervisor_factory or _libvirt_hypervisor
         self.notifier = notifier or Notifier.from_env()
@@ -142,6 +159,18 @@ class Daemon:
         if self.journal.moved_aside:
             self.stats.record_journal_corrupt()
         self.power = _load_tracker(state_dir / POWER_FILE, clock())
+        self.operator = OperatorState.load(state_dir)  # drains and pause outlive restarts
+        self.history = _open_history(state_dir)
+        self.events = EventHub()  # progress lines for control clients
+        self.control_socket: Path | None = None
+        if control_socket is None:
+            self.control_socket = default_socket_path()
+        elif control_socket:
+            self.control_socket = Path(control_socket)
+        self.control: ControlServer | None = None
+        self._act_lock = threading.Lock()  # one cycle or approved plan acts at a time
+        self._cycle_pending = False
+        self._status_state = "idle"
         self.known_capacity: dict[str, Capacity] = {}  # last seen while up
         self.backoff = BackoffTable()  # guests (and guest -> host pairs) that keep failing
         self.demand = DemandHistory(keep_s=loaded.forecast_window_s)
@@ -195,6 +224,8 @@ class Daemon:
         self.notifier.status("starting: reconciling the migration journal")
         self._reconcile()
         register(self.registry, self.stats)
+        self.registry.register(OperatorCollector(self))
+        self._start_control()
         self._server = (
             serve(self.config.metrics_listen, self.registry) if self._serve_metrics else None
         )
@@ -208,6 +239,17 @@ class Daemon:
             len(self.config.hosts),
             self.config.metrics_listen,
         )
+
+    def _start_control(self) -> None:
+        if self.control_socket is None:
+            return
+        server = ControlServer(self.control_socket, ControlHandlers(self))
+        try:
+            server.start()
+        except ControlUnavailable as exc:
+            log.error("no control socket (drain, pause, cycle, apply --latest need it): %s", exc)
+            return
+        self.control = server
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or ``max_cycles``). Returns the exit status."""
@@ -223,6 +265,8 @@ class Daemon:
         connection and file is closed."""
         self._stop = True
         self.notifier.stopping()
+        if self.control is not None:
+            self.control.close()  # no new requests; running ones see the stop
         if self.scheduler.running:
             self.scheduler.pause()
         if not self._cycle_idle.is_set():
@@ -242,6 +286,8 @@ class Daemon:
         for hv in self._retired:
             hv.close()
         self.journal.close()
+        if self.history is not None:
+            self.history.close()
         self.state_lock.release()
         log.info("stopped")
 
@@ -425,16 +471,21 @@ class Daemon:
         return snapshot
 
     def cycle_job(self) -> None:
-        with self.watchdog.job():
-            self.cycle_once()
+        self.cycle_once()
 
-    def hold(self, plan_policy: str) -> Hold | None:
-        """Re-checked before every move: why the rest of the plan must not start now."""
+    def hold(self, plan_policy: str, *, approved: bool = False) -> Hold | None:
+        """Re-checked before every move: why the rest of the plan must not start now.
+        ``approved``: an operator approved the plan (recommend mode does not hold it)."""
         if self._stop:
             return Hold(SkipKind.STOPPING, "balancerd is stopping")
+        paused = self.operator.paused()
+        if paused is not None:
+            return Hold(SkipKind.PAUSED, f"balancerd was paused by {paused.by}")
         active, policy = self.active()
         if active.frozen:
             return Hold(SkipKind.FREEZE, "a freeze window opened")
+        if approved:
+            return None
         if policy.name != plan_policy:
             return Hold(SkipKind.POLICY_CHANGED, f"the active policy is now {policy.name}")
         if policy.mode != "automatic":
@@ -442,7 +493,69 @@ class Daemon:
         return None
 
     def cycle_once(self) -> CycleReport | None:
-        """One decide-and-act cycle; logged and counted, never raises."""
+        """One decide-and-act cycle (never beside another, nor beside an approved plan);
+        logged and counted, never raises."""
+        with self._act_lock, self.watchdog.job():
+            return self._cycle_once()
+
+    def request_cycle(self) -> None:
+        """Decide now, on a thread of its own (after the cycle that runs, if one does)."""
+        with self._lock:
+            if self._cycle_pending:
+                return
+            self._cycle_pending = True
+
+        def run() -> None:
+            with self._act_lock:  # wait for the running one to end
+                pass
+            with self._lock:
+                self._cycle_pending = False
+            self.cycle_once()
+
+        threading.Thread(target=run, name="cycle-now", daemon=True).start()
+
+    @contextlib.contextmanager
+    def acting(self) -> Iterator[None]:
+        """The right to act (no cycle runs meanwhile), as a job the watchdog follows."""
+        with self._act_lock, self.watchdog.job():
+            self._cycle_idle.clear()
+            try:
+                yield
+            finally:
+                self._cycle_idle.set()
+
+    def latest(self) -> Latest:
+        """The latest snapshot and the last cycle's report, as one consistent view."""
+        with self._lock:
+            return Latest(
+                self.rt.snapshot,
+                self._snapshot_at_mono,
+                self.rt.last_report,
+                self.rt.last_inputs,
+                self.rt.last_decided_at_s,
+            )
+
+    def fresh_snapshot(self) -> Snapshot:
+        """A snapshot collected after this call began (an approved plan is checked on it)."""
+        started = time.monotonic()
+        if not self.scheduler.running:
+            return self.collect_once()
+        limit_s = STALE_SNAPSHOT_INTERVALS * self.config.collect_interval_s
+        limit_s += self.config.host_timeout_s
+        while time.monotonic() - started < limit_s and not self._stop:
+            with self._lock:
+                snapshot, at = self.rt.snapshot, self._snapshot_at_mono
+            if snapshot is not None and at is not None and at > started:
+                return snapshot
+            self.heartbeat()
+            time.sleep(0.2)
+        raise StaleSnapshot(f"no collection of the hosts completed within {limit_s:.0f} s")
+
+    def operator_changed(self) -> None:
+        """After a drain, undrain, pause or resume: the status file shows it at once."""
+        self._write_status(self._status_state)
+
+    def _cycle_once(self) -> CycleReport | None:
         started_s = time.monotonic()
         report: CycleReport | None = None
         self._cycle_idle.clear()
@@ -481,6 +594,8 @@ class Daemon:
         if self.journal.open_entries():
             self._reconcile()
         active, policy = self.active()
+        decided_at_s = time.time()
+        policy = self.operator.apply_to(policy)  # hosts drained with `balancerd drain`
         self.stats.set_policy(policy.name, policy.objective, policy.mode)
         self.stats.set_freeze(active.frozen)
         now_s = self._clock()
@@ -499,15 +614,24 @@ class Daemon:
             last_moved_s=dict(self.rt.last_moved_s),
             now_s=now_s,
             at=datetime.now().astimezone().isoformat(timespec="seconds"),
+            paused=self.operator.paused() is not None,
         )
 
         def on_plan(plan: Plan) -> None:
             self.rt.last_plan = plan
             self.recorder.plan(plan, policy)
+            self.events.publish(
+                f"plan {policy.name}: {len(plan.moves)} move(s)"
+                + ("" if plan.moves else f" ({plan.reason or 'placement is already good'})")
+            )
 
         report = run_cycle(inputs, _Actions(self), on_plan=on_plan)
         self.recorder.cycle(report)
-        self.rt.last_report = report
+        with self._lock:
+            self.rt.last_report = report
+            self.rt.last_inputs = inputs
+            self.rt.last_decided_at_s = decided_at_s
+        record_cycle(self.history, inputs, report, self.operator.drained(), at_s=decided_at_s)
         self._write_status("idle")
         self.notifier.status(report.status_line())
         return report
@@ -518,6 +642,7 @@ class Daemon:
         def on_start(move: Move, migration_id: str) -> None:
             self.recorder.move_started(move.vm, move.src, move.dst, migration_id)
             self._write_status("migrating")
+            self.events.publish(f"{move.vm} {move.src}->{move.dst}: started (id {migration_id})")
 
         return Engine(
             hv=self.rt.hypervisor,
@@ -530,7 +655,9 @@ class Daemon:
             cancelled=lambda: "balancerd is stopping" if self._stop else "",
         )
 
-    def execute_plan(self, plan: Plan, policy: Policy) -> list[MoveResult]:
+    def execute_plan(
+        self, plan: Plan, policy: Policy, *, approved: bool = False
+    ) -> list[MoveResult]:
         self.notifier.status(f"migrating {len(plan.moves)} guests ({policy.name})")
         engine = self.engine(policy)
         # Each move's end is recorded as it happens, so status and metrics follow the plan.
@@ -543,13 +670,18 @@ class Daemon:
             with self._lock:
                 self.backoff.record(r, self._clock())
             self.recorder.move_finished(r, policy.name)
+            self.events.publish(r.line())
             finished.add(id(r))
             return r
 
-        results = execute(plan.moves, engine, run=run, hold=lambda: self.hold(policy.name))
+        def hold() -> Hold | None:
+            return self.hold(policy.name, approved=approved)
+
+        results = execute(plan.moves, engine, run=run, hold=hold)
         for r in results:
             if id(r) not in finished:  # skipped by the executor itself (dependency, stopping)
                 self.recorder.move_finished(r, policy.name)
+                self.events.publish(r.line())
         return results
 
     def switch_power(
@@ -604,6 +736,7 @@ class Daemon:
         return out
 
     def _write_status(self, state: str) -> None:
+        self._status_state = state
         active, policy = self.active()
         report = self.rt.last_report
         try:
@@ -619,10 +752,21 @@ class Daemon:
                     "in_flight": self.stats.summary().get("in_flight", []),
                     "powered_off": list(self.power.powered_off()),
                     "backing_off": self._backoff_status(),
+                    **self.operator.to_json(),  # drains and pause (balancerd drain / pause)
+                    "control_socket": None if self.control is None else str(self.control.path),
                 },
             )
         except OSError as exc:
             log.warning("cannot write the status file: %s", exc)
+
+
+@dataclass(frozen=True)
+class Latest:
+    snapshot: Snapshot | None
+    taken_at_mono: float | None  # when the snapshot was taken (monotonic)
+    report: CycleReport | None
+    inputs: CycleInputs | None  # what the report was decided on
+    decided_at_s: float  # wall clock: when the report's policy and drains were read
 
 
 class StaleSnapshot(BalancerdError):
@@ -659,6 +803,14 @@ def _load_tracker(path: Path, now_s: float) -> PowerTracker:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.error("power state %s unreadable (%s): starting without it", path, exc)
         return PowerTracker()
+
+
+def _open_history(state_dir: Path) -> History | None:
+    try:
+        return History(state_dir / HISTORY_FILE)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("no history in %s (decisions are not recorded): %s", state_dir, exc)
+        return None
 
 
 def _libvirt_hypervisor(config: Config) -> Hypervisor:

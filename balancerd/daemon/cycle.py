@@ -30,6 +30,7 @@ class CycleInputs:
     now_s: float
     at: str  # ISO timestamp for the report
     notes: tuple[str, ...] = ()  # for the plan (e.g. guests backing off)
+    paused: bool = False  # an operator paused balancerd: plan, do not act
 
 
 class CycleActions(Protocol):
@@ -47,7 +48,7 @@ class CycleReport:
     at: str
     policy: str
     plan: Plan
-    # Why the plan was not acted on (FREEZE, RECOMMEND); None when it was.
+    # Why the plan was not acted on (PAUSED, FREEZE, RECOMMEND); None when it was.
     held_back: SkipKind | None
     results: tuple[MoveResult, ...] = ()
     power: tuple[PowerResult, ...] = field(default=())
@@ -102,7 +103,9 @@ def run_cycle(
         plan = replace(plan, notes=(*plan.notes, *notes))
     on_plan(plan)
     held_back: SkipKind | None = None
-    if inputs.active.frozen:
+    if inputs.paused:
+        held_back = SkipKind.PAUSED
+    elif inputs.active.frozen:
         held_back = SkipKind.FREEZE
     elif policy.mode != "automatic":
         held_back = SkipKind.RECOMMEND

@@ -86,7 +86,10 @@ class StatsRecorder:
     def cycle(self, report: CycleReport) -> None:
         """What a finished cycle adds beyond its moves (recorded as they ended)."""
         if report.held_back is not None:
-            why = "freeze window" if report.held_back is SkipKind.FREEZE else "recommend mode"
+            why = {
+                SkipKind.FREEZE: "freeze window",
+                SkipKind.PAUSED: "paused by an operator",
+            }.get(report.held_back, "recommend mode")
             log.info(
                 "plan not executed (%s) policy=%s moves=%d",
                 why,
