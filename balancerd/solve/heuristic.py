@@ -1047,16 +1047,16 @@ def balance_search(
     uc, um = max_utils(p, shed.host_of)
     top = max(wc * (uc - lbc), wm * (um - lbm), 0.0)
 
-    def caps_at(d: float) -> tuple[list[float], list[float]]:
-        tc = lbc + d / wc if wc > 0 else float("inf")
-        tm = lbm + d / wm if wm > 0 else float("inf")
+    def caps_at(dc: float, dm: float) -> tuple[list[float], list[float]]:
+        tc = lbc + dc / wc if wc > 0 else float("inf")
+        tm = lbm + dm / wm if wm > 0 else float("inf")
         return (
             [min(ok_c[h], tc * p.cpu_total[h]) for h in range(p.n_hosts)],
             [min(ok_m[h], tm * p.mem_total[h]) for h in range(p.n_hosts)],
         )
 
-    def level(d: float, start: list[int], label: str) -> RepairResult:
-        cc, cm = caps_at(d)
+    def level(dc: float, dm: float, start: list[int], label: str) -> RepairResult:
+        cc, cm = caps_at(dc, dm)
         r = repair(
             p,
             units,
@@ -1073,27 +1073,57 @@ def balance_search(
             settle=True,
         )
         assert r is not None
-        out.append(_candidate(p, r, f"{label}+{d:.4f}"))
+        out.append(_candidate(p, r, f"{label}+{dc:.4f}/{dm:.4f}"))
         return r
 
-    reached: float | None = None
+    # joint steps (both resources' slack halves); when one fails, each resource alone;
+    # a few failed levels end the walk (each costs as much as a reached one)
+    reached: tuple[float, float] | None = None
     prev = shed.host_of
-    d = top / 2
-    while d >= resolution:
-        r = level(d, prev, "level")
-        if not r.complete:
+    dc = dm = top / 2
+    fails = 0
+
+    def step(dc: float, dm: float) -> bool:
+        nonlocal fails
+        if fails >= WALK_FAILS:
+            return False
+        ok = level(dc, dm, prev, "level").complete
+        fails += 0 if ok else 1
+        return ok
+
+    while max(dc, dm) >= resolution:
+        if step(dc, dm):
+            reached = (dc, dm)
+        elif reached is None:
             break
-        reached, prev = d, r.host_of
-        d /= 2
+        elif dc < reached[0] and step(dc, reached[1]):
+            reached = (dc, reached[1])
+        elif dm < reached[1] and step(reached[0], dm):
+            reached = (reached[0], dm)
+        else:
+            break
+        prev = out[-1].host_of
+        dc, dm = reached[0] / 2, reached[1] / 2
+        if dc < resolution / 2 or (wc > 0 and lbc + dc / wc <= lbc):
+            dc = reached[0]
+        if dm < resolution / 2 or (wm > 0 and lbm + dm / wm <= lbm):
+            dm = reached[1]
+        if (dc, dm) == reached:
+            break
     if reached is None:
         # not even halfway (budget, or a plateau the first level cannot clear): the
         # highest hosts still come down as far as the budget allows
         for frac in (0.75, 0.875):
-            if level(top * frac, shed.host_of, "level").complete:
+            if level(top * frac, top * frac, shed.host_of, "level").complete:
                 break
-    elif reached < top / 2 and not level(reached, shed.host_of, "direct").complete:
-        level(2 * reached, shed.host_of, "direct")
+    elif max(reached) < top / 4:
+        # the walk down moves more guests than going straight to a level from stage 1:
+        # redo one level above the lowest reached (within the gap, fewer moves win)
+        level(2 * reached[0], 2 * reached[1], shed.host_of, "direct")
     return out
+
+
+WALK_FAILS = 2  # failed levels that end the balance walk
 
 
 def _candidate(p: Problem, r: RepairResult, label: str) -> Candidate:
