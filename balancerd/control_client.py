@@ -158,3 +158,35 @@ def _permission_text(path: Path) -> str:
         f"permission denied on {path}{f' ({mode})' if mode else ''}: run as root or as a "
         f"member of group {group}"
     )
+
+
+# --- what the commands share ---------------------------------------------------------------
+
+
+def add_control_arguments(parser: Any, *, json_help: str = "machine-readable output") -> None:
+    """``--config``, ``--socket`` and ``--json`` of the commands that talk to the daemon."""
+    parser.add_argument(
+        "--config", help="daemon config file (finds the daemon's socket and state directory)"
+    )
+    parser.add_argument(
+        "--socket",
+        help=f"the daemon's control socket (default: ${ENV_SOCKET}, else {DEFAULT_SOCKET})",
+    )
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def socket_for(args: Any) -> Path:
+    """The socket a command's arguments point at."""
+    state_dir = None
+    if getattr(args, "config", None):
+        from balancerd.config import load_config
+
+        state_dir = load_config(args.config).state_dir
+    return find_socket(getattr(args, "socket", None), state_dir)
+
+
+def print_progress(line: str) -> None:
+    """Progress lines go to stderr, so stdout stays the result."""
+    import sys
+
+    print(line, file=sys.stderr, flush=True)

@@ -1,18 +1,32 @@
-"""``balancerd plan``: one dry-run cycle on the live hosts: snapshot -> solve -> plan."""
+"""``balancerd plan``: one dry-run cycle on the live hosts: snapshot -> solve -> plan.
+
+Hosts drained with ``balancerd drain`` count as in maintenance, as in the daemon. Each move
+shows its reason, benefit (the policy's score before and after it) and cost (GiB, expected
+seconds, predicted downtime). ``--save FILE`` writes the plan with the snapshot it was
+computed from; ``balancerd apply --plan FILE`` executes exactly that plan later.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
+from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from balancerd.config import Config, load_config
 from balancerd.decide import decide
 from balancerd.duplicates import set_aside_duplicates
 from balancerd.model import Plan, Snapshot
+from balancerd.operator import OperatorState, OperatorStateError
 from balancerd.policy.load import load_policy
 from balancerd.policy.model import Policy
+from balancerd.rationale import MoveWhy, explain_moves, score_name
+from balancerd.saved_plan import plan_document
+from balancerd.statefiles import atomic_write
 from balancerd.wiring import open_hypervisor, sample_snapshot
 
 
@@ -22,6 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--samples", type=int, default=3, help="samples to smooth over (>= 2)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    parser.add_argument(
+        "--save",
+        metavar="FILE",
+        help="write the plan and the snapshot it was computed from (apply --plan FILE runs it)",
+    )
+
+
+def operator_state(config: Config) -> OperatorState:
+    """The daemon's drains and pause from its state directory (read only; empty with a
+    warning when the file cannot be read)."""
+    try:
+        return OperatorState.load(config.state_dir, create=False)
+    except OperatorStateError as exc:
+        print(f"warning: drains not known: {exc}", file=sys.stderr)
+        return OperatorState(None, {}, None)
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[Config, Policy]:
@@ -30,7 +59,10 @@ def load_inputs(args: argparse.Namespace) -> tuple[Config, Policy]:
     return config, policy
 
 
-def plan_json(plan: Plan, snapshot: Snapshot, policy: Policy) -> dict[str, Any]:
+def plan_json(
+    plan: Plan, snapshot: Snapshot, policy: Policy, whys: Sequence[MoveWhy] = ()
+) -> dict[str, Any]:
+    why_of = {(w.vm, w.src, w.dst, w.wave): w for w in whys}
     before = snapshot.host_usage()
     after = snapshot.host_usage(plan.target)
     active_after = sorted(
@@ -49,6 +81,7 @@ def plan_json(plan: Plan, snapshot: Snapshot, policy: Policy) -> dict[str, Any]:
                 "wave": m.wave,
                 "mem_bytes": m.mem_bytes,
                 "expected_s": round(m.expected_s, 2),
+                **_why_json(why_of.get((m.vm, m.src, m.dst, m.wave))),
             }
             for m in plan.moves
         ],
@@ -74,8 +107,18 @@ def plan_json(plan: Plan, snapshot: Snapshot, policy: Policy) -> dict[str, Any]:
     }
 
 
+def _why_json(w: MoveWhy | None) -> dict[str, Any]:
+    if w is None:
+        return {}
+    j = w.to_json()
+    return {k: j[k] for k in ("why", "benefit", "score_before", "score_after", "cost")}
+
+
 def render_plan(out: dict[str, Any]) -> str:
-    lines = [f"policy {out['policy']} ({out['objective']}, {out['mode']})", ""]
+    lines = [f"policy {out['policy']} ({out['objective']}, {out['mode']})"]
+    if out.get("drained"):
+        lines.append(f"drained with balancerd drain: {', '.join(out['drained'])}")
+    lines.append("")
     lines.append(f"{'HOST':<12} {'CPU before':>10} {'after':>7} {'MEM before':>11} {'after':>7}")
     for host, b in out["hosts_before"].items():
         a = out["hosts_after"].get(host, {"cpu": 0.0, "mem": 0.0})
@@ -86,10 +129,25 @@ def render_plan(out: dict[str, Any]) -> str:
     lines.append("")
     if out["moves"]:
         lines.append(f"{len(out['moves'])} moves:")
+        name = score_name(str(out["objective"]))
         for m in out["moves"]:
             lines.append(
                 f"  wave {m['wave']}: {m['vm']} {m['from']} -> {m['to']} (~{m['expected_s']} s)"
             )
+            if "why" in m:
+                cost = m["cost"]
+                down = f"downtime <= {cost['downtime_ms']:.0f} ms"
+                if cost["downtime_note"] != "live":
+                    down += f" ({cost['downtime_note']})"
+                if m["benefit"] is not None:
+                    lines.append(
+                        f"      benefit {m['benefit']:+.3f}: {name} {m['score_before']:.2f} -> "
+                        f"{m['score_after']:.2f}"
+                    )
+                lines.append(
+                    f"      cost {cost['gib']:.2f} GiB, ~{cost['expected_s']:.0f} s, {down}"
+                )
+                lines.append(f"      why: {m['why']}")
     else:
         lines.append(f"no moves: {out['reason'] or 'placement is already good'}")
     s = out["solver"]
@@ -102,6 +160,9 @@ def render_plan(out: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config, policy = load_inputs(args)
+    operator = operator_state(config)
+    drained = operator.drained()
+    policy = operator.apply_to(policy)
     hypervisor = open_hypervisor(config)
     try:
         snapshot = sample_snapshot(hypervisor, config, max(2, args.samples), args.interval)
@@ -110,6 +171,22 @@ def run(args: argparse.Namespace) -> int:
     planning, planning_policy, notes = set_aside_duplicates(snapshot, policy)
     plan = decide(planning, planning_policy)
     plan = replace(plan, notes=(*plan.notes, *notes))
-    out = plan_json(plan, snapshot, policy)
+    whys = explain_moves(planning, planning_policy, plan, drained=drained)
+    out = plan_json(plan, snapshot, policy, whys)
+    out["drained"] = list(drained)
+    if args.save:
+        doc = plan_document(plan, snapshot, policy, whys, created_at_s=time.time(), drained=drained)
+        path = Path(args.save)
+        try:
+            atomic_write(path, json.dumps(doc, indent=2) + "\n")
+        except OSError as exc:
+            print(f"error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        out["saved"] = str(path)
+        print(
+            f"plan saved to {path} ({len(plan.moves)} moves); approve it with "
+            f"`balancerd apply --config {args.config} --plan {path}`",
+            file=sys.stderr,
+        )
     print(json.dumps(out, indent=2) if args.json else render_plan(out))
     return 0
