@@ -99,6 +99,30 @@ class HostConfig:
 
 
 @dataclass(frozen=True)
+class CoordinationTls:
+    """Client TLS towards etcd (https endpoints): the CA that signed the members'
+    certificates, and this client's certificate and key where etcd asks for one."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class CoordinationConfig:
+    """``coordination:``. Absent (backend ``none``): one balancerd, the state-directory lock.
+    ``etcd``: several instances; the one holding the leader lock (a tooz lock with a lease
+    of ``lock_ttl_s``) acts, the others stand by (see balancerd/coord)."""
+
+    backend: str = "none"  # none | etcd
+    endpoints: tuple[str, ...] = ()  # http(s)://HOST:PORT of the etcd members
+    lock_ttl_s: int = 10
+    cluster: str = "default"  # names the lock and the journal: instances of one cluster
+    node: str = ""  # this instance's name in status, metrics and etcd ("": the host name)
+    tls: CoordinationTls = field(default_factory=CoordinationTls)
+
+
+@dataclass(frozen=True)
 class ScheduleEntry:
     """From ``cron`` (a 5-field crontab expression marking when the window starts) for
     ``duration_s``, ``policy`` is active; ``freeze`` windows forbid migrations."""
@@ -126,6 +150,7 @@ class Config:
     # URI transports allowed besides KNOWN_URI_TRANSPORTS (and with them, for their URIs,
     # the query parameters that run programs): the operator's explicit choice.
     allow_uri_transports: tuple[str, ...] = ()
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
     source: str = ""  # the file it was loaded from
     lines: Mapping[FieldPath, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -276,6 +301,43 @@ _SCHEDULE = obj(
     },
     cls=ScheduleEntry,
 )
+_COORDINATION = obj(
+    {
+        "backend": fld(
+            Text(enum=("none", "etcd")), "none: one balancerd; etcd: instances elect a leader"
+        ),
+        "endpoints": fld(
+            ListOf(
+                Text(
+                    pattern=r"https?://[A-Za-z0-9_.:\[\]-]+",
+                    pattern_doc="an etcd client URL like http://10.0.0.5:2379",
+                    max_len=300,
+                ),
+                unique=True,
+            ),
+            "etcd client URLs (tried in turn when one does not answer)",
+        ),
+        "lock_ttl_s": fld(
+            count(3600, low=2, doc="1 hour"),
+            "lease of the leader lock: a standby takes over about this long after the "
+            "leader dies; a leader cut off from etcd stops acting within it",
+        ),
+        "cluster": fld(NAME, "names the leader lock and the journal in etcd"),
+        "node": fld(NAME, "this instance's name (default: the host name)"),
+        "tls": fld(
+            obj(
+                {
+                    "ca_file": fld(Text(), "PEM CA bundle that signed the etcd members"),
+                    "cert_file": fld(Text(), "PEM client certificate for etcd"),
+                    "key_file": fld(Text(), "PEM private key of cert_file"),
+                },
+                cls=CoordinationTls,
+            ),
+            "TLS towards https endpoints",
+        ),
+    },
+    cls=CoordinationConfig,
+)
 CONFIG = obj(
     {
         "hosts": fld(ListOf(_HOST, min_items=1), "the cluster's hosts", required=True),
@@ -290,6 +352,7 @@ CONFIG = obj(
             inline=True,
         ),
         "state_dir": fld(Text(), "directory for the daemon's state"),
+        "coordination": fld(_COORDINATION, "several balancerd instances, one acting (etcd)"),
         "collect_interval_s": fld(
             seconds(DAY_S),
             f"seconds between samples of the hosts (READY needs {READY_SAMPLES} samples "
@@ -395,6 +458,9 @@ def _cross_check_config(data: dict[Any, Any], out: Problems) -> None:
     for index, entry in enumerate(schedule if isinstance(schedule, list) else []):
         if isinstance(entry, dict):
             _check_schedule_entry(entry, ("schedule", index), out)
+    coordination = data.get("coordination")
+    if isinstance(coordination, dict):
+        _check_coordination(coordination, out)
     collect, cycle = data.get("collect_interval_s"), data.get("cycle_interval_s")
     if _is_number(collect) and _is_number(cycle) and 0 < cycle < collect:
         out.add(
@@ -409,6 +475,29 @@ def _cross_check_config(data: dict[Any, Any], out: Problems) -> None:
             f"TimeoutStartSec={format_number(START_TIMEOUT_S)} s of balancerd.service: "
             "systemd would stop the daemon before it is ready",
         )
+
+
+def _check_coordination(coord: dict[Any, Any], out: Problems) -> None:
+    endpoints = coord.get("endpoints")
+    urls = [e for e in endpoints if isinstance(e, str)] if isinstance(endpoints, list) else []
+    backend = coord.get("backend", "none")
+    if backend == "etcd" and not urls and "endpoints" not in coord:
+        out.add(("coordination", "backend"), "etcd needs coordination.endpoints")
+    if backend == "none" and urls:
+        out.add(("coordination", "endpoints"), "not used with backend none (set backend: etcd)")
+    tls = coord.get("tls")
+    if isinstance(tls, dict):
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = tls.get(key)
+            if isinstance(value, str) and value:
+                if not os.path.isabs(value):
+                    out.add(("coordination", "tls", key), f"must be an absolute path: {value}")
+                elif not os.path.isfile(value) or not os.access(value, os.R_OK):
+                    out.add(("coordination", "tls", key), f"not a readable file: {value}")
+        if bool(tls.get("cert_file")) != bool(tls.get("key_file")):
+            out.add(("coordination", "tls"), "cert_file and key_file go together")
+        if urls and not any(u.startswith("https://") for u in urls):
+            out.add(("coordination", "tls"), "set, but no endpoint is https://")
 
 
 def _check_power_driver(power: dict[Any, Any], path: FieldPath, out: Problems) -> None:

@@ -68,6 +68,7 @@ class SkipKind(enum.StrEnum):
     JOURNAL = "journal"  # the intent could not be recorded (state directory full?)
     PAUSED = "paused"  # an operator paused balancerd (`balancerd pause`)
     STALE = "stale"  # a saved plan's step no longer fits (rules or capacity changed since)
+    NOT_LEADER = "not-leader"  # another instance leads, or our leader lease lapsed (etcd)
     OTHER = "other"
 
 

@@ -6,7 +6,7 @@ venv=${BALANCERD_VENV:-$here/.venv}
 
 debs=(libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
       libsystemd-dev pkg-config busybox-static cpio iproute2 gcc libc6-dev bindfs
-      prometheus systemd coinor-cbc faketime iptables)
+      prometheus systemd coinor-cbc faketime iptables etcd-server etcd-client)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,7 +15,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # Debian's libvirt/prometheus postinst scripts try to start services; there is no
+  # Debian's libvirt/prometheus/etcd postinst scripts try to start services; there is no
   # systemd as PID 1 here, so forbid that (we start our own daemons).
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
   trap 'rm -f /usr/sbin/policy-rc.d' EXIT

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 JOURNAL_FILE = "journal.sqlite"
 
@@ -69,6 +70,43 @@ class Entry:
     mode: str
     detail: str
     migration_id: str = ""
+
+
+class JournalStore(Protocol):
+    """What the move engine and reconcile need from a journal: this SQLite ``Journal``
+    (one node), or the etcd journal of ``balancerd.coord`` (coordinated instances), whose
+    writes are fenced: they raise ``balancerd.coord.NotLeader`` once we no longer lead."""
+
+    moved_aside: str
+
+    def close(self) -> None: ...
+
+    def begin(
+        self,
+        vm: str,
+        vm_uuid: str,
+        src: str,
+        dst: str,
+        vm_state: str,
+        *,
+        migration_id: str = "",
+    ) -> int: ...
+
+    def phase(self, entry_id: int, phase: str) -> None: ...
+
+    def finish(self, entry_id: int, outcome: str, mode: str = "", detail: str = "") -> None: ...
+
+    def open_entries(self) -> list[Entry]: ...
+
+    def entries(self, limit: int = 100) -> list[Entry]: ...
+
+    def owner_alive(self, entry: Entry) -> bool: ...
+
+    def record_reconciliation(
+        self, migration_id: int | None, vm: str, action: str, detail: str
+    ) -> None: ...
+
+    def reconciliation_count(self) -> int: ...
 
 
 def process_start(pid: int) -> str:

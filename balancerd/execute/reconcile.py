@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from balancerd.errors import HypervisorError
-from balancerd.execute.journal import Journal
+from balancerd.execute.journal import JournalStore
 from balancerd.hypervisor.base import Hypervisor
 from balancerd.outcomes import ReconcileOutcome
 
@@ -157,7 +157,7 @@ def settle(
 
 def reconcile(
     hv: Hypervisor,
-    journal: Journal,
+    journal: JournalStore,
     *,
     heartbeat: Callable[[], None] = lambda: None,
     wait_s: float = JOB_END_WAIT_S,
