@@ -488,7 +488,7 @@ class History:
             )
         events.sort(key=lambda e: (-e["cycle_id"], e["event"] == "not-moved"))
         quiet: dict[str, Any] | None = None
-        if since and since[0] and latest is not None:
+        if (moves or holds) and since and since[0] and latest is not None:
             quiet = {
                 "cycles": since[0],
                 "since_s": since[1],
@@ -501,6 +501,9 @@ class History:
             "events": _collapse(events)[:limit],
             "since_last_event": quiet,
             "cycles_recorded": total,
+            "latest_reason": None
+            if latest is None
+            else _quiet_reason(latest[2], latest[3], latest[4]),
         }
 
 
@@ -725,5 +728,11 @@ def explain_lines(doc: Mapping[str, Any], now_s: float) -> list[str]:
     lines.extend(event_text(e, now_s) for e in doc["events"])
     if not lines:
         n = doc.get("cycles_recorded", 0)
-        lines.append(f"no decision about {doc['vm']} in the history ({n} cycles recorded)")
+        if doc.get("now_on") and doc.get("latest_reason"):
+            lines.append(
+                f"on {doc['now_on']}, never planned in the {n} cycle(s) recorded; latest: "
+                f"{doc['latest_reason']}"
+            )
+        else:
+            lines.append(f"no decision about {doc['vm']} in the history ({n} cycles recorded)")
     return lines
