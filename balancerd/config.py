@@ -681,7 +681,12 @@ _NEVER_FROM = datetime(9950, 1, 1, tzinfo=UTC)
 
 def _check_file(source: str, path: str, field_path: FieldPath, out: Problems) -> None:
     resolved = resolve_relative(source, path)
-    if not resolved.is_file():
+    try:
+        found = resolved.is_file()
+    except OSError as exc:  # a name too long, a loop of links, ...
+        out.add(field_path, f"policy file cannot be read: {exc.strerror or exc}")
+        return
+    if not found:
         out.add(field_path, f"policy file not found: {resolved}")
 
 

@@ -449,7 +449,7 @@ class Obj(Kind):
     def check(self, value: object, path: FieldPath, out: Problems) -> Any:
         if not isinstance(value, dict):
             return self.fail(value, path, out)
-        if not path and value and not any(isinstance(k, str) and k in self.fields for k in value):
+        if not path and value and not any(self._near(k) for k in list(value)[:20]):
             # Not the document at all (a password file named by mistake?): no key is shown.
             out.add(
                 (),
@@ -487,6 +487,14 @@ class Obj(Kind):
             return self.cls(**attrs)
         except TypeError:  # an attribute without default that only a cross-check demands
             return INVALID
+
+    def _near(self, key: object) -> bool:
+        """``key`` is one of the fields, or a misspelling of one."""
+        if not isinstance(key, str):
+            return False
+        if key in self.fields or key.lower() in (n.lower() for n in self.fields):
+            return True
+        return bool(difflib.get_close_matches(key[:64], list(self.fields), n=1, cutoff=0.8))
 
     def _unknown(self, key: str, path: FieldPath) -> str:
         names = list(self.fields)

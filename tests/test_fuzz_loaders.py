@@ -7,12 +7,15 @@ The regression cases are the bugs found by reading the loaders and by
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,15 +121,28 @@ def test_recursive_aliases_are_refused(parser: str, text: str) -> None:
         "{a: " * 10_000,
         "- " * 5000 + "x\n",
         "".join("  " * i + "a:\n" for i in range(300)),
-        "a0: &a0 [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 1100)),
-        "a0: &a0 {x: 1}\n" + "".join(f"a{i}: &a{i} {{<<: *a{i - 1}}}\n" for i in range(1, 1100)),
     ],
-    ids=["flow_lists", "flow_maps", "block_lists", "block_maps", "alias_chain", "merge_chain"],
+    ids=["flow_lists", "flow_maps", "block_lists", "block_maps"],
 )
 def test_deep_nesting_is_refused(parser: str, text: str) -> None:
     """Was: RecursionError after 17 s (PyYAML's scanner is quadratic in flow depth)."""
     found = refused(text)
     assert any("nest" in p for p in found), found
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a0: &a0 [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 1100)),
+        "a0: &a0 {x: 1}\n" + "".join(f"a{i}: &a{i} {{<<: *a{i - 1}}}\n" for i in range(1, 1100)),
+    ],
+    ids=["alias_chain", "merge_chain"],
+)
+def test_deep_nesting_through_aliases_is_refused(text: str) -> None:
+    """Each line nests one level deeper through an alias: was RecursionError (walking the
+    lines, or PyYAML flattening merge keys) once past 1000 levels."""
+    found = refused(text)
+    assert any("nested deeper than 64 levels (aliases included)" in p for p in found), found
 
 
 @pytest.mark.parametrize(
@@ -252,3 +268,53 @@ def test_an_empty_file_is_refused(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     for problem in _load_both(path):
         assert problem.startswith(f"{path}:1: the file is empty (expected ")
+
+
+# ------------------------------------------------------------- found by the fuzzer
+
+
+def test_a_policy_name_too_long_for_the_file_system(tmp_path: Path) -> None:
+    """Was: OSError (ENAMETOOLONG) out of Path.is_file() while checking ``policy:``."""
+    name = "x" * 300 + ".yaml"
+    path = tmp_path / "balancerd.yaml"
+    path.write_text(f"hosts:\n  - {{name: h1, uri: 'qemu:///system'}}\npolicy: {name}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:3: policy: policy file cannot be read: File name too long"
+    ]
+
+
+# ------------------------------------------------------------- a few thousand inputs
+
+
+def _fuzzer() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "fuzz_loaders", Path(__file__).resolve().parent.parent / "scripts" / "fuzz_loaders.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_loaders"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fuzzed_inputs_only_raise_config_error_quickly_and_small(tmp_path: Path) -> None:
+    """scripts/fuzz_loaders.py in small: structured documents with hostile values, alias
+    bombs, byte mutations of the shipped files, and the reload path (load_all, then what
+    the daemon does with what it accepted). Failing inputs are saved in tmp_path."""
+    fuzzer = _fuzzer()
+    result = fuzzer.fuzz(FUZZ_COUNT, out=tmp_path / "failures", trace_every=5)
+    assert result.count == FUZZ_COUNT
+    assert result.failures == []
+    assert result.accepted > FUZZ_COUNT // 20  # valid-looking documents do load
+    assert set(result.by_target) == {
+        "policy-text",
+        "config-text",
+        "policy-file",
+        "config-file",
+        "reload",
+    }
+
+
+FUZZ_COUNT = 1500  # ~25 s; scripts/fuzz_loaders.py runs 100,000

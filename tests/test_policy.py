@@ -999,3 +999,16 @@ def test_check_policy_reports_hostile_files_in_one_line_each(
     lines = captured.err.splitlines()
     assert lines and all(line.startswith(f"{path}:") for line in lines), lines
     assert "Traceback" not in captured.err and "S3cret" not in captured.err
+
+
+def test_a_document_with_every_key_misspelled_still_gets_suggestions() -> None:
+    found = problems("apiversion: balancerd/v1\nKind: Policy\nmetdata: {name: t}\nspek: {}\n")
+    assert f"{SRC}:1: apiversion: unknown key (did you mean 'apiVersion'?)" in found
+
+
+def test_a_foreign_document_is_not_shown() -> None:
+    found = problems("S3cret: hunter2\n")
+    assert found == [
+        f"{SRC}:1: (document): not the expected document: none of its keys is one of "
+        "apiVersion, kind, metadata, spec (keys not shown)"
+    ]
