@@ -65,6 +65,8 @@ READY_SAMPLES = 2
 KNOWN_URI_TRANSPORTS = ("qemu", "qemu+tcp", "qemu+tls", "qemu+ssh", "qemu+unix", "test")
 # URI query parameters that make libvirt run a program (ext: command=; ssh: netcat=).
 PROGRAM_URI_PARAMS = ("command", "netcat")
+# What libvirt's client reads from a ?pkipath= folder (``pki_dir``).
+PKI_FILES = ("cacert.pem", "clientcert.pem", "clientkey.pem")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,24 @@ class HostConfig:
     # The lab uses it: its hosts share one machine's CPUs and memory.
     cpus: int = 0
     mem_bytes: int = 0
+    # Client PKI folder for qemu+tls URIs (cacert.pem, clientcert.pem, clientkey.pem):
+    # balancerd connects with ?pkipath= naming it. "" = the config's pki_dir, else
+    # libvirt's default (~/.pki/libvirt, then /etc/pki).
+    pki_dir: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsTls:
+    """TLS for the metrics endpoint (prometheus-client's own): off unless cert_file is set;
+    with client_ca_file, scrapers must present a certificate that CA signed."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
 
 
 @dataclass(frozen=True)
@@ -139,6 +159,8 @@ class Config:
     policy: str  # path of the default policy file
     schedule: tuple[ScheduleEntry, ...] = ()
     metrics_listen: str = "127.0.0.1:9177"
+    metrics_tls: MetricsTls = field(default_factory=MetricsTls)
+    pki_dir: str = ""  # client PKI folder for every qemu+tls host without its own
     state_dir: str = "/var/lib/balancerd"
     collect_interval_s: float = 15.0
     cycle_interval_s: float = 300.0
@@ -283,8 +305,23 @@ _HOST = obj(
             as_int=True,
         ),
         "power": fld(_POWER, "power driver"),
+        "pki_dir": fld(
+            Text(),
+            "qemu+tls: client PKI folder (cacert.pem, clientcert.pem, clientkey.pem) "
+            "balancerd connects with (default: the config's pki_dir)",
+        ),
     },
     cls=HostConfig,
+)
+_METRICS_TLS = obj(
+    {
+        "cert_file": fld(Text(), "PEM certificate (chain) the endpoint presents", required=True),
+        "key_file": fld(Text(), "PEM private key of cert_file", required=True),
+        "client_ca_file": fld(
+            Text(), "PEM CA bundle: scrapers must present a certificate it signed"
+        ),
+    },
+    cls=MetricsTls,
 )
 _SCHEDULE = obj(
     {
@@ -345,11 +382,19 @@ CONFIG = obj(
         "schedule": fld(ListOf(_SCHEDULE), "policies and freeze windows by time"),
         "metrics": fld(
             obj(
-                {"listen": fld(Text(), "HOST:PORT of the Prometheus endpoint", "metrics_listen")},
+                {
+                    "listen": fld(Text(), "HOST:PORT of the Prometheus endpoint", "metrics_listen"),
+                    "tls": fld(_METRICS_TLS, "serve the endpoint over HTTPS", "metrics_tls"),
+                },
                 defaults=Config,
             ),
             "Prometheus metrics",
             inline=True,
+        ),
+        "pki_dir": fld(
+            Text(),
+            "qemu+tls: client PKI folder (cacert.pem, clientcert.pem, clientkey.pem) for "
+            "hosts without their own pki_dir",
         ),
         "state_dir": fld(Text(), "directory for the daemon's state"),
         "coordination": fld(_COORDINATION, "several balancerd instances, one acting (etcd)"),
@@ -414,6 +459,11 @@ def _validate_config(doc: Document) -> Config:
     if out.lines:
         raise ConfigError(out.lines)
     config: Config = dataclasses.replace(built, source=doc.source, lines=doc.lines)
+    if config.pki_dir:
+        hosts = tuple(
+            h if h.pki_dir else dataclasses.replace(h, pki_dir=config.pki_dir) for h in config.hosts
+        )
+        config = dataclasses.replace(config, hosts=hosts)
     return config
 
 
@@ -444,12 +494,32 @@ def _cross_check_config(data: dict[Any, Any], out: Problems) -> None:
             problem = uri_problem(uri, allowed)
             if problem:
                 out.add(("hosts", index, "uri"), problem)
+        pki = host.get("pki_dir") if isinstance(host, dict) else None
+        if isinstance(pki, str) and pki:
+            problem = pki_dir_problem(pki)
+            if not problem and isinstance(uri, str) and not is_tls_uri(uri):
+                problem = "only qemu+tls URIs use a PKI folder; this host's uri does not"
+            if problem:
+                out.add(("hosts", index, "pki_dir"), problem)
+    pki = data.get("pki_dir")
+    if isinstance(pki, str) and pki:
+        problem = pki_dir_problem(pki)
+        if problem:
+            out.add(("pki_dir",), problem)
     metrics = data.get("metrics")
     listen = metrics.get("listen") if isinstance(metrics, dict) else None
     if isinstance(listen, str) and listen:
         problem = _listen_problem(listen)
         if problem:
             out.add(("metrics", "listen"), problem)
+    tls = metrics.get("tls") if isinstance(metrics, dict) else None
+    if isinstance(tls, dict):
+        for key in ("cert_file", "key_file", "client_ca_file"):
+            value = tls.get(key)
+            if isinstance(value, str) and value:
+                problem = tls_file_problem(value, private=key == "key_file")
+                if problem:
+                    out.add(("metrics", "tls", key), problem)
     source = out.doc.source
     policy = data.get("policy")
     if isinstance(policy, str) and policy:
@@ -569,6 +639,50 @@ def secret_file_problem(path: str) -> str:
             f"{shown} is open to group or others (mode {mode:04o}): a password file "
             f"must be readable by its owner only (chmod 600 {shown})"
         )
+    return ""
+
+
+def is_tls_uri(uri: str) -> bool:
+    """Whether libvirt reaches ``uri`` over TLS (and so reads a client PKI folder)."""
+    return urlsplit(uri).scheme.lower().endswith("+tls")
+
+
+def tls_file_problem(path: str, private: bool = False) -> str:
+    """Why a certificate or key file cannot be used ("" if it can): a relative path, not
+    a readable regular file, or (``private``) a key that others may read (group may: the
+    key is often root:balancerd 0640)."""
+    shown = show(path, 4096)
+    if not os.path.isabs(path):
+        return f"must be an absolute path, got '{shown}'"
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError) as exc:
+        return f"cannot use {shown}: {getattr(exc, 'strerror', None) or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{shown} is not a regular file"
+    if private and st.st_mode & 0o007:
+        mode = stat.S_IMODE(st.st_mode)
+        return (
+            f"{shown} is open to others (mode {mode:04o}): a private key must not be "
+            f"(chmod o-rwx {shown})"
+        )
+    if not os.access(path, os.R_OK):
+        return f"{shown} is not readable by this user (uid {os.geteuid()})"
+    return ""
+
+
+def pki_dir_problem(path: str) -> str:
+    """Why ``path`` cannot serve as a libvirt client PKI folder ("" if it can): every file
+    of PKI_FILES present and readable, the key closed to others."""
+    shown = show(path, 4096)
+    if not os.path.isabs(path):
+        return f"must be an absolute path, got '{shown}'"
+    if not os.path.isdir(path):
+        return f"{shown} is not a directory"
+    for name in PKI_FILES:
+        problem = tls_file_problem(os.path.join(path, name), private=name == "clientkey.pem")
+        if problem:
+            return problem
     return ""
 
 

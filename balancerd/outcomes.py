@@ -57,6 +57,7 @@ class SkipKind(enum.StrEnum):
     CACHE_MODE = "cache-mode"
     NETWORK = "network"
     NO_MEMORY = "no-memory"
+    TLS = "tls"  # spec.migration.tls required, a host lacks the certificates for it
     GONE = "gone"  # the guest is no longer on the source
     NAME_TAKEN = "name-taken"  # a domain of that name is already on the destination
     HOST_DOWN = "host-down"  # a host does not answer

@@ -23,7 +23,11 @@ from balancerd.lab.cluster import (
 
 EPILOG = f"""\
 Each lab host is a network namespace with its own libvirtd answering on
-qemu+tcp://SUBNET.(10+N)/system (no auth: lab only); guests are small TCG domains
+qemu+tcp://SUBNET.(10+N)/system (no auth: lab only), or with --tls only on
+qemu+tls://SUBNET.(10+N)/system with x509 client certificates (a lab CA, a server and
+client certificate per host, balancerd's client folder DIR/pki/balancerd, named
+pki_dir in the config, and DIR/pki/untrusted, a client no host accepts; certtool from
+gnutls-bin makes them); guests are small TCG domains
 (Debian cloud kernel + busybox initramfs) that burn CPU and/or dirty memory.
 Needs root and Debian's libvirt-daemon-system, qemu-system-x86, qemu-utils,
 busybox-static, cpio, gcc (scripts/setup.sh installs them).
@@ -68,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument(
         "--metrics-listen", default="127.0.0.1:9177", help="metrics address in the config"
     )
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="libvirtd listens only on TLS with client certificates; migrations can be encrypted",
+    )
 
     down = sub.add_parser("down", help="stop and remove everything of the lab")
     common(down)
@@ -108,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             host_mem_mib=args.host_mem_mib,
             policy=args.policy,
             metrics_listen=args.metrics_listen,
+            tls=args.tls,
         )
         lab = Lab(root, args.name, args.subnet)
         started = time.monotonic()

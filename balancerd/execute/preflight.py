@@ -15,6 +15,11 @@ Decisions documented here:
     protocol has no facts for them).
   * memory: destination free memory now >= guest memory + the policy's per-host headroom.
   * a guest no longer on the source (moved by an operator) is skipped, never failed.
+  * TLS (``spec.migration.tls``): the stream is encrypted when the source can send
+    (QEMU's ca-cert.pem) and the destination receive (ca-cert.pem, server-cert.pem,
+    server-key.pem in /etc/pki/qemu) a TLS stream. ``required`` refuses a move between
+    hosts that cannot; ``auto`` sends it in clear text then, with a warning; ``disabled``
+    never encrypts.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from balancerd.errors import HypervisorError
 from balancerd.hypervisor.base import DomainFacts, HostFacts, Hypervisor
 from balancerd.model import Move
 from balancerd.outcomes import SkipKind
-from balancerd.policy.model import Migration
+from balancerd.policy.model import Migration, MigrationTls
 from balancerd.units import MIB
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,7 @@ class PreflightResult:
     reason: str = ""  # why the step is skipped, e.g. "disk /x.qcow2 not found on host2"
     facts: DomainFacts | None = None  # the guest as found on the source
     kind: SkipKind | None = None  # set when not ok
+    tls: bool = False  # encrypt the migration stream (VIR_MIGRATE_TLS)
 
     @classmethod
     def refused(cls, refusal: Refusal, facts: DomainFacts | None = None) -> PreflightResult:
@@ -58,6 +64,35 @@ class PreflightResult:
 
 def _version(v: int) -> str:
     return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+
+def use_tls(mig: Migration, src: HostFacts, dst: HostFacts) -> bool:
+    """Whether the move's stream is encrypted (see the module doc)."""
+    if mig.tls is MigrationTls.DISABLED:
+        return False
+    if mig.tls is MigrationTls.REQUIRED:
+        return True
+    return src.migration_tls_client and dst.migration_tls_server
+
+
+def tls_refusal(mig: Migration, src: HostFacts, dst: HostFacts) -> Refusal | None:
+    """Why an encrypted stream cannot be sent from src to dst when the policy requires one."""
+    if mig.tls is not MigrationTls.REQUIRED:
+        return None
+    if not dst.migration_tls_server:
+        return Refusal(
+            SkipKind.TLS,
+            f"{dst.name} has no server certificate for TLS migration (ca-cert.pem, "
+            "server-cert.pem, server-key.pem in /etc/pki/qemu) and spec.migration.tls "
+            "is required",
+        )
+    if not src.migration_tls_client:
+        return Refusal(
+            SkipKind.TLS,
+            f"{src.name} has no CA certificate for TLS migration (ca-cert.pem in "
+            "/etc/pki/qemu) and spec.migration.tls is required",
+        )
+    return None
 
 
 def check(
@@ -103,6 +138,9 @@ def check(
                     f"{src.name} ({_version(src.hypervisor_version)}); allow_backward is off"
                 ),
             )
+    tls = tls_refusal(mig, src, dst)
+    if tls is not None:
+        return tls
     if not cpu_ok:
         return Refusal(SkipKind.CPU_INCOMPATIBLE, f"guest CPU model is not compatible with {d}")
     copy_storage = vm in mig.copy_storage_vms
@@ -192,4 +230,14 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
     )
     if problem is not None:
         return PreflightResult.refused(problem, facts)
-    return PreflightResult(True, "", facts)
+    tls = use_tls(mig, src, dst)
+    if not tls and mig.tls is MigrationTls.AUTO:
+        log.warning(
+            "migration stream in clear text vm=%s src=%s dst=%s tls_send=%s tls_receive=%s",
+            vm,
+            s,
+            d,
+            src.migration_tls_client,
+            dst.migration_tls_server,
+        )
+    return PreflightResult(True, "", facts, tls=tls)

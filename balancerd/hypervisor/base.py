@@ -58,6 +58,11 @@ class HostFacts:
     mem_free_bytes: int
     networks: tuple[str, ...]  # active libvirt networks
     bridges: tuple[str, ...]  # bridge devices the host has
+    # Certificates for TLS migration streams (VIR_MIGRATE_TLS) in the host's QEMU TLS folder
+    # (/etc/pki/qemu): ca-cert.pem + server-cert.pem + server-key.pem to receive one,
+    # ca-cert.pem to send one.
+    migration_tls_server: bool = False
+    migration_tls_client: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class MigrationRequest:
     max_downtime_ms: int
     auto_converge: bool
     copy_storage: bool = False
+    tls: bool = False  # encrypt the migration stream (VIR_MIGRATE_TLS)
 
 
 class Hypervisor(Protocol):

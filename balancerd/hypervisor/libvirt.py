@@ -13,6 +13,7 @@ import gc
 import logging
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import libvirt
 
@@ -38,6 +40,9 @@ from balancerd.model import HostSample, VmSample
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# libvirt's default folder of QEMU's TLS certificates (default_tls_x509_cert_dir in
+# qemu.conf), used for migration streams unless migrate_tls_x509_cert_dir says otherwise.
+QEMU_TLS_DIR = "/etc/pki/qemu"
 KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 3
 BACKOFF_MAX_S = 60.0
@@ -123,7 +128,7 @@ class LibvirtHypervisor:
                     st.cfg.name, "connect", f"{st.last_error} (retrying in backoff)"
                 )
         try:
-            conn = libvirt.open(st.cfg.uri)
+            conn = libvirt.open(connect_uri(st.cfg))
             conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
             caps = ET.fromstring(conn.getCapabilities())
         except libvirt.libvirtError as exc:
@@ -259,6 +264,11 @@ class LibvirtHypervisor:
                 mem_free_bytes=free_kib * 1024,
                 networks=tuple(sorted(conn.listNetworks())),
                 bridges=_bridges(conn),
+                migration_tls_server=all(
+                    _file_visible(conn, f"{QEMU_TLS_DIR}/{name}")
+                    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+                ),
+                migration_tls_client=_file_visible(conn, f"{QEMU_TLS_DIR}/ca-cert.pem"),
             )
 
         return self._call(host, "read host facts", read)
@@ -279,35 +289,7 @@ class LibvirtHypervisor:
         """Storage volume lookup by path; where no pool holds the folder, a transient
         directory pool over it answers the question and is removed again."""
 
-        def look(conn: Any) -> bool:
-            for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-                target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path", default="")
-                if target == str(PurePosixPath(path).parent):
-                    pool.refresh(0)
-            try:
-                conn.storageVolLookupByPath(path)
-                return True
-            except libvirt.libvirtError:
-                pass
-            folder = str(PurePosixPath(path).parent)
-            name = f"balancerd-probe-{abs(hash(folder)) % 10**8}"
-            pool_xml = (
-                f"<pool type='dir'><name>{name}</name>"
-                f"<target><path>{_xml_escape(folder)}</path></target></pool>"
-            )
-            try:
-                pool = conn.storagePoolCreateXML(pool_xml, 0)
-            except libvirt.libvirtError:
-                return False  # the folder itself is not there
-            try:
-                pool.storageVolLookupByName(PurePosixPath(path).name)
-                return True
-            except libvirt.libvirtError:
-                return False
-            finally:
-                pool.destroy()
-
-        return self._call(host, f"look up storage {path}", look)
+        return self._call(host, f"look up storage {path}", lambda conn: _file_visible(conn, path))
 
     # --- migration --------------------------------------------------------------------
 
@@ -326,19 +308,25 @@ class LibvirtHypervisor:
             flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
         if req.copy_storage:
             flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        if req.tls:
+            flags |= libvirt.VIR_MIGRATE_TLS
         params: dict[str, Any] = {
             libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: max(1, round(req.bandwidth_mib_s)),
         }
         if dst.cfg.migration_uri:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = dst.cfg.migration_uri
         what = f"{'live' if req.live else 'cold'} migration of {req.vm} {req.src}->{req.dst}"
+        if req.tls:
+            what += " (TLS)"
         try:
             dom = conn.lookupByName(req.vm)
             if req.live and req.max_downtime_ms > 0:
                 # libvirt 9 sets QEMU's downtime limit before the job too; the first
                 # iterations then already aim at it (the monitor may raise it later).
                 dom.migrateSetMaxDowntime(req.max_downtime_ms, 0)
-            dom.migrateToURI3(dst.cfg.uri, params, flags)
+            # The source libvirtd opens this URI with its own client certificates: our
+            # pki_dir is a path on this machine, not on the source host.
+            dom.migrateToURI3(peer_uri(dst.cfg.uri), params, flags)
         except libvirt.libvirtError as exc:
             if _connection_lost(exc):
                 self._mark_failed(src, f"migrate: {exc}")
@@ -405,6 +393,62 @@ class LibvirtHypervisor:
 
 
 # --- helpers (run on worker threads) --------------------------------------------------
+
+
+def connect_uri(cfg: HostConfig) -> str:
+    """The URI balancerd opens for a host: a qemu+tls URI gets ``pkipath=`` naming the
+    host's ``pki_dir`` (unless the URI names one itself)."""
+    parts = urlsplit(cfg.uri)
+    if not cfg.pki_dir or not parts.scheme.lower().endswith("+tls"):
+        return cfg.uri
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "pkipath" for k, _ in query):
+        return cfg.uri
+    query.append(("pkipath", cfg.pki_dir))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote, safe="/")))
+
+
+def peer_uri(uri: str) -> str:
+    """The destination URI handed to the source libvirtd for a peer-to-peer migration:
+    without ``pkipath=`` (a folder on this machine, not on the source host)."""
+    parts = urlsplit(uri)
+    if not parts.query:
+        return uri
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "pkipath"]
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote, safe="/")))
+
+
+def _file_visible(conn: Any, path: str) -> bool:
+    """Whether the host sees a file at exactly ``path``: storage volume lookup by path;
+    where no pool holds the folder, a transient directory pool over it answers the
+    question and is removed again (libvirt has no other remote file lookup)."""
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path", default="")
+        if target == str(PurePosixPath(path).parent):
+            pool.refresh(0)
+    try:
+        conn.storageVolLookupByPath(path)
+        return True
+    except libvirt.libvirtError:
+        pass
+    folder = str(PurePosixPath(path).parent)
+    # one name per call: two lookups on one host at once must not collide
+    name = f"balancerd-probe-{uuid.uuid4().hex[:12]}"
+    pool_xml = (
+        f"<pool type='dir'><name>{name}</name>"
+        f"<target><path>{_xml_escape(folder)}</path></target></pool>"
+    )
+    try:
+        pool = conn.storagePoolCreateXML(pool_xml, 0)
+    except libvirt.libvirtError:
+        return False  # the folder itself is not there
+    try:
+        pool.storageVolLookupByName(PurePosixPath(path).name)
+        return True
+    except libvirt.libvirtError:
+        return False
+    finally:
+        pool.destroy()
 
 
 def _bare(exc: BaseException) -> BaseException:

@@ -18,7 +18,10 @@ Layout of ROOT (everything the lab owns; ``down`` removes it all)::
     shared-store/       what shared/ shows
     consoles/NAME.log   guests' serial consoles (append='on': survives migrations)
     domains/NAME.xml    the XML each guest was defined from
-    hosts/hostN/        per-host libvirt folders, pidfiles, holder script and log
+    hosts/hostN/        per-host libvirt folders, pidfiles, holder script and log;
+                        hosts/hostN/pki is the host's /etc/pki
+    pki/                (TLS lab) the lab CA, balancerd's client PKI folder (pki_dir of the
+                        daemon config) and an untrusted client certificate (lab/tls.py)
 
 Guests are defined persistent on their start host, so a peer-to-peer live migration with
 persist-dest + undefine-source moves the definition along with the guest.
@@ -42,6 +45,7 @@ from balancerd.lab.domain import GuestDevices, domain_xml
 from balancerd.lab.host import LabHost
 from balancerd.lab.images import INIT_MARKER, ensure_images
 from balancerd.lab.system import pids_with_cmdline, require_lab_support, run
+from balancerd.lab.tls import TlsHost, client_pki, make_lab_pki
 
 DEFAULT_NAME = "bd"
 DEFAULT_SUBNET = "10.77.0"
@@ -80,6 +84,9 @@ class LabSpec:
     host_mem_mib: int = 2048
     policy: str = ""  # policy path for the config; "" = the repo's policies/balance.yaml
     metrics_listen: str = "127.0.0.1:9177"
+    # libvirtd listens only on TLS with x509 client verification; balancerd connects with
+    # qemu+tls and the lab's client PKI folder; migration streams can be encrypted.
+    tls: bool = False
 
 
 # The imbalanced demo set of `balancerd lab up`: six guests, all on host1.
@@ -109,7 +116,7 @@ class HostStatus:
     holder_pid: int | None
     virtlogd_pid: int | None
     libvirtd_pid: int | None
-    answers: bool  # libvirtd accepts TCP connections on the host address
+    answers: bool  # libvirtd accepts connections on the host address (TCP or TLS port)
     powered: bool
     guests: tuple[GuestStatus, ...] = ()
 
@@ -181,9 +188,20 @@ class Lab:
         state = self._read_state()
         return int(state["hosts"]) if state else 0
 
+    def _tls(self) -> bool:
+        state = self._read_state()
+        return bool(state.get("tls", False)) if state else False
+
+    @property
+    def tls(self) -> bool:
+        """Whether the lab's libvirtds listen only on TLS (``lab up --tls``)."""
+        return self._tls()
+
     def _hosts(self) -> list[LabHost]:
+        tls = self._tls()
         return [
-            LabHost(self.name, self.root, i, self.subnet) for i in range(1, self._host_count() + 1)
+            LabHost(self.name, self.root, i, self.subnet, tls=tls)
+            for i in range(1, self._host_count() + 1)
         ]
 
     def _host(self, host: str) -> LabHost:
@@ -203,7 +221,20 @@ class Lab:
         return self._host(host).address
 
     def host_uri(self, host: str) -> str:
+        """The URI in the daemon config (``qemu+tls://...`` in a TLS lab, whose config
+        names the client PKI folder in ``pki_dir``)."""
         return self._host(host).uri
+
+    def client_uri(self, host: str) -> str:
+        """A URI this machine can connect with as it is: in a TLS lab, with
+        ``?pkipath=`` naming balancerd's client PKI folder."""
+        return _client_uri(self._host(host), self.root)
+
+    @property
+    def pki_dir(self) -> Path:
+        """balancerd's client PKI folder in a TLS lab (cacert.pem, clientcert.pem,
+        clientkey.pem)."""
+        return client_pki(self.root)
 
     def migration_uri(self, host: str) -> str:
         return f"tcp://{self._host(host).address}"
@@ -228,12 +259,19 @@ class Lab:
                 f"the lab in {self.root} already has {state['hosts']} hosts; "
                 f"run `balancerd lab down --dir {self.root}` first"
             )
+        if state and bool(state.get("tls", False)) != spec.tls:
+            raise LabError(
+                f"the lab in {self.root} is {'' if state.get('tls') else 'not '}a TLS lab; "
+                f"run `balancerd lab down --dir {self.root}` first"
+            )
         images = ensure_images(self.cache_dir)
         for folder in ("state", "shared", "shared-store", "consoles", "domains", "hosts"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._write_state(spec, images.kernel, images.initrd)
         self._create_bridge()
         hosts = self._hosts()
+        if spec.tls:
+            make_lab_pki(self.root, [TlsHost(h.name, h.hostname, h.address) for h in hosts])
         self._mount_shared(any(h.holder_pid() is not None for h in hosts))
         for host in hosts:
             host.write_files(hosts)
@@ -268,6 +306,7 @@ class Lab:
             "host_mem_mib": spec.host_mem_mib,
             "kernel": str(kernel),
             "initrd": str(initrd),
+            "tls": spec.tls,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -323,6 +362,7 @@ class Lab:
                 for h in self._hosts()
             ],
             "policy": policy,
+            **({"pki_dir": str(client_pki(self.root))} if spec.tls else {}),
             "state_dir": str(self.root / "state"),
             "metrics": {"listen": spec.metrics_listen},
             # Lab pace: a demo shows decisions within a minute (production: 15 s / 300 s).
@@ -338,7 +378,7 @@ class Lab:
     # ---- guests ------------------------------------------------------------------------
 
     def _virsh(self, host: LabHost, *args: str, check: bool = True) -> str:
-        argv = ["virsh", "-q", "-c", host.uri, *args]
+        argv = ["virsh", "-q", "-c", _client_uri(host, self.root), *args]
         return run(argv, timeout_s=VIRSH_TIMEOUT_S, check=check).stdout
 
     def start_guest(self, g: GuestSpec) -> None:
@@ -572,6 +612,12 @@ class Lab:
         if self.root.exists():
             found.append(f"directory {self.root}")
         return found
+
+
+def _client_uri(host: LabHost, root: Path) -> str:
+    if not host.tls:
+        return host.uri
+    return f"{host.uri}?pkipath={client_pki(root)}"
 
 
 # ---- spec validation and parsing -----------------------------------------------------

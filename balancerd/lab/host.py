@@ -17,8 +17,12 @@ How a host is made (all as root, everything under ``ROOT/hosts/hostN``):
   (Running libvirtd as the direct child of unshare does not work: ``libvirtd -d`` forks and
   the namespace would be gone with no way back in once libvirtd is killed.)
 - daemons: ``virtlogd -d -p PIDFILE`` and ``libvirtd -d -l -f /etc/libvirt/libvirtd.conf -p
-  PIDFILE`` (distinct pidfiles: a shared path kills the second daemon), listening on TCP at
-  the host address with ``auth_tcp = "none"`` (lab only) and a distinct ``host_uuid``.
+  PIDFILE`` (distinct pidfiles: a shared path kills the second daemon), listening at the
+  host address with a distinct ``host_uuid``: on TCP with ``auth_tcp = "none"`` (lab only),
+  or, in a TLS lab (``tls=True``), only on TLS (port 16514) with x509 client verification
+  against the lab CA (certificates: lab/tls.py). The host's own ``pki/`` folder is mounted
+  over /etc/pki, so libvirtd and QEMU use their default certificate paths, and QEMU
+  encrypts migration streams with them (``migrate_tls_x509_verify = 1``).
 
 Every process of a host lives in its netns, so ``ip netns pids NS`` finds them all.
 """
@@ -46,6 +50,7 @@ from balancerd.lab.system import (
 )
 
 LIBVIRT_TCP_PORT = 16509
+LIBVIRT_TLS_PORT = 16514
 GUEST_BRIDGE = "guestbr"
 # host folder name -> where it is bind-mounted inside the host's mount namespace
 BIND_MOUNTS = {
@@ -54,6 +59,7 @@ BIND_MOUNTS = {
     "cache": "/var/cache/libvirt",
     "log": "/var/log/libvirt",
     "etc": "/etc/libvirt",
+    "pki": "/etc/pki",  # certificates (TLS lab); empty otherwise, hiding the machine's
 }
 DAEMON_START_TIMEOUT_S = 60.0
 
@@ -64,6 +70,7 @@ class LabHost:
     root: Path
     index: int  # 1-based
     subnet: str  # "A.B.C"
+    tls: bool = False  # libvirtd listens only on TLS, with client certificates
 
     @property
     def name(self) -> str:
@@ -92,7 +99,13 @@ class LabHost:
 
     @property
     def uri(self) -> str:
+        if self.tls:
+            return f"qemu+tls://{self.address}/system"
         return f"qemu+tcp://{self.address}/system"
+
+    @property
+    def port(self) -> int:
+        return LIBVIRT_TLS_PORT if self.tls else LIBVIRT_TCP_PORT
 
     @property
     def dir(self) -> Path:
@@ -134,7 +147,7 @@ class LabHost:
         return _live_pid(self.virtlogd_pidfile, str(self.virtlogd_pidfile))
 
     def answers(self) -> bool:
-        return tcp_open(self.address, LIBVIRT_TCP_PORT, timeout_s=1.0)
+        return tcp_open(self.address, self.port, timeout_s=1.0)
 
     def netns_pids(self) -> list[int]:
         if not self.netns_exists():
@@ -157,12 +170,24 @@ class LabHost:
         if autostart.is_dir():
             for link in autostart.iterdir():
                 link.unlink()
+        if self.tls:
+            listen = (
+                "# balancerd lab host (generated): TLS only, x509 client certificates\n"
+                "listen_tls = 1\n"
+                "listen_tcp = 0\n"
+                # the client's certificate must verify against /etc/pki/CA/cacert.pem
+                "tls_no_verify_certificate = 0\n"
+                'auth_tls = "none"\n'
+            )
+        else:
+            listen = (
+                "# balancerd lab host (generated): TCP without auth, lab only\n"
+                "listen_tls = 0\n"
+                "listen_tcp = 1\n"
+                'auth_tcp = "none"\n'
+            )
         (etc / "libvirtd.conf").write_text(
-            "# balancerd lab host (generated): TCP without auth, lab only\n"
-            "listen_tls = 0\n"
-            "listen_tcp = 1\n"
-            f'listen_addr = "{self.address}"\n'
-            'auth_tcp = "none"\n'
+            listen + f'listen_addr = "{self.address}"\n'
             'auth_unix_rw = "none"\n'
             f'host_uuid = "{self.host_uuid}"\n'
             'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
@@ -175,7 +200,9 @@ class LabHost:
             'user = "root"\n'
             'group = "root"\n'
             "dynamic_ownership = 0\n"
-            "remember_owner = 0\n"
+            "remember_owner = 0\n" + ("migrate_tls_x509_verify = 1\n" if self.tls else "")
+            # TLS migration streams (VIR_MIGRATE_TLS): /etc/pki/qemu (the host's pki/qemu);
+            # the destination QEMU verifies the source's client certificate
         )
         (etc / "virtlogd.conf").write_text("# balancerd lab host (generated)\nlog_level = 3\n")
         hosts_lines = ["127.0.0.1 localhost", "::1 localhost"]

@@ -35,6 +35,14 @@ class OnStall(StrEnum):
     ABORT = "abort"  # abort; the guest stays where it was
 
 
+class MigrationTls(StrEnum):
+    """Whether migration streams are encrypted (VIR_MIGRATE_TLS)."""
+
+    AUTO = "auto"  # when the source can send and the destination receive TLS streams
+    REQUIRED = "required"  # always; preflight skips a move between hosts that cannot
+    DISABLED = "disabled"  # never (clear text)
+
+
 class SolverBackend(StrEnum):
     CBC = "cbc"
     HIGHS = "highs"
@@ -129,6 +137,7 @@ class Migration:
     copy_storage_vms: tuple[str, ...] = ()  # guests whose disks may be copied
     unsafe_cache_vms: tuple[str, ...] = ()  # guests accepting disks with cache != none
     no_pause_vms: tuple[str, ...] = ()  # guests never paused: on a stall they abort
+    tls: MigrationTls = MigrationTls.AUTO  # encrypt the migration stream
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from balancerd.policy.model import (
     Hysteresis,
     Limits,
     Migration,
+    MigrationTls,
     Mode,
     Objective,
     OnStall,
@@ -295,6 +296,12 @@ SPEC = obj(
                     "copy_storage_vms": fld(NAMES, "VMs whose disks may be copied"),
                     "unsafe_cache_vms": fld(NAMES, "VMs accepting disks with cache != none"),
                     "no_pause_vms": fld(NAMES, "VMs never paused: a stall aborts them"),
+                    "tls": fld(
+                        Choice(MigrationTls),
+                        "encrypt migration streams: auto (when both hosts have QEMU's TLS "
+                        "certificates), required (preflight skips a move when they lack "
+                        "them), disabled",
+                    ),
                 },
                 cls=Migration,
             ),
