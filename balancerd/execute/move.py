@@ -271,6 +271,7 @@ def _run_move(run: _Run) -> MoveResult:
         max_downtime_ms=mig.max_downtime_ms,
         auto_converge=mig.auto_converge,
         copy_storage=m.vm in mig.copy_storage_vms,
+        tls=pf.tls,
     )
 
     def on_pause() -> None:
