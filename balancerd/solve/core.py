@@ -40,6 +40,7 @@ from balancerd.solve.heuristic import (
     Candidate,
     Unit,
     balance_search,
+    balanced_level,
     build_units,
     consolidate,
     limit_caps,
@@ -114,7 +115,8 @@ class Measure:
 
 
 def measure(p: Problem, host_of: list[int], lb: tuple[float, float] | None = None) -> Measure:
-    lbc, lbm = lb if lb is not None else util_lower_bounds(p)
+    """``lb``: the balanced level per resource (``balanced_level``), if already known."""
+    lbc, lbm = lb if lb is not None else balanced_level(p)
     margin = p.policy.hysteresis.min_improvement
     cpu, mem, vcpu = p.loads(host_of)
     viol = 0.0
@@ -159,9 +161,9 @@ def measure(p: Problem, host_of: list[int], lb: tuple[float, float] | None = Non
 
 
 def excess_above(p: Problem, host_of: list[int], margin: float = 0.0) -> float:
-    """Weighted load above (bound_r + margin), summed over balanced hosts and resources,
-    in host capacities (0.5 = half of one host)."""
-    lbc, lbm = util_lower_bounds(p)
+    """Weighted load above (balanced level_r + margin), summed over balanced hosts and
+    resources, in host capacities (0.5 = half of one host)."""
+    lbc, lbm = balanced_level(p)
     cpu, mem, _ = p.loads(host_of)
     tc, tm = lbc + margin, lbm + margin
     total = 0.0
@@ -264,7 +266,7 @@ def solve(
         return _refused(p, current, effort, notes, t0)
     units, unit_of = build_units(p)
     stages: list[str] = []
-    lb = util_lower_bounds(p)
+    lb = balanced_level(p)
     ranked = _greedy_stage(p, units, unit_of, effort, stages, t0, lb)
     bound: float | None = _objective_bound(p)
     ilp, full = _ilp_stage(p, units, ranked, bound, use_ilp, stages)
@@ -344,8 +346,7 @@ def _greedy_stage(
             unit_of,
             max_moves=bud.max_moves,
             max_bytes=float(bud.max_bytes),
-            search=cheapest
-            < max(balance_score(p, p.cur) - max(p.w_cpu * lb[0], p.w_mem * lb[1]), 0.0),
+            search=cheapest < max(balance_score(p, p.cur) - balance_lower_bound(p), 0.0),
         )
     else:
         cands = _power_candidates(p, units, unit_of, effort)

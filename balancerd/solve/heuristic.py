@@ -16,7 +16,6 @@ from balancerd.solve.problem import (
     EPS,
     Problem,
     balance_score,
-    max_utils,
     power_score,
     power_weight,
     util_lower_bounds,
@@ -984,6 +983,49 @@ def limit_caps(p: Problem) -> tuple[list[float], list[float]]:
     return cap_c, cap_m
 
 
+def balanced_level(p: Problem) -> tuple[float, float]:
+    """Per resource, the utilization a perfectly even spread reaches (water filling):
+    the demand of the guests on balanced hosts (or free to leave the others) over the
+    balanced hosts' capacity, leaving out hosts whose fixed guests alone sit above that
+    level (with their load). Unlike ``util_lower_bounds`` it is not raised by such a
+    host: the others are still balanced to it."""
+    hosts = [
+        h
+        for h in range(p.n_hosts)
+        if p.balanced[h] and (p.usable[h] or p.objective != "power-save")
+    ]
+    fixed_c = [0.0] * p.n_hosts
+    fixed_m = [0.0] * p.n_hosts
+    dc = dm = 0.0
+    for g in range(p.n_guests):
+        h = p.cur[g]
+        if not p.balanced[h] and not p.movable[g]:
+            continue
+        dc += p.cpu[g]
+        dm += p.mem[g]
+        if not p.movable[g]:
+            fixed_c[h] += p.cpu[g]
+            fixed_m[h] += p.mem[g]
+    return (
+        _water_level(dc, [(fixed_c[h], p.cpu_total[h]) for h in hosts]),
+        _water_level(dm, [(fixed_m[h], p.mem_total[h]) for h in hosts]),
+    )
+
+
+def _water_level(demand: float, hosts: list[tuple[float, float]]) -> float:
+    """The level L with sum over hosts of max(L x capacity, fixed) = demand."""
+    level = 0.0
+    for _ in range(len(hosts) + 1):
+        above = [(f, c) for f, c in hosts if c > 0 and f > level * c + EPS]
+        cap = sum(c for f, c in hosts if c > 0) - sum(c for _, c in above)
+        rest = demand - sum(f for f, _ in above)
+        new = rest / cap if cap > 0 else 0.0
+        if abs(new - level) <= 1e-12:
+            break
+        level = new
+    return level
+
+
 def target_caps(p: Problem, t_cpu: float, t_mem: float) -> tuple[list[float], list[float]]:
     base_c, base_m = limit_caps(p)
     cap_c = [min(base_c[h], t_cpu * p.cpu_total[h]) for h in range(p.n_hosts)]
@@ -1042,17 +1084,25 @@ def balance_search(
     if not search or shed.moves >= max_moves:
         return out
     frozen, closed, ok_c, ok_m = _after_shed(p, units, shed.host_of, cap_c, cap_m)
-    lbc, lbm = util_lower_bounds(p)
+    lbc, lbm = balanced_level(p)
     wc, wm = p.w_cpu, p.w_mem
-    uc, um = max_utils(p, shed.host_of)
+    # a host whose fixed guests alone are above a level keeps that load as its cap
+    fix_c = [0.0] * p.n_hosts
+    fix_m = [0.0] * p.n_hosts
+    for i, u in enumerate(units):
+        if not u.movable or i in frozen:
+            for g in u.members:
+                fix_c[shed.host_of[g]] += p.cpu[g]
+                fix_m[shed.host_of[g]] += p.mem[g]
+    uc, um = _max_above_fixed(p, shed.host_of, fix_c, fix_m)
     top = max(wc * (uc - lbc), wm * (um - lbm), 0.0)
 
     def caps_at(dc: float, dm: float) -> tuple[list[float], list[float]]:
         tc = lbc + dc / wc if wc > 0 else float("inf")
         tm = lbm + dm / wm if wm > 0 else float("inf")
         return (
-            [min(ok_c[h], tc * p.cpu_total[h]) for h in range(p.n_hosts)],
-            [min(ok_m[h], tm * p.mem_total[h]) for h in range(p.n_hosts)],
+            [min(ok_c[h], max(tc * p.cpu_total[h], fix_c[h])) for h in range(p.n_hosts)],
+            [min(ok_m[h], max(tm * p.mem_total[h], fix_m[h])) for h in range(p.n_hosts)],
         )
 
     def level(dc: float, dm: float, start: list[int], label: str) -> RepairResult:
@@ -1124,6 +1174,23 @@ def balance_search(
 
 
 WALK_FAILS = 2  # failed levels that end the balance walk
+
+
+def _max_above_fixed(
+    p: Problem, host_of: list[int], fix_c: list[float], fix_m: list[float]
+) -> tuple[float, float]:
+    """Highest CPU and memory utilization over balanced hosts that have guests free to
+    move beyond their fixed load (a host holding only fixed load cannot come down)."""
+    cpu, mem, _ = p.loads(host_of)
+    uc = um = 0.0
+    for h in range(p.n_hosts):
+        if not p.balanced[h]:
+            continue
+        if cpu[h] > fix_c[h] + EPS:
+            uc = max(uc, cpu[h] / p.cpu_total[h])
+        if mem[h] > fix_m[h] + 0.5:
+            um = max(um, mem[h] / p.mem_total[h])
+    return uc, um
 
 
 def _candidate(p: Problem, r: RepairResult, label: str) -> Candidate:

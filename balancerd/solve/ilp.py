@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import pulp
 
-from balancerd.solve.heuristic import Unit
-from balancerd.solve.problem import GIB, Problem, power_weight, util_lower_bounds
+from balancerd.solve.heuristic import Unit, balanced_level
+from balancerd.solve.problem import GIB, Problem, power_weight
 
 PENALTY = 1000.0  # objective units per forced move left undone / per host-capacity of overflow
 SPREAD = 0.05  # balance: weight of each resource's own highest utilization (spread term)
@@ -219,7 +219,7 @@ def _balance_terms(m: _Model) -> None:
             zm_const = max(zm_const, p.w_mem * m.fm[h] / p.mem_total[h])
     m.prob += zc >= zc_const, "zc_rest"
     m.prob += zm >= zm_const, "zm_rest"
-    lbc, lbm = util_lower_bounds(p)
+    lbc, lbm = balanced_level(p)
     per_host = 1.0 / n_balanced(p)
     for h in sorted(m.on_host):
         if not p.balanced[h]:
