@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from balancerd.config import CoordinationConfig, load_config_text
 from balancerd.coord import NotLeader, SingleNode, make_coordinator
@@ -19,6 +21,7 @@ from balancerd.coord.base import CoordinationError, Leadership
 from balancerd.coord.etcd import EtcdCoordinator
 from balancerd.coord.etcdlab import Blackhole, EtcdCluster, etcd_missing
 from balancerd.errors import ConfigError
+from balancerd.outcomes import MoveOutcome, SkipKind
 from balancerd.statelock import StateLocked
 
 TTL_S = 2
@@ -312,3 +315,223 @@ def test_config_coordination_section(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, "coordination: {backend: etcd, endpoints: ['10.0.0.5:2379']}\n")
     assert "coordination.endpoints[0]" in json.dumps(err.value.problems).replace("\\", "")
+
+
+# --- the daemon with coordination (in-process, simulated hypervisor, real etcd) ----------
+
+
+class Recording:
+    """One daemon's view of the shared simulated cluster; records the actions it issues
+    on the hosts (what a host would see), with the time."""
+
+    ACTIONS = ("migrate", "destroy", "resume", "suspend", "abort_job")
+
+    def __init__(self, hv: object, migrate_s: float = 0.0) -> None:
+        self._hv = hv
+        self.migrate_s = migrate_s
+        self.calls: list[tuple[float, str, str]] = []  # (monotonic, action, vm)
+        self.on_migrate: list[object] = []
+
+    def __getattr__(self, name: str) -> object:
+        target = getattr(self._hv, name)
+        if name not in self.ACTIONS:
+            return target
+
+        def recorded(*args: object, **kw: object) -> object:
+            vm = getattr(args[0], "vm", "") if name == "migrate" else str(args[1])
+            self.calls.append((time.monotonic(), name, str(vm)))
+            if name == "migrate":
+                for hook in self.on_migrate:
+                    hook()  # type: ignore[operator]
+                time.sleep(self.migrate_s)
+            return target(*args, **kw)
+
+        return recorded
+
+    def close(self) -> None:
+        pass
+
+
+def coordinated_daemon(
+    folder: Path, hv: object, node: str, endpoints: list[str], cluster: str
+) -> tuple[object, CollectorRegistry]:
+    from test_daemon_inprocess import POLICY
+
+    from balancerd.daemon import Daemon
+    from balancerd.notify import Notifier
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "policy.yaml").write_text(POLICY.replace("MODE", "automatic"))
+    hosts = "".join(f"  - {{name: h{i}, uri: 'qemu+tcp://10.0.0.{i}/system'}}\n" for i in (1, 2, 3))
+    urls = ", ".join(f"'{e}'" for e in endpoints)
+    (folder / "balancerd.yaml").write_text(
+        "hosts:\n"
+        + hosts
+        + f"policy: policy.yaml\nstate_dir: {folder / 'state'}\n"
+        + "collect_interval_s: 10\ncycle_interval_s: 60\nsmoothing_window: 2\n"
+        + f"coordination: {{backend: etcd, endpoints: [{urls}], lock_ttl_s: {TTL_S},"
+        + f" node: {node}, cluster: {cluster}}}\n"
+    )
+    registry = CollectorRegistry()
+    d = Daemon(
+        str(folder / "balancerd.yaml"),
+        hypervisor_factory=lambda _c: hv,  # type: ignore[arg-type,return-value]
+        notifier=Notifier(),
+        registry=registry,
+        serve_metrics=False,
+        control_socket="",
+    )
+    return d, registry
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    text = generate_latest(registry).decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None
+
+
+def placements(hv: object) -> dict[str, list[str]]:
+    where: dict[str, list[str]] = {}
+    for host in hv.hosts.values():  # type: ignore[attr-defined]
+        for vm in host.vms:
+            where.setdefault(vm, []).append(host.name)
+    return where
+
+
+def collect_both(hv: object, *daemons: object, times: int = 3) -> None:
+    from test_daemon_inprocess import BUSY
+
+    for _ in range(times):
+        hv.advance(10.0, BUSY)  # type: ignore[attr-defined]
+        for d in daemons:
+            d.collect_once()  # type: ignore[attr-defined]
+
+
+def test_daemons_one_acts_the_standby_collects_and_says_who_leads(
+    etcd: EtcdCluster, tmp_path: Path, cluster_name: str
+) -> None:
+    from test_daemon_inprocess import cluster as sim_cluster
+
+    from balancerd.daemon_state import STATUS_FILE
+
+    hv = sim_cluster()
+    view_a, view_b = Recording(hv), Recording(hv)
+    a, reg_a = coordinated_daemon(tmp_path / "a", view_a, "node-a", etcd.endpoints, cluster_name)
+    b, reg_b = coordinated_daemon(tmp_path / "b", view_b, "node-b", etcd.endpoints, cluster_name)
+    a.start(schedule_jobs=False)  # type: ignore[attr-defined]
+    b.start(schedule_jobs=False)  # type: ignore[attr-defined]
+    try:
+        wait_for(lambda: "node-a leads" in b.coord.not_leading(), 5, "b to see a lead")  # type: ignore[attr-defined]
+        collect_both(hv, a, b)
+        assert b.cycle_once() is None  # type: ignore[attr-defined]
+        assert view_b.calls == []
+        report = a.cycle_once()  # type: ignore[attr-defined]
+        assert report is not None and report.results
+        assert any(r.outcome is MoveOutcome.MIGRATED for r in report.results)
+        assert all(len(hosts) == 1 for hosts in placements(hv).values())
+        # Metrics and status name the leader on both.
+        assert sample(reg_a, "balancerd_leader", node="node-a") == 1.0
+        assert sample(reg_b, "balancerd_leader", node="node-b") == 0.0
+        assert sample(reg_b, "balancerd_leader_info", leader="node-a") == 1.0
+        assert (sample(reg_a, "balancerd_leader_token") or 0) > 0
+        status_b = json.loads((tmp_path / "b" / "state" / STATUS_FILE).read_text())
+        assert status_b["state"] == "standby"
+        assert status_b["coordination"]["leader"] == "node-a"
+        assert "node-a leads" in status_b["coordination"]["reason"]
+        # The journal is in etcd: the standby reads the leader's entries.
+        assert {e.migration_id for e in b.journal.entries()} >= {  # type: ignore[attr-defined]
+            r.migration_id for r in report.results if r.migration_id
+        }
+    finally:
+        a.shutdown()  # type: ignore[attr-defined]
+        b.shutdown()  # type: ignore[attr-defined]
+
+
+def test_a_deposed_leader_issues_no_action_and_the_new_one_reconciles(
+    etcd: EtcdCluster, tmp_path: Path, cluster_name: str
+) -> None:
+    """a reaches etcd through a link that is cut when its first migration starts. It must
+    start no further migration or power switch (counted on the hosts' side); b takes over
+    within 2 TTL, settles a's open intent, then acts; every guest runs on one host."""
+    from test_daemon_inprocess import cluster as sim_cluster
+
+    hv = sim_cluster()
+    link = Blackhole(etcd.members[0].client_port)
+    view_a, view_b = Recording(hv, migrate_s=0.6), Recording(hv)
+    a, _ = coordinated_daemon(tmp_path / "a", view_a, "node-a", [link.url], cluster_name)
+    b, _ = coordinated_daemon(tmp_path / "b", view_b, "node-b", etcd.endpoints, cluster_name)
+    cut_at: list[float] = []
+
+    def cut() -> None:
+        if not cut_at:
+            cut_at.append(time.monotonic())
+            link.cut()
+
+    view_a.on_migrate.append(cut)
+    a.start(schedule_jobs=False)  # type: ignore[attr-defined]
+    b.start(schedule_jobs=False)  # type: ignore[attr-defined]
+    try:
+        assert a.coord.not_leading() == ""  # type: ignore[attr-defined]
+        collect_both(hv, a, b)
+        report = a.cycle_once()  # type: ignore[attr-defined]
+        assert report is not None and cut_at
+        kinds = {r.skip_kind for r in report.results if r.outcome is MoveOutcome.SKIPPED}
+        assert SkipKind.NOT_LEADER in kinds, [r.line() for r in report.results]
+        took_over = wait_for(lambda: b.coord.not_leading() == "", 2 * TTL_S + 1, "b to lead")  # type: ignore[attr-defined]
+        assert time.monotonic() - cut_at[0] <= 2 * TTL_S + 0.2, took_over
+        led_at = time.monotonic()
+        # a's later cycles and power switches do nothing (its lease lapsed).
+        collect_both(hv, a, times=1)
+        assert a.cycle_once() is None  # type: ignore[attr-defined]
+        assert a._fence_power("h3", "off") != ""  # type: ignore[attr-defined]
+        # On the hosts: a's only migration is the one that was running when it was cut off.
+        migrations_a = [c for c in view_a.calls if c[1] == "migrate"]
+        assert len(migrations_a) == 1 and migrations_a[0][0] <= cut_at[0]
+        assert [c for c in view_a.calls if c[0] > cut_at[0] + 0.7] == []
+        assert [c for c in view_a.calls if c[0] >= led_at] == []
+        # b settles a's open intent before it acts, then balances.
+        open_before = b.journal.open_entries()  # type: ignore[attr-defined]
+        collect_both(hv, b, times=2)
+        report_b = b.cycle_once()  # type: ignore[attr-defined]
+        assert report_b is not None
+        assert b.journal.open_entries() == []  # type: ignore[attr-defined]
+        if open_before:
+            assert b.journal.reconciliation_count() >= len(open_before)  # type: ignore[attr-defined]
+        assert all(len(hosts) == 1 for hosts in placements(hv).values()), placements(hv)
+        assert sorted(placements(hv)) == [f"vm{i}" for i in range(4)]
+    finally:
+        link.heal()
+        a.shutdown()  # type: ignore[attr-defined]
+        b.shutdown()  # type: ignore[attr-defined]
+        link.close()
+
+
+def test_apply_power_asks_the_fence_before_every_switch() -> None:
+    from balancerd.power import PowerTracker, apply_power
+    from balancerd.power.manager import PowerDecision
+
+    switched: list[str] = []
+
+    class Driver:
+        def power_on(self, host: str) -> None:
+            switched.append(f"on {host}")
+
+        def power_off(self, host: str) -> None:
+            switched.append(f"off {host}")
+
+    decision = PowerDecision(power_off=("h2",), power_on=("h3",), held={})
+    drivers = {"h2": Driver(), "h3": Driver()}
+    asked: list[tuple[str, str]] = []
+
+    def fence(host: str, action: str) -> str:
+        asked.append((host, action))
+        return "" if host == "h3" else "not the leader"
+
+    results = apply_power(decision, drivers, PowerTracker(), 0.0, fence=fence)  # type: ignore[arg-type]
+    assert asked == [("h3", "on"), ("h2", "off")]
+    assert switched == ["on h3"]
+    assert [(r.host, r.ok) for r in results] == [("h3", True), ("h2", False)]
+    assert "not the leader" in results[1].error

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from balancerd.errors import BalancerdError
 from balancerd.execute.journal import JournalStore
+from balancerd.statelock import StateLock
 
 
 class CoordinationError(BalancerdError):
@@ -71,6 +72,7 @@ class Coordinator(Protocol):
 
     backend: str
     node: str
+    state_lock: StateLock  # this node's state directory (held while running, either way)
 
     def start(self, *, wait_s: float, on_change: Callable[[Leadership], None]) -> None:
         """Take the local state-directory lock, connect, begin trying to lead.

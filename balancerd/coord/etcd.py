@@ -60,6 +60,12 @@ LEASE_SHARE = 0.9
 MIN_REQUEST_TIMEOUT_S = 0.5
 
 
+def _why(exc: BaseException) -> str:
+    """An exception as one short line (etcd3gw's timeouts have no text of their own)."""
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _b64(data: str | bytes) -> str:
     raw = data.encode() if isinstance(data, str) else data
     return base64.b64encode(raw).decode("ascii")
@@ -270,7 +276,7 @@ class EtcdCoordinator:
         return str(info.get("node", "")) if info.get("token") == revision else ""
 
     def _unreachable(self, exc: BaseException) -> None:
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        text = _why(exc)
         endpoint = self.cfg.endpoints[self._endpoint]
         with self._mu:
             self._error = f"etcd at {endpoint} did not answer: {text}"
@@ -381,7 +387,7 @@ class EtcdCoordinator:
         except Exception as exc:
             with self._mu:
                 self._refused += 1
-            raise CoordinationError(f"etcd did not confirm a fenced write: {exc}") from None
+            raise CoordinationError(f"etcd did not confirm a fenced write: {_why(exc)}") from None
         if not result.get("succeeded"):
             with self._mu:
                 self._refused += 1
@@ -401,13 +407,13 @@ class EtcdCoordinator:
         try:
             return list(self._client().get_prefix(prefix, **kw))
         except Exception as exc:
-            raise CoordinationError(f"cannot read {prefix} from etcd: {exc}") from None
+            raise CoordinationError(f"cannot read {prefix} from etcd: {_why(exc)}") from None
 
     def read_range(self, key: str, end: str, **kw: Any) -> list[tuple[bytes, dict[str, Any]]]:
         try:
             return list(self._client().get(key, metadata=True, range_end=end, **kw))
         except Exception as exc:
-            raise CoordinationError(f"cannot read {key} from etcd: {exc}") from None
+            raise CoordinationError(f"cannot read {key} from etcd: {_why(exc)}") from None
 
 
 def _prefix_end(prefix: str) -> str:

@@ -30,6 +30,8 @@ from balancerd.backoff import BackoffTable
 from balancerd.collect import Capacity, SampleHistory, build_snapshot, capacity_from_config
 from balancerd.config import Config
 from balancerd.control_client import default_socket_path
+from balancerd.coord import CoordinationError, Leadership, make_coordinator
+from balancerd.coord.metrics import LeadershipCollector
 from balancerd.daemon.control import (
     ControlHandlers,
     ControlServer,
@@ -45,7 +47,6 @@ from balancerd.daemon.watchdog import Watchdog
 from balancerd.daemon_state import write_daemon_status
 from balancerd.errors import BalancerdError, ConfigError
 from balancerd.execute.executor import Hold, execute
-from balancerd.execute.journal import Journal
 from balancerd.execute.move import Engine, MoveResult, run_move
 from balancerd.execute.reconcile import reconcile
 from balancerd.forecast import DemandHistory
@@ -61,7 +62,6 @@ from balancerd.power import PowerResult, PowerTracker, apply_power, decide_power
 from balancerd.power.base import PowerDriver
 from balancerd.schedule import ActiveSchedule, active_schedule
 from balancerd.statefiles import atomic_write
-from balancerd.statelock import StateLock
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,14 @@ class Daemon:
             drivers=drivers,
         )
         state_dir = Path(loaded.config.state_dir)
-        self.state_lock = StateLock(state_dir, "daemon")
+        # Who may act: the state-directory lock alone (one node), or also the etcd leader
+        # lock (coordination: etcd). The journal goes with it (SQLite here, or etcd).
+        self.coord = make_coordinator(loaded.config.coordination, state_dir)
+        self.state_lock = self.coord.state_lock
+        self._reconcile_due = True  # settle open entries before acting as a (new) leader
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
-            self.journal = Journal(state_dir / JOURNAL_FILE)
+            self.journal = self.coord.journal()
         except (OSError, sqlite3.Error) as exc:
             raise BalancerdError(
                 f"cannot open the migration journal in {state_dir}: {exc} "
@@ -220,10 +224,11 @@ class Daemon:
         """Reconcile the journal, serve metrics and start the scheduled jobs (tests drive
         ``collect_once``/``cycle_once`` themselves with ``schedule_jobs=False``)."""
         self.notifier.status("starting: waiting for the state directory lock")
-        self.state_lock.acquire(wait_s=LOCK_WAIT_S)
+        self.coord.start(wait_s=LOCK_WAIT_S, on_change=self._leadership_changed)
         self.notifier.status("starting: reconciling the migration journal")
         self._reconcile()
         register(self.registry, self.stats)
+        self.registry.register(LeadershipCollector(self.coord.leadership))
         self.registry.register(OperatorCollector(self))
         self._start_control()
         self._server = (
@@ -288,7 +293,7 @@ class Daemon:
         self.journal.close()
         if self.history is not None:
             self.history.close()
-        self.state_lock.release()
+        self.coord.stop()  # after moves settled: a standby may take over at once
         log.info("stopped")
 
     def _main_loop(self) -> None:
@@ -412,13 +417,28 @@ class Daemon:
 
     def _reconcile(self) -> None:
         """Settle open journal entries (at start, and before each cycle: entries a move
-        left open because its job hung or a host did not answer)."""
+        left open because its job hung or a host did not answer). Only the leader does:
+        it owns every open entry, a previous leader's too."""
+        if self.coord.not_leading():
+            return
         try:
             done = reconcile(self.rt.hypervisor, self.journal, heartbeat=self.heartbeat)
         except (BalancerdError, sqlite3.Error) as exc:
             log.error("reconcile failed (retried before the next cycle): %s", exc)
             return
+        self._reconcile_due = False
         self.recorder.reconciliations(done)
+
+    def _leadership_changed(self, state: Leadership) -> None:
+        """From the coordinator's thread: a new leader reconciles and decides at once."""
+        if state.leading:
+            log.warning("leading node=%s token=%d", state.node, state.token)
+            self._reconcile_due = True
+            if self.scheduler.running:
+                self.scheduler.modify_job("cycle", next_run_time=datetime.now().astimezone())
+        else:
+            log.warning("standing by node=%s: %s", state.node, state.reason)
+        self._write_status("idle" if state.leading else "standby")
 
     def collect_job(self) -> None:
         with self.watchdog.job():
@@ -478,6 +498,9 @@ class Daemon:
         ``approved``: an operator approved the plan (recommend mode does not hold it)."""
         if self._stop:
             return Hold(SkipKind.STOPPING, "balancerd is stopping")
+        not_leading = self.coord.not_leading()
+        if not_leading:
+            return Hold(SkipKind.NOT_LEADER, not_leading)
         paused = self.operator.paused()
         if paused is not None:
             return Hold(SkipKind.PAUSED, f"balancerd was paused by {paused.by}")
@@ -579,6 +602,12 @@ class Daemon:
         return report
 
     def _cycle(self) -> CycleReport | None:
+        not_leading = self.coord.not_leading()
+        if not_leading:  # a standby collects and exports metrics, never acts
+            log.info("cycle skipped: %s", not_leading)
+            self._write_status("standby")
+            self.notifier.status(f"standby: {not_leading}")
+            return None
         with self._lock:
             snapshot = self.rt.snapshot
             taken_at = self._snapshot_at_mono
@@ -591,7 +620,7 @@ class Daemon:
         if age_s > stale_s:
             # Collection keeps failing: never plan (or power hosts off) from an old view.
             raise StaleSnapshot(f"the latest snapshot is {age_s:.0f} s old (limit {stale_s:.0f} s)")
-        if self.journal.open_entries():
+        if self._reconcile_due or self.journal.open_entries():
             self._reconcile()
         active, policy = self.active()
         decided_at_s = time.time()
@@ -652,7 +681,7 @@ class Daemon:
             heartbeat=self.heartbeat,
             progress=lambda _m, _s, _msg: self.heartbeat(),
             on_start=on_start,
-            cancelled=lambda: "balancerd is stopping" if self._stop else "",
+            cancelled=lambda: "balancerd is stopping" if self._stop else self.coord.not_leading(),
         )
 
     def execute_plan(
@@ -701,11 +730,24 @@ class Daemon:
             if decision.empty:
                 return []
             results = apply_power(
-                decision, self.rt.drivers, self.power, now_s, still_empty=self._still_empty
+                decision,
+                self.rt.drivers,
+                self.power,
+                now_s,
+                still_empty=self._still_empty,
+                fence=self._fence_power,
             )
             text = self.power.to_json(boot_id())
         atomic_write(Path(self.config.state_dir) / POWER_FILE, text)
         return results
+
+    def _fence_power(self, host: str, action: str) -> str:
+        """Right before a power switch: record it, fenced ("" if we may go on)."""
+        try:
+            self.coord.fence(f"power-{action}", host, {"policy": self.active()[1].name})
+        except CoordinationError as exc:
+            return str(exc)
+        return ""
 
     def _still_empty(self, host: str) -> str:
         """Right before a power-off: what keeps ``host`` busy now ("" if nothing). Lists
@@ -752,6 +794,7 @@ class Daemon:
                     "in_flight": self.stats.summary().get("in_flight", []),
                     "powered_off": list(self.power.powered_off()),
                     "backing_off": self._backoff_status(),
+                    "coordination": self.coord.leadership().to_json(),
                     **self.operator.to_json(),  # drains and pause (balancerd drain / pause)
                     "control_socket": None if self.control is None else str(self.control.path),
                 },

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from balancerd.coord.base import CoordinationError
 from balancerd.errors import HypervisorError
 from balancerd.execute.converge import Mode, StallRules, mode_of
-from balancerd.execute.journal import Journal
+from balancerd.execute.journal import JournalStore
 from balancerd.execute.monitor import MonitorResult, run_migration
 from balancerd.execute.preflight import preflight
 from balancerd.execute.reconcile import settle
@@ -103,7 +104,7 @@ class Engine:
     hv: Hypervisor
     mig: Migration
     headroom_bytes: int = 0
-    journal: Journal | None = None
+    journal: JournalStore | None = None
     heartbeat: Callable[[], None] = field(default=_no_heartbeat)
     progress: MoveProgress = field(default=_no_progress)
     # (move, migration ID) once preflight passed and the intent is journalled
@@ -169,7 +170,7 @@ class _Run:
             "MIGRATION_ID": self.migration_id,
         }
 
-    def journal(self, fn: Callable[[Journal], None]) -> None:
+    def journal(self, fn: Callable[[JournalStore], None]) -> None:
         if self.e.journal is not None:
             try:
                 fn(self.e.journal)
@@ -259,6 +260,9 @@ def _run_move(run: _Run) -> MoveResult:
         except (sqlite3.Error, OSError) as exc:  # e.g. the state directory is full
             why = f"cannot record the intent in the journal ({exc}): not attempted"
             return run.result(SKIPPED, Mode.NONE, why, skip_kind=SkipKind.JOURNAL)
+        except CoordinationError as exc:  # the fenced intent was refused: we do not lead
+            why = f"intent not recorded, not attempted: {exc}"
+            return run.result(SKIPPED, Mode.NONE, why, skip_kind=SkipKind.NOT_LEADER)
     entry = run.entry
     e.on_start(m, run.migration_id)
     rules = StallRules.for_vm(mig, m.vm)

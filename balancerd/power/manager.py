@@ -252,17 +252,24 @@ def _nothing_there(_host: str) -> str:
     return ""
 
 
+def _no_fence(_host: str, _action: str) -> str:
+    return ""
+
+
 def apply_power(
     decision: PowerDecision,
     drivers: Mapping[str, PowerDriver],
     tracker: PowerTracker,
     now_s: float,
     still_empty: Callable[[str], str] = _nothing_there,
+    fence: Callable[[str, str], str] = _no_fence,
 ) -> list[PowerResult]:
     """Switch the hosts; the tracker records every switch that succeeded. Power-ons first,
     so capacity arrives before any is taken away. Right before each power-off
     ``still_empty(host)`` looks again (the decision came from an older snapshot): a reason
-    it returns cancels that power-off."""
+    it returns cancels that power-off. ``fence(host, action)`` is asked right before each
+    switch (a fenced record in etcd when instances are coordinated): a reason it returns
+    (this instance no longer leads) cancels that switch."""
     results: list[PowerResult] = []
     for action, hosts in (("on", decision.power_on), ("off", decision.power_off)):
         for host in hosts:
@@ -273,6 +280,10 @@ def apply_power(
             busy = still_empty(host) if action == "off" else ""
             if busy:
                 results.append(PowerResult(host, action, False, f"{host} not switched off: {busy}"))
+                continue
+            fenced = fence(host, action)
+            if fenced:
+                results.append(PowerResult(host, action, False, f"{host} not switched: {fenced}"))
                 continue
             try:
                 if action == "on":
