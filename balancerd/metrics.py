@@ -13,6 +13,8 @@ leaves no stale ``balancerd_vm_host_info`` series. The registry is always passed
 from __future__ import annotations
 
 import bisect
+import ipaddress
+import logging
 import math
 import re
 import threading
@@ -31,6 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from balancerd.config import MetricsTls
 from balancerd.errors import ConfigError
 from balancerd.model import Plan, Snapshot
 from balancerd.outcomes import (
@@ -42,6 +45,8 @@ from balancerd.outcomes import (
     ReconcileOutcome,
     SkipKind,
 )
+
+log = logging.getLogger(__name__)
 
 PREFIX = "balancerd"
 
@@ -634,18 +639,51 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, port_n
 
 
-class MetricsServer:
-    """The running HTTP endpoint; ``port`` is the bound one (useful with port 0)."""
+def is_loopback(address: str) -> bool:
+    """Whether a listen address only accepts connections from this machine."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, it is not known to be local
 
-    def __init__(self, address: str, port: int, registry: CollectorRegistry) -> None:
-        self._server, self._thread = start_http_server(port, addr=address, registry=registry)
+
+class MetricsServer:
+    """The running HTTP(S) endpoint; ``port`` is the bound one (useful with port 0).
+
+    With ``tls`` (prometheus-client's own TLS support) it serves HTTPS with
+    ``tls.cert_file``/``tls.key_file``; with ``tls.client_ca_file`` a scraper must present
+    a client certificate signed by that CA (the handshake fails otherwise)."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        registry: CollectorRegistry,
+        tls: MetricsTls | None = None,
+    ) -> None:
+        self.tls = tls if tls is not None and tls.enabled else None
+        if self.tls is None:
+            self._server, self._thread = start_http_server(port, addr=address, registry=registry)
+        else:
+            self._server, self._thread = start_http_server(
+                port,
+                addr=address,
+                registry=registry,
+                certfile=self.tls.cert_file,
+                keyfile=self.tls.key_file,
+                client_cafile=self.tls.client_ca_file or None,
+                client_auth_required=bool(self.tls.client_ca_file),
+            )
         self.address = address
         self.port = int(self._server.server_address[1])
 
     @property
     def url(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}/metrics"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         self._server.shutdown()
@@ -653,10 +691,20 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def serve(listen: str, registry: CollectorRegistry) -> MetricsServer:
-    """Start the ``/metrics`` endpoint in a daemon thread (``listen``: ADDRESS:PORT)."""
+def serve(listen: str, registry: CollectorRegistry, tls: MetricsTls | None = None) -> MetricsServer:
+    """Start the ``/metrics`` endpoint in a daemon thread (``listen``: ADDRESS:PORT), over
+    HTTPS when ``tls`` is enabled. A listen address other than loopback without TLS is a
+    warning: anyone who reaches it reads the cluster's guests, hosts and placements."""
     address, port = parse_listen(listen)
+    encrypted = tls is not None and tls.enabled
+    if not encrypted and not is_loopback(address):
+        log.warning(
+            "metrics served without TLS on a non-loopback address listen=%s: anyone who "
+            "reaches it reads guest and host names and placements; set metrics.tls "
+            "(cert_file, key_file, client_ca_file) or listen on 127.0.0.1",
+            listen,
+        )
     try:
-        return MetricsServer(address, port, registry)
-    except OSError as exc:
+        return MetricsServer(address, port, registry, tls)
+    except OSError as exc:  # ssl.SSLError is an OSError: a bad certificate or key too
         raise ConfigError([f"metrics_listen: cannot listen on {listen}: {exc}"]) from exc

@@ -6,7 +6,8 @@ venv=${BALANCERD_VENV:-$here/.venv}
 
 debs=(libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
       libsystemd-dev pkg-config busybox-static cpio iproute2 gcc libc6-dev bindfs
-      prometheus systemd coinor-cbc faketime iptables etcd-server etcd-client)
+      prometheus systemd coinor-cbc faketime iptables etcd-server etcd-client
+      gnutls-bin dpkg-dev mmdebstrap systemd-container)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

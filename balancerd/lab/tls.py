@@ -102,7 +102,7 @@ def make_ca(folder: Path, cn: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def _issue(
+def issue_cert(
     ca: tuple[Path, Path],
     key: Path,
     cert: Path,
@@ -113,6 +113,7 @@ def _issue(
     dns: tuple[str, ...] = (),
     ips: tuple[str, ...] = (),
 ) -> None:
+    """A key (kept if there) and a certificate signed by ``ca`` (ca-cert, ca-key)."""
     _key(key)
     if cert.exists():
         return
@@ -134,7 +135,7 @@ def _client_folder(
     """A libvirt client PKI folder (the layout ``?pkipath=`` reads) with a client
     certificate from ``ca`` and ``trusted_cas`` as its CA bundle."""
     folder.mkdir(parents=True, exist_ok=True)
-    _issue(
+    issue_cert(
         ca,
         folder / "clientkey.pem",
         folder / "clientcert.pem",
@@ -168,7 +169,7 @@ def host_pki(lab_root: Path, host: TlsHost, ca: tuple[Path, Path] | None = None)
     work = pki_root(lab_root) / "hosts" / host.name
     work.mkdir(parents=True, exist_ok=True)
     key, cert = work / "key.pem", work / "cert.pem"
-    _issue(
+    issue_cert(
         ca,
         key,
         cert,
