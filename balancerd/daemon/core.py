@@ -232,7 +232,9 @@ class Daemon:
         self.registry.register(OperatorCollector(self))
         self._start_control()
         self._server = (
-            serve(self.config.metrics_listen, self.registry) if self._serve_metrics else None
+            serve(self.config.metrics_listen, self.registry, self.config.metrics_tls)
+            if self._serve_metrics
+            else None
         )
         self._apply_policy_metrics()
         if schedule_jobs:
