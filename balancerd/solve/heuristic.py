@@ -911,7 +911,9 @@ class _Placer:
             for _, h in itertools.islice(self.sorted, i, i + walk):
                 if h != avoid and h not in skip and st.fits(u, h, self.cap_c, self.cap_m):
                     return h
-            return -1
+            # the least room that fits may lie past the walk (rules forbid many hosts,
+            # or the other resource is short there): the roomiest hosts are a fallback
+            walk = max(1, walk // 4)
         for _, h in itertools.islice(reversed(self.sorted), walk):
             if self.key[h] < 0:
                 break
@@ -923,11 +925,13 @@ class _Placer:
         """u fits nowhere: find a host that takes u once one small unit leaves it for a
         third host. Does both moves and returns the host, or -1."""
         st, p = self.st, self.p
-        hosts = (
-            list(u.allowed)
-            if u.allowed is not None
-            else [h for _, h in itertools.islice(reversed(self.sorted), 48)]
-        )
+        if u.allowed is not None and len(u.allowed) <= 48:
+            hosts = list(u.allowed)
+        else:  # the 48 roomiest hosts it may use (not all 400 a must_not leaves open)
+            a = u.allowed
+            hosts = list(
+                itertools.islice((h for _, h in reversed(self.sorted) if a is None or h in a), 48)
+            )
         best: tuple[int, float, int, int, int] | None = None
         for h in hosts:
             if not p.usable[h]:
