@@ -535,3 +535,47 @@ def test_apply_power_asks_the_fence_before_every_switch() -> None:
     assert switched == ["on h3"]
     assert [(r.host, r.ok) for r in results] == [("h3", True), ("h2", False)]
     assert "not the leader" in results[1].error
+
+
+def test_one_member_down_changes_nothing_quorum_lost_stops_everyone_and_comes_back(
+    tmp_path: Path, cluster_name: str
+) -> None:
+    why = etcd_missing()
+    if why:
+        pytest.skip(why)
+    trio = EtcdCluster(tmp_path / "etcd3", size=3).start()
+    a = coordinator(tmp_path, "node-a", trio.endpoints, cluster_name)
+    b = coordinator(tmp_path, "node-b", trio.endpoints[::-1], cluster_name)
+    a.start(wait_s=0, on_change=Changes())
+    b.start(wait_s=0, on_change=Changes())
+    try:
+        assert a.not_leading() == ""
+        token = a.leadership().token
+        wait_for(lambda: "node-a leads" in b.not_leading(), 5, "b to see a lead")
+        # The member a talks to dies: a moves to the next one; nothing changes.
+        trio.kill(trio.members[0])
+        lapsed = []
+        for _ in range(int(3 * TTL_S / 0.05)):
+            lapsed.append(a.not_leading())
+            time.sleep(0.05)
+        assert set(lapsed) == {""}, {x for x in lapsed if x}
+        assert a.leadership().token == token and "node-a leads" in b.not_leading()
+        # Quorum lost (two of three down): both stop acting within one TTL and say why.
+        trio.kill(trio.members[1])
+        lost = time.monotonic()
+        wait_for(lambda: a.not_leading() != "", TTL_S + 0.2, "a to stop acting")
+        assert time.monotonic() - lost <= TTL_S + 0.2
+        assert "not confirmed" in a.not_leading() and "did not answer" in a.not_leading()
+        wait_for(lambda: "cannot reach etcd" in b.not_leading(), 3 * TTL_S, "b to say why")
+        with pytest.raises(CoordinationError):
+            a.journal().begin("vm1", "u", "h1", "h2", "running")
+        # Quorum returns: exactly one leads again.
+        trio.start_member(trio.members[0])
+        trio.start_member(trio.members[1])
+        wait_for(lambda: (a.not_leading() == "") != (b.not_leading() == ""), 30, "one leader again")
+        leader = a if a.not_leading() == "" else b
+        leader.fence("check", "quorum", {})
+    finally:
+        a.stop()
+        b.stop()
+        trio.stop()

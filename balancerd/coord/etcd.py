@@ -21,9 +21,9 @@ Fenced writes are etcd transactions whose compare is "the lock key's create revi
 still our token": the journal's intents and phases, the power switches. A deposed leader's
 write is refused by etcd itself, whatever its clock says.
 
-Several endpoints: the driver talks to one at a time; when one does not answer, the next
-request goes to the next endpoint (the lease and the lock belong to the cluster, not to a
-member, so nothing is lost by switching).
+Several endpoints (one scheme, one set of TLS files): the driver talks to one at a time;
+when one does not answer, the next request goes to the next endpoint (the lease and the
+lock belong to the cluster, not to a member, so nothing is lost by switching).
 """
 
 from __future__ import annotations
@@ -184,10 +184,15 @@ class EtcdCoordinator:
         return driver
 
     def _rotate(self) -> None:
+        """The next request goes to the next endpoint. The one client object is re-aimed
+        (not replaced): tooz's lock keeps its lease object, and that holds the client it
+        was created with."""
         if len(self.cfg.endpoints) < 2 or self._driver is None:
             return
         self._endpoint = (self._endpoint + 1) % len(self.cfg.endpoints)
-        self._driver.client = self._make_client(self.cfg.endpoints[self._endpoint])
+        u = urlsplit(self.cfg.endpoints[self._endpoint])
+        client = self._driver.client
+        client.host, client.port = u.hostname or "localhost", u.port or 2379
 
     def _tick(self) -> None:
         try:
