@@ -553,6 +553,8 @@ def _check_coordination(coord: dict[Any, Any], out: Problems) -> None:
     backend = coord.get("backend", "none")
     if backend == "etcd" and not urls and "endpoints" not in coord:
         out.add(("coordination", "backend"), "etcd needs coordination.endpoints")
+    if len({u.split("://")[0] for u in urls}) > 1:
+        out.add(("coordination", "endpoints"), "mixes http:// and https://: use one scheme")
     if backend == "none" and urls:
         out.add(("coordination", "endpoints"), "not used with backend none (set backend: etcd)")
     tls = coord.get("tls")
