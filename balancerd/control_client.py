@@ -15,6 +15,7 @@ malformed plan; exit status 2), ``refused`` (the peer may not control balancerd)
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import socket
@@ -145,8 +146,6 @@ def request(
 def _permission_text(path: Path) -> str:
     try:
         st = path.stat()
-        import grp
-
         try:
             group = grp.getgrgid(st.st_gid).gr_name
         except KeyError:

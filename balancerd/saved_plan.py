@@ -52,7 +52,9 @@ def plan_document(
         "kind": KIND,
         "version": VERSION,
         "source": source,
-        "created_at": datetime.fromtimestamp(created_at_s).astimezone().isoformat(timespec="seconds"),
+        "created_at": datetime.fromtimestamp(created_at_s)
+        .astimezone()
+        .isoformat(timespec="seconds"),
         "created_at_s": created_at_s,
         "policy": plan.policy,
         "objective": plan.objective,

@@ -42,6 +42,7 @@ from balancerd.duplicates import set_aside_duplicates
 from balancerd.errors import BalancerdError, ConfigError
 from balancerd.execute.move import MoveResult
 from balancerd.history import History, build_record, explain_lines, held_text
+from balancerd.model import Plan
 from balancerd.outcomes import MoveOutcome, SkipKind
 from balancerd.rationale import explain_moves, holds, human_duration, standing_rules
 from balancerd.saved_plan import (
@@ -549,8 +550,13 @@ class ControlHandlers:
         fresh = report is not None and latest.decided_at_s >= since_s
         paused = d.operator.paused()
         guests = []
+        running = latest.plan if latest.plan_at_s > latest.decided_at_s else None
+        if running is not None and latest.plan_at_s < since_s:
+            running = None  # (a cycle that started before the drain)
         for v in snapshot.vms_on(host):
-            why, stuck = self._why_still_there(v.name, host, report, inputs, fresh, in_flight)
+            why, stuck = self._why_still_there(
+                v.name, host, report, inputs, fresh, in_flight, running
+            )
             if paused is not None and not any(m["vm"] == v.name for m in in_flight):
                 why, stuck = f"balancerd is paused (by {paused.by}): `balancerd resume`", False
             guests.append({"vm": v.name, "state": v.state, "why": why, "stuck": stuck})
@@ -575,10 +581,14 @@ class ControlHandlers:
         inputs: CycleInputs | None,
         fresh: bool,
         in_flight: list[dict[str, Any]],
+        running: Plan | None = None,
     ) -> tuple[str, bool]:
         for m in in_flight:
             if m["vm"] == vm:
                 return f"migrating to {m['dst']} (id {m['migration_id']})", False
+        for move in running.moves if running is not None else ():
+            if move.vm == vm:
+                return f"planned to {move.dst} in the running cycle, waiting for its turn", False
         if report is None or not fresh:
             return "waiting for the next cycle", False
         for r in report.results:

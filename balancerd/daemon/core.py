@@ -92,6 +92,7 @@ class _Runtime:
     last_report: CycleReport | None = None
     last_inputs: CycleInputs | None = None  # what the last report was decided on
     last_decided_at_s: float = 0.0  # wall clock: when its policy (and drains) were read
+    last_plan_at_s: float = 0.0  # the same for last_plan (newer while a cycle executes it)
     last_moved_s: dict[str, float] = field(default_factory=dict)  # wall clock
 
 
@@ -558,6 +559,8 @@ class Daemon:
                 self.rt.last_report,
                 self.rt.last_inputs,
                 self.rt.last_decided_at_s,
+                self.rt.last_plan,
+                self.rt.last_plan_at_s,
             )
 
     def fresh_snapshot(self) -> Snapshot:
@@ -649,7 +652,9 @@ class Daemon:
         )
 
         def on_plan(plan: Plan) -> None:
-            self.rt.last_plan = plan
+            with self._lock:
+                self.rt.last_plan = plan
+                self.rt.last_plan_at_s = decided_at_s
             self.recorder.plan(plan, policy)
             self.events.publish(
                 f"plan {policy.name}: {len(plan.moves)} move(s)"
@@ -812,6 +817,8 @@ class Latest:
     report: CycleReport | None
     inputs: CycleInputs | None  # what the report was decided on
     decided_at_s: float  # wall clock: when the report's policy and drains were read
+    plan: Plan | None = None  # the latest plan: the report's, or the running cycle's
+    plan_at_s: float = 0.0
 
 
 class StaleSnapshot(BalancerdError):
