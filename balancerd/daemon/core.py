@@ -792,7 +792,7 @@ class Daemon:
             write_daemon_status(
                 self.config.state_dir,
                 {
-                    "state": state,
+                    "state": "standby" if self.coord.not_leading() else state,
                     "policy": policy.name,
                     "objective": policy.objective,
                     "mode": policy.mode,
