@@ -184,5 +184,5 @@ Description: policy-driven load balancing for KVM/libvirt clusters
 EOF
 
 deb=$out/balancerd_${version}_${arch}.deb
-dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+dpkg-deb --root-owner-group -Zgzip --build "$root" "$deb" >/dev/null
 echo "$deb"
