@@ -109,7 +109,9 @@ def request(
             raise NoDaemon(f"cannot reach the balancerd daemon on {path}: {exc}") from None
         data = json.dumps({"v": PROTOCOL_VERSION, "cmd": cmd, **args}).encode() + b"\n"
         try:
-            sock.sendall(data)
+            # The daemon may answer before it read everything (a refusal): read that answer.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(data)
             reader = sock.makefile("rb")
             while True:
                 line = reader.readline(MAX_MESSAGE_BYTES + 1)

@@ -292,6 +292,9 @@ class ControlServer:
             if why:
                 log.warning("control: refused pid=%d uid=%d: %s", peer.pid, peer.uid, why)
                 self.count(cmd, "refused")
+                with contextlib.suppress(ControlFault, OSError):
+                    conn.settimeout(2.0)
+                    _read_request(conn)  # let the client finish writing: it reads the answer
                 _send_quietly(conn, _error("refused", why))
                 return
             request = _read_request(conn)
@@ -473,7 +476,7 @@ class ControlHandlers:
             and h.name not in policy.constraints.exclude_hosts
         ]
         snapshot = d.rt.snapshot
-        guests = [v.name for v in snapshot.vms_on(host)] if snapshot is not None else []
+        guests = sorted(v.name for v in snapshot.vms_on(host)) if snapshot is not None else []
         if new:
             log.info("drain host=%s by=%s reason=%s", host, peer.name, reason or "-")
             d.request_cycle()  # decide now, not a whole cycle interval later
