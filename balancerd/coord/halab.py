@@ -137,7 +137,9 @@ class HaEnv:
 
     def run(self, name: str) -> DaemonProcess:
         m = self.managers[name]
-        m.proc = self.env.start(m.config, log=f"{name}-{len(self.env.daemons)}.log")
+        socket = str(self.work / name / "control.sock")  # one per manager on this machine
+        log = f"{name}-{len(self.env.daemons)}.log"
+        m.proc = self.env.start(m.config, env={"BALANCERD_CONTROL_SOCKET": socket}, log=log)
         return m.proc
 
     # --- observations -------------------------------------------------------------------
