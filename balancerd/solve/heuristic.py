@@ -303,6 +303,7 @@ def repair(
     frozen: frozenset[int] = frozenset(),
     closed: frozenset[int] = frozenset(),
     settle: bool = False,
+    wide: bool = True,
 ) -> RepairResult | None:
     """Move as few units as it can so every balanced host is under cap_c / cap_m and every
     forced move is done, starting from ``start`` (default: today's placement). ``frozen``
@@ -343,7 +344,7 @@ def repair(
     if settle and not ok:
         n, b = moves_and_bytes(p, st.host_of)
         left = _Budget(max_moves - n, max_bytes - b)
-        _settle(p, units, st, unit_on, cap_c, cap_m, frozen, left)
+        _settle(p, units, st, unit_on, cap_c, cap_m, frozen, left, wide=wide)
     away = [i for i, u in enumerate(units) if u.cur >= 0 and st.host_of[u.members[0]] != u.cur]
     _send_home(units, st, away, cap_c, cap_m)
     complete = complete and _all_within(p, units, st, cap_c, cap_m, frozen)
@@ -494,7 +495,9 @@ def _place_all(
         elif not keep_going or src[i] < 0:
             return False
         else:
-            st.drop(u, src[i])  # stays where it was: carried, reported by verify
+            # back where it was, even if others took its room meanwhile: settle (or
+            # the verifier, which drops such a candidate) deals with the host
+            st.drop(u, src[i])
             ok = False
             futile += 1
         h = st.host_of[u.members[0]]
@@ -589,6 +592,8 @@ SETTLE_UNITS = 12  # units of an over host tried per step, the most useful first
 SETTLE_HOSTS = 10  # destinations tried per resource, the roomiest first
 SWAP_UNITS = 6
 SWAP_HOSTS = 6
+SETTLE_STEPS = 4  # steps per host over its caps at the start of a settle
+WIDE = 5  # how much wider the second look at a hard host is
 
 
 def _settle(
@@ -600,6 +605,8 @@ def _settle(
     cap_m: list[float],
     frozen: frozenset[int],
     budget: _Budget,
+    *,
+    wide: bool = True,
 ) -> None:
     """Water-filling fix-up: take the host furthest over its caps; move the unit that takes
     most of its excess to a host with room in the resources it is over in, or else swap it
@@ -615,7 +622,7 @@ def _settle(
     heap = [(-excess(h), h) for h in range(p.n_hosts) if p.balanced[h] and excess(h) > EPS]
     heapq.heapify(heap)
     steps = 0
-    limit = 4 * len(heap) + 64
+    limit = SETTLE_STEPS * len(heap) + 64
     while heap and steps < limit:
         negx, h = heapq.heappop(heap)
         x = excess(h)
@@ -625,9 +632,13 @@ def _settle(
             heapq.heappush(heap, (-x, h))  # stale entry
             continue
         steps += 1
+        args = (p, units, st, unit_on, rooms, cap_c, cap_m, frozen, budget, h, x)
         if not (
-            _settle_move(p, units, st, unit_on, rooms, cap_c, cap_m, frozen, budget, h, x)
-            or _settle_swap(p, units, st, unit_on, rooms, cap_c, cap_m, frozen, budget, h, x)
+            _settle_move(*args)
+            or _settle_swap(*args)
+            # a hard case: look much wider before giving up on this host
+            or (wide and _settle_move(*args, k_units=2 * SETTLE_UNITS, k_hosts=WIDE * SETTLE_HOSTS))
+            or (wide and _settle_swap(*args, k_units=2 * SWAP_UNITS, k_hosts=WIDE * SWAP_HOSTS))
         ):
             continue  # nothing helps this host: left over (the caller sees it)
         if excess(h) > EPS:
@@ -704,20 +715,36 @@ def _settle_move(
     budget: _Budget,
     h: int,
     x: float,
+    k_units: int = SETTLE_UNITS,
+    k_hosts: int = SETTLE_HOSTS,
 ) -> bool:
     want_c = st.cpu[h] > cap_c[h] + EPS
     want_m = st.mem[h] > cap_m[h] + 0.5
-    dests = rooms.top(want_c, want_m, SETTLE_HOSTS)
+    dests = rooms.top(want_c, want_m, k_hosts)
+    # room per destination, for a cheap first test before the full one
+    room = [
+        (d, cap_c[d] - st.cpu[d] + EPS, cap_m[d] - st.mem[d] + 0.5, p.vcpu_cap[d] - st.vcpu[d])
+        for d in dests
+        if d != h
+    ]
     best: tuple[float, int, float, int, int, tuple[int, float]] | None = None
-    for i in _movers(p, units, st, unit_on, cap_c, cap_m, frozen, h, SETTLE_UNITS):
+    for i in _movers(p, units, st, unit_on, cap_c, cap_m, frozen, h, k_units):
         u = units[i]
         gain = _useful(p, st, u, h, cap_c, cap_m)
         if gain <= EPS:
             break
         size = u.cpu / (p.cpu_total[h] or 1.0) + u.mem / (p.mem_total[h] or 1.0)
+        home = [u.cur] if u.cur >= 0 and u.cur != h else []
+        fit = home + [
+            d
+            for d, rc, rm, rv in room
+            if u.cpu <= rc and u.mem <= rm and u.vcpus <= rv + EPS and d not in home
+        ]
+        if not fit:
+            continue
         st.lift(u)
-        for d in ([u.cur] if u.cur >= 0 and u.cur != h else []) + dests:
-            if d == h or not st.fits(u, d, cap_c, cap_m):
+        for d in fit:
+            if not st.fits(u, d, cap_c, cap_m):
                 continue
             cost = budget.cost(p, u, h, d)
             if not budget.allows(*cost):
@@ -726,6 +753,7 @@ def _settle_move(
             key = (round(min(gain, x), 9), -cost[0], -size, d, i, cost)
             if best is None or key[:3] > best[:3]:
                 best = key
+            break  # home first, then the roomiest: the first that fits is this unit's best
         st.drop(u, h)
     if best is None:
         return False
@@ -746,13 +774,15 @@ def _settle_swap(
     budget: _Budget,
     h: int,
     x: float,
+    k_units: int = SWAP_UNITS,
+    k_hosts: int = SWAP_HOSTS,
 ) -> bool:
     """Unit a leaves h for host d while a smaller unit b comes from d to h: h's excess
     drops, d stays within its caps. The first swap that clears h's excess with at most
     two moves is taken; else the one that lowers it most."""
     over_c = st.cpu[h] - cap_c[h]
     over_m = st.mem[h] - cap_m[h] - 0.5
-    dests = rooms.top(over_c > EPS, over_m > 0.0, SWAP_HOSTS)
+    dests = rooms.top(over_c > EPS, over_m > 0.0, k_hosts)
     tc = p.cpu_total[h] or 1.0
     tm = p.mem_total[h] or 1.0
     vroom_h = p.vcpu_cap[h] - st.vcpu[h] + EPS
@@ -760,9 +790,12 @@ def _settle_swap(
     # can never be ordered safely), whatever the target
     hard_c = p.cpu_cap[h] - st.cpu[h] + EPS
     hard_m = p.mem_cap[h] - st.mem[h] + 0.5
+    # nor may a resource of h end higher than before where it is above its cap
+    worse_c = max(cap_c[h] - st.cpu[h], 0.0) + EPS
+    worse_m = max(cap_m[h] - st.mem[h], 0.0) + 0.5
     h_closed = h in st.closed
     movers = [
-        (i, units[i]) for i in _movers(p, units, st, unit_on, cap_c, cap_m, frozen, h, SWAP_UNITS)
+        (i, units[i]) for i in _movers(p, units, st, unit_on, cap_c, cap_m, frozen, h, k_units)
     ]
     host_of = st.host_of
     best: tuple[float, int, int, int, int] | None = None
@@ -794,6 +827,8 @@ def _settle_swap(
                     continue
                 if -dc > hard_c or -dm > hard_m:
                     continue
+                if -dc > worse_c or -dm > worse_m:
+                    continue  # trading one resource's excess for the other's is no gain
                 nx = (over_c - dc if over_c > dc else 0.0) / tc + (
                     over_m - dm if over_m > dm else 0.0
                 ) / tm
@@ -809,10 +844,10 @@ def _settle_swap(
                 key = (round(x - nx, 9), -n, i, j, d)
                 if best is None or key[:2] > best[:2]:
                     best = key
-            if best is not None and best[0] >= done and best[1] >= -2:
-                break
-        if best is not None and best[0] >= done and best[1] >= -2:
-            break
+            if best is not None and best[0] >= done:
+                break  # clears h: good enough, stop looking
+        if best is not None and best[0] >= done / 2:
+            break  # half of h's excess with one swap: take it, the rest comes next step
     if best is None:
         return False
     _, _, i, j, d = best
@@ -1055,7 +1090,7 @@ def balance_search(
     max_moves: int,
     max_bytes: float,
     search: bool = True,
-    resolution: float = 0.002,
+    resolution: float = 0.004,
 ) -> list[Candidate]:
     """Balance without stalling on a plateau, in two stages.
 
@@ -1109,7 +1144,9 @@ def balance_search(
             [min(ok_m[h], max(tm * p.mem_total[h], fix_m[h])) for h in range(p.n_hosts)],
         )
 
-    def level(dc: float, dm: float, start: list[int], label: str) -> RepairResult:
+    def level(
+        dc: float, dm: float, start: list[int], label: str, wide: bool = True
+    ) -> RepairResult:
         cc, cm = caps_at(dc, dm)
         r = repair(
             p,
@@ -1125,6 +1162,7 @@ def balance_search(
             frozen=frozen,
             closed=closed,
             settle=True,
+            wide=wide,
         )
         assert r is not None
         out.append(_candidate(p, r, f"{label}+{dc:.4f}/{dm:.4f}"))
@@ -1173,7 +1211,8 @@ def balance_search(
     elif max(reached) < top / 4:
         # the walk down moves more guests than going straight to a level from stage 1:
         # redo one level above the lowest reached (within the gap, fewer moves win)
-        level(2 * reached[0], 2 * reached[1], shed.host_of, "direct")
+        # (a quick look: where it needs the wide settle it is not worth its time)
+        level(2 * reached[0], 2 * reached[1], shed.host_of, "direct", wide=False)
     return out
 
 
