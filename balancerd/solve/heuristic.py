@@ -1090,7 +1090,7 @@ def balance_search(
     max_moves: int,
     max_bytes: float,
     search: bool = True,
-    resolution: float = 0.004,
+    resolution: float = 0.005,
 ) -> list[Candidate]:
     """Balance without stalling on a plateau, in two stages.
 
@@ -1216,7 +1216,7 @@ def balance_search(
     return out
 
 
-WALK_FAILS = 2  # failed levels that end the balance walk
+WALK_FAILS = 3  # failed levels that end the balance walk
 
 
 def _max_above_fixed(
