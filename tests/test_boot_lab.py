@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -174,7 +175,8 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: scripts/setup.sh installs it")
     work = tmp_path_factory.mktemp("boot")
-    deb = run(str(REPO / "packaging" / "build-deb.sh"), str(work / "dist"))
+    build = REPO / "packaging" / "build-deb.sh"
+    deb = run(str(build), str(work / "dist"), env=os.environ | {"BALANCERD_VENV": sys.prefix})
     assert deb.returncode == 0, deb.stderr[-3000:]
     image = run(str(REPO / "packaging" / "boot-image.sh"), timeout_s=1800)
     assert image.returncode == 0, image.stderr[-3000:]

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def run(*argv: str, timeout_s: float = 600, **kw: object) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("deb")
-    done = run(str(BUILD), str(out))
+    # the venv running the tests has the versions to vendor
+    done = run(str(BUILD), str(out), env=os.environ | {"BALANCERD_VENV": sys.prefix})
     assert done.returncode == 0, done.stderr[-3000:]
     path = Path(done.stdout.strip().splitlines()[-1])
     arch = run("dpkg", "--print-architecture").stdout.strip()
