@@ -150,8 +150,12 @@ class EtcdCoordinator:
         self.state_lock.release()
 
     def _keeper(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        wait_s = self.poll_s
+        while not self._stop.wait(wait_s):
             self._tick()
+            # After a failure the next endpoint is asked at once (a member that died, an
+            # etcd leader election): the lease share is only a few request timeouts long.
+            wait_s = min(self.poll_s, 0.1) if self._error else self.poll_s
 
     # --- the keeper's work --------------------------------------------------------------
 
