@@ -467,3 +467,15 @@ def test_the_socket_refuses_a_user_outside_the_service_group(harness: Harness) -
     # A member of the socket's group may.
     os.chmod(harness.sock, 0o660)
     assert as_user(harness.sock, [st.st_gid]) == {"ok": True, "policy": "ctl"}
+
+
+def test_a_standby_refuses_commands_that_act_and_answers_the_others(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With coordination, drains kept by a standby would never reach the leader."""
+    monkeypatch.setattr(harness.daemon.coord, "not_leading", lambda: "mgmt2 leads")
+    for cmd, args in (("drain", {"host": "h1"}), ("pause", {}), ("cycle", {})):
+        with pytest.raises(ControlError, match=r"does not act: mgmt2 leads; run the command on"):
+            harness.ask(cmd, **args)
+    assert harness.ask("status")["drains"] == {}
+    assert not (harness.folder / "state" / OPERATOR_FILE).exists()

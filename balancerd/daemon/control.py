@@ -78,6 +78,9 @@ COMMANDS = (
     "explain",
 )
 RESULTS = ("ok", "error", "refused")
+# Commands that change what the daemon does: only the acting instance takes them (with
+# coordination, a standby's drains would not reach the leader).
+ACTING = frozenset({"drain", "undrain", "pause", "resume", "cycle", "approve"})
 
 
 class ControlFault(BalancerdError):
@@ -432,7 +435,19 @@ class ControlHandlers:
             raise ControlFault(
                 "bad-request", f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})"
             )
+        if cmd in ACTING:
+            self._must_lead()
         return handler(args, peer, emit)
+
+    def _must_lead(self) -> None:
+        why = self.d.coord.not_leading()
+        if why:
+            lead = self.d.coord.leadership()
+            raise ControlFault(
+                "failed",
+                f"this balancerd ({lead.node}) does not act: {why}; run the command on the "
+                f"node that leads ({lead.leader or 'unknown'})",
+            )
 
     # --- state ---------------------------------------------------------------------------
 
