@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 
 
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over
     ``path`` and fsync the directory. On any error ``path`` keeps its old content."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    # One temporary name per writer: two threads writing the same file never share one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

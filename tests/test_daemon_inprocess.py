@@ -297,3 +297,29 @@ def test_a_guest_preflight_refuses_backs_off_instead_of_failing_every_cycle(
     status = json.loads((harness.state / STATUS_FILE).read_text())
     assert [b["vm"] for b in status["backing_off"]] == ["vm0"]
     assert "cache='writeback'" in status["backing_off"][0]["reason"]
+
+
+def test_state_files_written_from_many_threads_are_never_torn(tmp_path: Path) -> None:
+    """Was: one fixed temporary name, so two writers could rename each other's file away."""
+    import threading
+
+    from balancerd.statefiles import atomic_write
+
+    target = tmp_path / "status.json"
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(200):
+                atomic_write(target, json.dumps({"writer": n, "i": i}))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads(target.read_text())["i"] == 199
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
