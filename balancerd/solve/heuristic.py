@@ -1096,127 +1096,168 @@ def balance_search(
 
     1. *Shed*: bring every host under the hard limits and do the forced moves, as far as
        room and budget allow (what cannot be fixed stays where it is; the caller names it).
-    2. *Water levels*: per resource r a target ``bound_r + d / weight_r`` for every host,
-       lowered step by step (d halves each time) from the state the previous level reached:
-       each level moves units off the hosts above it (fewest units first) onto hosts below
-       it, then settles the leftovers by moves and swaps, worst host first. Many hosts at
-       the same maximum are no obstacle: a level is reached when all of them are under it.
-       It stops at the first level it cannot reach (that result is still a candidate: it
-       lowered the hosts it could). The lowest level reached is then redone from stage 1's
-       state directly, which often needs fewer moves than the walk down.
+    2. *Water levels*: per resource r a target ``level_r + d_r / weight_r`` for every host
+       (level_r: ``balanced_level``), lowered step by step (d halves each time) from the
+       state the previous level reached: each level moves units off the hosts above it
+       (fewest units first) onto hosts below it, then settles the leftovers by moves and
+       swaps, worst host first. Many hosts at the same maximum are no obstacle: a level is
+       reached when all of them are under it. When both resources cannot come down
+       together, each tries alone; a few failed levels end the walk (a failed level is
+       still a candidate: it lowered the hosts it could). One level above the lowest
+       reached is then redone from stage 1's state directly, which often needs fewer
+       moves than the walk down.
 
     Returns every result; the caller ranks them (objective, then fewest moves)."""
-    cap_c, cap_m = limit_caps(p)
-    shed = repair(
-        p,
-        units,
-        unit_of,
-        cap_c,
-        cap_m,
-        max_moves=max_moves,
-        max_bytes=max_bytes,
-        partial=True,
-        settle=True,
-    )
-    assert shed is not None  # partial repairs always return
-    out = [_candidate(p, shed, "repair")]
-    if not search or shed.moves >= max_moves:
-        return out
-    frozen, closed, ok_c, ok_m = _after_shed(p, units, shed.host_of, cap_c, cap_m)
-    lbc, lbm = balanced_level(p)
-    wc, wm = p.w_cpu, p.w_mem
-    # a host whose fixed guests alone are above a level keeps that load as its cap
-    fix_c = [0.0] * p.n_hosts
-    fix_m = [0.0] * p.n_hosts
-    for i, u in enumerate(units):
-        if not u.movable or i in frozen:
-            for g in u.members:
-                fix_c[shed.host_of[g]] += p.cpu[g]
-                fix_m[shed.host_of[g]] += p.mem[g]
-    uc, um = _max_above_fixed(p, shed.host_of, fix_c, fix_m)
-    top = max(wc * (uc - lbc), wm * (um - lbm), 0.0)
+    walk = _Walk(p, units, unit_of, max_moves, max_bytes)
+    shed = walk.shed()
+    if search and shed.moves < max_moves:
+        walk.prepare(shed)
+        walk.finish(walk.down(resolution))
+    return walk.out
 
-    def caps_at(dc: float, dm: float) -> tuple[list[float], list[float]]:
-        tc = lbc + dc / wc if wc > 0 else float("inf")
-        tm = lbm + dm / wm if wm > 0 else float("inf")
+
+WALK_FAILS = 3  # failed levels that end the balance walk
+
+
+class _Walk:
+    """The state of one balance search: its candidates, and what stage 1 left fixed."""
+
+    def __init__(
+        self, p: Problem, units: list[Unit], unit_of: list[int], max_moves: int, max_bytes: float
+    ) -> None:
+        self.p, self.units, self.unit_of = p, units, unit_of
+        self.max_moves, self.max_bytes = max_moves, max_bytes
+        self.out: list[Candidate] = []
+        self.frozen: frozenset[int] = frozenset()
+        self.closed: frozenset[int] = frozenset()
+        self.start: list[int] = p.cur
+        self.ok_c: list[float] = []
+        self.ok_m: list[float] = []
+        self.fix_c = [0.0] * p.n_hosts
+        self.fix_m = [0.0] * p.n_hosts
+        self.lbc, self.lbm = balanced_level(p)
+        self.top = 0.0
+        self.fails = 0
+
+    def shed(self) -> RepairResult:
+        """Stage 1: the hard limits and the forced moves, as far as possible."""
+        p = self.p
+        cap_c, cap_m = limit_caps(p)
+        shed = repair(
+            p,
+            self.units,
+            self.unit_of,
+            cap_c,
+            cap_m,
+            max_moves=self.max_moves,
+            max_bytes=self.max_bytes,
+            partial=True,
+            settle=True,
+        )
+        assert shed is not None  # partial repairs always return
+        self.out.append(_candidate(p, shed, "repair"))
+        self.ok_c, self.ok_m = cap_c, cap_m
+        return shed
+
+    def prepare(self, shed: RepairResult) -> None:
+        """What stage 1 leaves fixed: stuck units, hosts still over a limit (closed, their
+        reached load is their cap), hosts held above a level by fixed guests alone (that
+        load is their floor), and how far the highest host is above the level."""
+        p = self.p
+        self.start = shed.host_of
+        self.frozen, self.closed, self.ok_c, self.ok_m = _after_shed(
+            p, self.units, shed.host_of, self.ok_c, self.ok_m
+        )
+        for i, u in enumerate(self.units):
+            if not u.movable or i in self.frozen:
+                for g in u.members:
+                    self.fix_c[shed.host_of[g]] += p.cpu[g]
+                    self.fix_m[shed.host_of[g]] += p.mem[g]
+        uc, um = _max_above_fixed(p, shed.host_of, self.fix_c, self.fix_m)
+        self.top = max(p.w_cpu * (uc - self.lbc), p.w_mem * (um - self.lbm), 0.0)
+
+    def caps_at(self, dc: float, dm: float) -> tuple[list[float], list[float]]:
+        p = self.p
+        tc = self.lbc + dc / p.w_cpu if p.w_cpu > 0 else float("inf")
+        tm = self.lbm + dm / p.w_mem if p.w_mem > 0 else float("inf")
         return (
-            [min(ok_c[h], max(tc * p.cpu_total[h], fix_c[h])) for h in range(p.n_hosts)],
-            [min(ok_m[h], max(tm * p.mem_total[h], fix_m[h])) for h in range(p.n_hosts)],
+            [min(self.ok_c[h], max(tc * p.cpu_total[h], self.fix_c[h])) for h in range(p.n_hosts)],
+            [min(self.ok_m[h], max(tm * p.mem_total[h], self.fix_m[h])) for h in range(p.n_hosts)],
         )
 
     def level(
-        dc: float, dm: float, start: list[int], label: str, wide: bool = True
+        self, dc: float, dm: float, start: list[int], label: str, wide: bool = True
     ) -> RepairResult:
-        cc, cm = caps_at(dc, dm)
+        """Every host under the level (dc, dm) from ``start``, as far as it goes."""
+        cc, cm = self.caps_at(dc, dm)
         r = repair(
-            p,
-            units,
-            unit_of,
+            self.p,
+            self.units,
+            self.unit_of,
             cc,
             cm,
-            max_moves=max_moves,
-            max_bytes=max_bytes,
+            max_moves=self.max_moves,
+            max_bytes=self.max_bytes,
             partial=True,
             best_fit=False,
             start=start,
-            frozen=frozen,
-            closed=closed,
+            frozen=self.frozen,
+            closed=self.closed,
             settle=True,
             wide=wide,
         )
         assert r is not None
-        out.append(_candidate(p, r, f"{label}+{dc:.4f}/{dm:.4f}"))
+        self.out.append(_candidate(self.p, r, f"{label}+{dc:.4f}/{dm:.4f}"))
         return r
 
-    # joint steps (both resources' slack halves); when one fails, each resource alone;
-    # a few failed levels end the walk (each costs as much as a reached one)
-    reached: tuple[float, float] | None = None
-    prev = shed.host_of
-    dc = dm = top / 2
-    fails = 0
-
-    def step(dc: float, dm: float) -> bool:
-        nonlocal fails
-        if fails >= WALK_FAILS:
+    def step(self, dc: float, dm: float, start: list[int]) -> bool:
+        if self.fails >= WALK_FAILS:
             return False
-        ok = level(dc, dm, prev, "level").complete
-        fails += 0 if ok else 1
+        ok = self.level(dc, dm, start, "level").complete
+        self.fails += 0 if ok else 1
         return ok
 
-    while max(dc, dm) >= resolution:
-        if step(dc, dm):
-            reached = (dc, dm)
-        elif reached is None:
-            break
-        elif dc < reached[0] and step(dc, reached[1]):
-            reached = (dc, reached[1])
-        elif dm < reached[1] and step(reached[0], dm):
-            reached = (reached[0], dm)
-        else:
-            break
-        prev = out[-1].host_of
-        dc, dm = reached[0] / 2, reached[1] / 2
-        if dc < resolution / 2 or (wc > 0 and lbc + dc / wc <= lbc):
-            dc = reached[0]
-        if dm < resolution / 2 or (wm > 0 and lbm + dm / wm <= lbm):
-            dm = reached[1]
-        if (dc, dm) == reached:
-            break
-    if reached is None:
-        # not even halfway (budget, or a plateau the first level cannot clear): the
-        # highest hosts still come down as far as the budget allows
-        for frac in (0.75, 0.875):
-            if level(top * frac, top * frac, shed.host_of, "level").complete:
+    def down(self, resolution: float) -> tuple[float, float] | None:
+        """Joint steps (both resources' slack halves); when one fails, each resource
+        alone. Returns the lowest level reached."""
+        p = self.p
+        reached: tuple[float, float] | None = None
+        prev = self.start
+        dc = dm = self.top / 2
+        while max(dc, dm) >= resolution:
+            if self.step(dc, dm, prev):
+                reached = (dc, dm)
+            elif reached is None:
                 break
-    elif max(reached) < top / 4:
-        # the walk down moves more guests than going straight to a level from stage 1:
-        # redo one level above the lowest reached (within the gap, fewer moves win)
-        # (a quick look: where it needs the wide settle it is not worth its time)
-        level(2 * reached[0], 2 * reached[1], shed.host_of, "direct", wide=False)
-    return out
+            elif dc < reached[0] and self.step(dc, reached[1], prev):
+                reached = (dc, reached[1])
+            elif dm < reached[1] and self.step(reached[0], dm, prev):
+                reached = (reached[0], dm)
+            else:
+                break
+            prev = self.out[-1].host_of
+            dc, dm = reached[0] / 2, reached[1] / 2
+            if dc < resolution / 2 or (p.w_cpu > 0 and self.lbc + dc / p.w_cpu <= self.lbc):
+                dc = reached[0]
+            if dm < resolution / 2 or (p.w_mem > 0 and self.lbm + dm / p.w_mem <= self.lbm):
+                dm = reached[1]
+            if (dc, dm) == reached:
+                break
+        return reached
 
-
-WALK_FAILS = 3  # failed levels that end the balance walk
+    def finish(self, reached: tuple[float, float] | None) -> None:
+        top = self.top
+        if reached is None:
+            # not even halfway (budget, or a plateau the first level cannot clear): the
+            # highest hosts still come down as far as the budget allows
+            for frac in (0.75, 0.875):
+                if self.level(top * frac, top * frac, self.start, "level").complete:
+                    break
+        elif max(reached) < top / 4:
+            # the walk down moves more guests than going straight to a level from stage
+            # 1: redo one level above the lowest reached (within the gap, fewer moves
+            # win); a quick look, without the wide settle, which is not worth its time
+            self.level(2 * reached[0], 2 * reached[1], self.start, "direct", wide=False)
 
 
 def _max_above_fixed(

@@ -371,10 +371,12 @@ def _run_cbc(prob: pulp.LpProblem, time_limit_s: float, gap: float) -> _Run:
             logPath=log_path,
             threads=1,
         )
+        t0 = time.perf_counter()
         try:
             prob.solve(solver)
         except pulp.PulpSolverError as e:
             return _Run("error", False, None, None, None, str(e))
+        ran_out = time.perf_counter() - t0 >= time_limit_s
         with open(log_path, encoding="utf-8", errors="replace") as f:
             log = f.read()
     finally:
@@ -397,6 +399,8 @@ def _run_cbc(prob: pulp.LpProblem, time_limit_s: float, gap: float) -> _Run:
         status = "optimal"
     elif has_solution:
         status = "feasible"
+    elif ran_out:
+        status = "time-limit"  # stopped (on a busy machine, still in its first LP) on time
     else:
         status = "error"
     if objective is None and has_solution:
