@@ -226,7 +226,8 @@ class History:
         clock: Callable[[], float] = time.time,
     ) -> None:
         p = Path(path)
-        if p.is_dir():
+        if p.is_dir() or (not p.suffix and not readonly):  # a folder: the file in it
+            p.mkdir(parents=True, exist_ok=True)
             p = p / HISTORY_FILE
         self.path = p
         self.max_age_s = max_age_s

@@ -358,3 +358,53 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects_words() -> None:
     with pytest.raises(ConfigError, match="not a duration"):
         parse_duration("yesterday")
+
+
+def test_history_and_explain_read_the_file_when_no_daemon_answers(tmp_path: Path) -> None:
+    """The CLI falls back to STATE_DIR/history.sqlite of --config (read-only)."""
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    store = History(state)
+    s = snap(ALL_ON_H1)
+    plan = decide(s, POLICY)
+    store.add(record_for(NOW, plan, s, [migrated(m, f"id{i}") for i, m in enumerate(plan.moves)]))  # type: ignore[arg-type]
+    store.close()
+    (tmp_path / "policy.yaml").write_text(
+        "apiVersion: balancerd/v1\nkind: Policy\nmetadata: {name: t}\nspec: {objective: balance}\n"
+    )
+    config = tmp_path / "balancerd.yaml"
+    config.write_text(
+        "hosts:\n  - {name: h1, uri: 'qemu+tcp://10.0.0.1/system'}\n"
+        f"policy: policy.yaml\nstate_dir: {state}\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    common = ["--config", str(config), "--socket", str(tmp_path / "none.sock")]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "balancerd.cli", *args, *common],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"},
+        )
+
+    done = cli("history", "--json")
+    assert done.returncode == 0, done.stderr
+    (cycle,) = json.loads(done.stdout)
+    assert [m["migration_id"] for m in cycle["moves"]] == [f"id{i}" for i in range(len(plan.moves))]
+    vm = plan.moves[0].vm
+    done = cli("explain", vm)
+    assert done.returncode == 0, done.stderr
+    assert f"from h1 to {plan.moves[0].dst}: h1 was at 150 % CPU" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "balancerd.cli", "history", "--socket", str(tmp_path / "x.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 1
+    assert "give --config to read its history file instead" in done.stderr
