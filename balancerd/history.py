@@ -198,6 +198,9 @@ def inputs_summary(snapshot: Snapshot, involved: set[str]) -> dict[str, Any]:
     usage = snapshot.host_usage()
     busiest = sorted(usage, key=lambda h: -max(usage[h]))[:TOP_HOSTS]
     shown = sorted(set(busiest) | (involved & set(usage)))
+    on: dict[str, int] = {}
+    for v in snapshot.vms:
+        on[v.host] = on.get(v.host, 0) + 1
     return {
         "hosts": len(snapshot.hosts),
         "hosts_up": sum(h.up for h in snapshot.hosts),
@@ -206,7 +209,7 @@ def inputs_summary(snapshot: Snapshot, involved: set[str]) -> dict[str, Any]:
             h: {
                 "cpu": round(usage[h][0], 4),
                 "mem": round(usage[h][1], 4),
-                "guests": len(snapshot.vms_on(h)),
+                "guests": on.get(h, 0),
             }
             for h in shown
         },
