@@ -27,6 +27,7 @@ class MigrationMode(enum.StrEnum):
     AUTO_CONVERGE = "auto-converge"
     PAUSED_FALLBACK = "paused-fallback"  # pause-and-complete after a stall
     OFFLINE = "offline"  # cold: paused while all memory is sent
+    POSTCOPY = "postcopy"  # switched to post-copy after a stall: runs on the destination at once
     NONE = "none"  # nothing was attempted (skipped) or nothing completed
 
 
@@ -35,6 +36,7 @@ class FallbackKind(enum.StrEnum):
 
     PAUSE = "pause"  # pause-and-complete
     OFFLINE = "offline"  # a cold migration after the live one failed
+    POSTCOPY = "postcopy"  # switched to post-copy after a stall
 
 
 def fallback_of(mode: MigrationMode) -> FallbackKind | None:
@@ -42,6 +44,8 @@ def fallback_of(mode: MigrationMode) -> FallbackKind | None:
         return FallbackKind.PAUSE
     if mode is MigrationMode.OFFLINE:
         return FallbackKind.OFFLINE
+    if mode is MigrationMode.POSTCOPY:
+        return FallbackKind.POSTCOPY
     return None
 
 

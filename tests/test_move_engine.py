@@ -20,7 +20,7 @@ from balancerd.execute.executor import execute
 from balancerd.execute.journal import Journal
 from balancerd.execute.move import Engine, MoveResult, run_move
 from balancerd.execute.reconcile import reconcile
-from balancerd.hypervisor.base import DiskFacts, InterfaceFacts
+from balancerd.hypervisor.base import DiskFacts, InterfaceFacts, MigrationRequest
 from balancerd.hypervisor.scripted import (
     INCOMING,
     ClientLost,
@@ -29,6 +29,7 @@ from balancerd.hypervisor.scripted import (
     Hang,
     HostDies,
     JobRecord,
+    PostcopyFails,
     Script,
     ScriptedHypervisor,
     SimHost,
@@ -134,6 +135,10 @@ def shutoff_copy_on_b(hv: ScriptedHypervisor) -> None:
 
 
 STALL_FOREVER = [*stalling(), Stall()]
+# A stall that goes on until the switch to post-copy, then the link breaks.
+POSTCOPY_BREAKS = Script(
+    (*stalling(), Stall(until_postcopy=True), PostcopyFails()), on_postcopy="steps"
+)
 ON_B = {"b": "running"}
 ON_A = {"a": "running"}
 LEFT = {"a": "running", "b": INCOMING}  # a job we gave up on: still running, still incoming
@@ -216,6 +221,77 @@ ROWS = [
         mig={"on_stall": "abort"},
         reason="not pausing: on_stall=abort",
         calls=(("abort_job", "a", 1), ("suspend", "a", 0)),
+    ),
+    Row(
+        "stall with on_stall postcopy: switched, runs on the destination",
+        MIGRATED,
+        M.POSTCOPY,
+        ON_B,
+        "closed",
+        (STALL_FOREVER,),
+        mig={"on_stall": "postcopy"},
+        calls=(("start_postcopy", "a", 1), ("suspend", "a", 0), ("destroy", "b", 0)),
+    ),
+    Row(
+        "on_stall postcopy, the destination cannot: pause-and-complete instead",
+        MIGRATED,
+        M.PAUSED_FALLBACK,
+        ON_B,
+        "closed",
+        (STALL_FOREVER,),
+        setup=set_host("b", postcopy_problem="QEMU refused post-copy"),
+        mig={"on_stall": "postcopy"},
+        reason="post-copy unavailable on b: QEMU refused post-copy",
+        calls=(("start_postcopy", "a", 0), ("suspend", "a", 1)),
+    ),
+    Row(
+        "on_stall postcopy, the switch is refused: pause-and-complete instead",
+        MIGRATED,
+        M.PAUSED_FALLBACK,
+        ON_B,
+        "closed",
+        (STALL_FOREVER,),
+        setup=lambda hv: hv.fail("a", ops=["start_postcopy"]),
+        mig={"on_stall": "postcopy"},
+        calls=(("start_postcopy", "a", 1), ("suspend", "a", 1)),
+    ),
+    Row(
+        "post-copy breaks: recovered (postcopy-resume), runs on the destination",
+        MIGRATED,
+        M.POSTCOPY,
+        ON_B,
+        "closed",
+        (POSTCOPY_BREAKS, Script()),
+        mig={"on_stall": "postcopy"},
+        migrates=2,
+        reason="recovered the post-copy (attempt 1)",
+        calls=(("destroy", "a", 0), ("destroy", "b", 0), ("resume", "a", 0)),
+        downtime=False,
+    ),
+    Row(
+        "post-copy breaks, recovery fails: both copies kept, left for reconcile",
+        FAILED,
+        M.NONE,
+        {"a": "paused", "b": "paused"},
+        "open",
+        (POSTCOPY_BREAKS, Script((Fail(),)), Script((Fail(),))),
+        mig={"on_stall": "postcopy"},
+        migrates=3,
+        reason="recovery failed 2 times",
+        invariant=False,  # split between two hosts: only a recovery can finish it
+        calls=(("destroy", "a", 0), ("destroy", "b", 0), ("resume", "a", 0), ("resume", "b", 0)),
+    ),
+    Row(
+        "the destination dies in post-copy: no recovery, the source copy kept",
+        FAILED,
+        M.NONE,
+        {"a": "paused"},
+        "open",
+        (Script((*stalling(), Stall(until_postcopy=True), HostDies("dst")), on_postcopy="steps"),),
+        mig={"on_stall": "postcopy"},
+        reason="recovery needs both hosts",
+        invariant=False,
+        calls=(("destroy", "a", 0), ("resume", "a", 0)),
     ),
     Row(
         "stall of a no_pause guest",
@@ -690,6 +766,31 @@ def test_move(row: Row, journal: Journal) -> None:
         if r.outcome is MIGRATED:
             assert r.bytes_sent > 0 and r.iterations >= 1
             assert (r.downtime_ms is not None and r.downtime_ms > 0) == row.downtime
+    finally:
+        hv.release_all()
+
+
+def test_reconcile_never_destroys_either_copy_of_a_failed_postcopy(journal: Journal) -> None:
+    hv = cluster()
+    try:
+        hv.script(VM, POSTCOPY_BREAKS, Script((Fail(),)), Script((Fail(),)))
+        mig = replace(MIG, on_stall="postcopy")
+        engine = Engine(hv=hv, mig=mig, journal=journal, sample_interval_s=0.01)
+        r = run_move(engine, Move(VM, "a", "b", 1 * GIB, 1.0))
+        assert r.outcome is FAILED
+        (entry,) = journal.open_entries()
+        assert entry.phase == "postcopy-recover"
+        (rec,) = reconcile(hv, journal)
+        assert not rec.settled and "failed post-copy" in rec.detail, rec
+        assert hv.placement(VM) == {"a": "paused", "b": "paused"}
+        assert hv.calls_to("destroy") == [] and hv.calls_to("resume") == []
+        # Once recovered, reconcile closes the entry: the guest runs on the destination.
+        hv.script(VM, Script())
+        req = hv.calls_to("migrate")[0].args[0]
+        assert isinstance(req, MigrationRequest)
+        hv.migrate(replace(req, postcopy_resume=True))
+        (rec,) = reconcile(hv, journal)
+        assert rec.settled and hv.placement(VM) == ON_B
     finally:
         hv.release_all()
 

@@ -167,7 +167,7 @@ BAD_SPEC = [
         "objective: balance\nmigration:\n  on_stall: retry\n",
         "spec.migration.on_stall",
         "on_stall",
-        "must be one of pause | abort, got 'retry'",
+        "must be one of pause | abort | postcopy, got 'retry'",
     ),
     (
         "bad_objective",
@@ -463,7 +463,7 @@ def test_every_problem_reported_at_once_in_file_order() -> None:
         f"{SRC}:{line_of(text, 'bandwidth')}: spec.migration.bandwidth_mib_s: "
         "must be a number in (0, 8796093022207] (libvirt's maximum), got 0",
         f"{SRC}:{line_of(text, 'on_stall')}: spec.migration.on_stall: "
-        "must be one of pause | abort, got 'stop'",
+        "must be one of pause | abort | postcopy, got 'stop'",
     ]
 
 

@@ -26,6 +26,11 @@ The ladder, climbed one rung per stall; the stall window restarts after every ru
      while the guest is stopped; pausing at the end of a pass costs one. On reaching this
      rung the monitor samples fast (PREPARE_PAUSE) and pauses once the remaining data is
      below ``PAUSE_AT_S`` of transfer, or after ``PAUSE_WAIT_MAX_S`` of job time anyway.
+     With ``on_stall: postcopy`` (and both hosts able to), this rung switches the job to
+     post-copy instead (POSTCOPY, at once: the guest stops only for the device state and the
+     dirty bitmap, then runs on the destination and pulls the rest). From then on the job
+     cannot be aborted (the destination holds the newest state): the time cap no longer
+     applies and the monitor only waits.
 Independently, ``max_time_s`` is a hard cap: the job is aborted (the guest stays on the
 source, resumed if we paused it).
 """
@@ -57,6 +62,7 @@ class Action(enum.Enum):
     AUTO_CONVERGE = "auto-converge"  # patience rung: QEMU throttles the guest meanwhile
     PREPARE_PAUSE = "prepare-pause"  # sample fast; pause at the end of a pass
     PAUSE = "pause"
+    POSTCOPY = "postcopy"  # switch the job to post-copy (migrateStartPostCopy)
     ABORT = "abort"
 
 
@@ -76,12 +82,13 @@ class StallRules:
     may_pause: bool  # on_stall == pause and the guest is not in no_pause_vms
     abort_why: str  # why the last rung is abort, when may_pause is false
     max_time_s: float
+    postcopy: bool = False  # the last rung switches to post-copy instead of pausing
 
     @staticmethod
     def for_vm(mig: Migration, vm: str) -> StallRules:
         if vm in mig.no_pause_vms:
             may_pause, why = False, f"{vm} is in no_pause_vms"
-        elif mig.on_stall != "pause":
+        elif mig.on_stall not in ("pause", "postcopy"):
             may_pause, why = False, f"on_stall={mig.on_stall}"
         else:
             may_pause, why = True, ""
@@ -94,11 +101,14 @@ class StallRules:
             may_pause=may_pause,
             abort_why=why,
             max_time_s=mig.max_time_s,
+            postcopy=may_pause and mig.on_stall == "postcopy",
         )
 
     def cold(self) -> StallRules:
         """Rules for a cold migration: no ladder, only the time cap."""
-        return replace(self, stall_samples=0, downtime_steps_ms=(), auto_converge=False)
+        return replace(
+            self, stall_samples=0, downtime_steps_ms=(), auto_converge=False, postcopy=False
+        )
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,7 @@ class Ladder:
     paused: bool = False
     pause_from_s: float | None = None  # job time when the pause rung was reached
     pause_why: str = ""  # the stall that led to the pause rung
+    postcopy: bool = False  # switched to post-copy (no way back: only waiting from now on)
     window_start: int = 0  # history index where stall counting (re)starts
 
 
@@ -172,6 +183,9 @@ def decide(
     """The next step for a running migration, from its sample history."""
     last = next((s for s in reversed(history) if s.active), None)
     remaining = f" (remaining {_mib(last.data_remaining_bytes)})" if last else ""
+    if ladder.postcopy:
+        # In post-copy the destination runs the guest: aborting would lose it.
+        return Decision(Action.WAIT, ladder)
     if elapsed_s >= rules.max_time_s:
         return Decision(
             Action.ABORT,
@@ -205,6 +219,12 @@ def decide(
             window_start=restart,
         )
         return Decision(Action.AUTO_CONVERGE, new, reason=why)
+    if rules.may_pause and rules.postcopy:
+        return Decision(
+            Action.POSTCOPY,
+            replace(ladder, postcopy=True, window_start=restart),
+            reason=f"{why}; switching to post-copy",
+        )
     if rules.may_pause:
         armed = replace(
             ladder,
@@ -243,6 +263,8 @@ def mode_of(ladder: Ladder, history: Sequence[JobStats], live: bool) -> Mode:
     """The mode a completed migration ran in."""
     if not live:
         return Mode.OFFLINE
+    if ladder.postcopy:
+        return Mode.POSTCOPY
     if ladder.paused:
         return Mode.PAUSED_FALLBACK
     if ladder.auto_converge_waited or any(s.auto_converge_throttle_pct > 0 for s in history):

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from balancerd.errors import HypervisorError
 from balancerd.execute.converge import Action, Ladder, StallRules, decide
@@ -52,6 +52,8 @@ class MonitorResult:
     elapsed_s: float  # start of migrate() to its return
     paused_for_s: float | None  # we suspended the source: suspend -> migrate() returned
     returned: bool  # migrate() returned (False: it hung past the abort grace period)
+    # switched to post-copy: migrateStartPostCopy -> migrate() returned (None: never switched)
+    postcopy_for_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -97,6 +99,7 @@ def run_migration(
     heartbeat: Heartbeat = _noop_heartbeat,
     progress: Progress = _noop_progress,
     on_pause: Callable[[], None] = lambda: None,
+    on_postcopy: Callable[[], None] = lambda: None,
     interval_s: float = SAMPLE_INTERVAL_S,
     cancelled: Callable[[], str] = lambda: "",
 ) -> MonitorResult:
@@ -109,6 +112,7 @@ def run_migration(
     abort_reason = ""
     aborted_at_s: float | None = None
     paused_at_s: float | None = None
+    postcopy_at_s: float | None = None
     suspend_at_s: float | None = None  # fallback: suspend if QEMU has not stopped it by then
     job = _Job(hv, req)
     start_s = time.monotonic()
@@ -202,6 +206,27 @@ def run_migration(
                     log.info("%s: could not lift max downtime: %s; suspending", what, exc)
                     hv.suspend(req.src, req.vm)
                 progress(None, f"pausing the guest to complete: {decision.reason}")
+            elif decision.action is Action.POSTCOPY:
+                on_postcopy()  # journal first: from now on the destination holds the guest
+                postcopy_at_s = time.monotonic()
+                try:
+                    hv.start_postcopy(req.src, req.vm)
+                    progress(None, f"switching to post-copy: {decision.reason}")
+                except HypervisorError as exc:
+                    # Not switched (e.g. the job just ended, or QEMU refuses): the guest is
+                    # still on the source, so pause-and-complete is still safe.
+                    postcopy_at_s = None
+                    log.warning("%s: post-copy switch failed: %s; pausing instead", what, exc)
+                    on_pause()
+                    paused_at_s = time.monotonic()
+                    try:
+                        hv.set_max_downtime(req.src, req.vm, PAUSED_MAX_DOWNTIME_MS)
+                        suspend_at_s = paused_at_s + SUSPEND_AFTER_S
+                    except HypervisorError:
+                        hv.suspend(req.src, req.vm)
+                    progress(None, f"post-copy refused ({exc.detail}): pausing to complete")
+                    ladder = replace(decision.ladder, postcopy=False, paused=True)
+                    continue
             elif decision.action is Action.ABORT:
                 abort_reason = f"{what} {decision.reason} after {now_s - start_s:.0f} s"
                 aborted_at_s = now_s
@@ -226,4 +251,5 @@ def run_migration(
         elapsed_s=end_s - start_s,
         paused_for_s=(end_s - paused_at_s) if paused_at_s is not None else None,
         returned=returned,
+        postcopy_for_s=(end_s - postcopy_at_s) if postcopy_at_s is not None else None,
     )

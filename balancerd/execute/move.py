@@ -45,6 +45,9 @@ class MoveResult:
     paused_ms: float | None = None  # our own bound on the pause (paused-fallback, offline)
     skip_kind: SkipKind | None = None  # set when outcome is SKIPPED
     migration_id: str = ""
+    parallel_connections: int = 0  # streams used (0: one)
+    compression: str = ""  # method used ("": uncompressed)
+    predicted_s: float | None = None  # the prediction the plan had for this move
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +64,8 @@ class MoveResult:
             "bytes_sent": self.bytes_sent,
             "iterations": self.iterations,
             "paused_ms": None if self.paused_ms is None else round(self.paused_ms, 1),
+            "parallel_connections": self.parallel_connections,
+            "compression": self.compression or "none",
         }
 
     def line(self) -> str:
@@ -164,6 +169,8 @@ class _Run:
         self.vm_uuid = ""  # ... and its UUID: settle never touches a same-named other guest
         self.migration_id = new_migration_id()
         self.what = f"{move.vm} {move.src}->{move.dst}"
+        self.notes: list[str] = []  # what preflight did not use, and why
+        self.stream: dict[str, Any] = {}  # parallel_connections, compression of the job
         self.log_fields = {
             "VM": move.vm,
             "HOST": move.src,
@@ -188,6 +195,9 @@ class _Run:
     ) -> MoveResult:
         """The move's result; the journal entry gets it as its outcome unless ``keep_open``
         (the job may still run: reconcile settles it at the next start)."""
+        if self.notes and outcome is not MoveOutcome.SKIPPED:
+            reason = "; ".join([*self.notes, reason]) if reason else "; ".join(self.notes)
+        kw = {**self.stream, **kw}
         r = MoveResult(
             self.m.vm,
             self.m.src,
@@ -266,6 +276,11 @@ def _run_move(run: _Run) -> MoveResult:
     entry = run.entry
     e.on_start(m, run.migration_id)
     rules = StallRules.for_vm(mig, m.vm)
+    if rules.postcopy and not pf.postcopy:
+        rules = replace(rules, postcopy=False)  # the hosts cannot: pause-and-complete
+    run.notes.extend(pf.notes)
+    parallel = mig.parallel_connections if mig.parallel_connections >= 2 else 0
+    run.stream = {"parallel_connections": parallel, "compression": pf.compression}
     req = MigrationRequest(
         vm=m.vm,
         src=m.src,
@@ -276,11 +291,20 @@ def _run_move(run: _Run) -> MoveResult:
         auto_converge=mig.auto_converge,
         copy_storage=m.vm in mig.copy_storage_vms,
         tls=pf.tls,
+        postcopy=rules.postcopy,
+        parallel_connections=parallel,
+        compression=pf.compression,
     )
 
     def on_pause() -> None:
         if entry is not None:
             run.journal(lambda j: j.phase(entry, "paused"))
+
+    def on_postcopy() -> None:
+        # From here on the destination holds the guest's newest state: reconcile must
+        # never destroy the destination copy (nor resume the source one).
+        if entry is not None:
+            run.journal(lambda j: j.phase(entry, "postcopy"))
 
     def progress(stats: JobStats | None, msg: str) -> None:
         e.progress(m, stats, msg)
@@ -297,6 +321,7 @@ def _run_move(run: _Run) -> MoveResult:
         heartbeat=e.heartbeat,
         progress=progress,
         on_pause=on_pause,
+        on_postcopy=on_postcopy,
         interval_s=e.sample_interval_s,
         cancelled=e.cancelled,
     )
@@ -305,6 +330,8 @@ def _run_move(run: _Run) -> MoveResult:
 
     # The live job did not complete: first make sure the guest runs on exactly one host.
     live_error = live.abort_reason or _failure(live.error, f"live migration of {run.what}")
+    if live.postcopy_for_s is not None:
+        return _after_postcopy_failure(run, req, live, live_error)
     if not live.returned:
         return run.result(
             FAILED, Mode.NONE, f"{live_error}; left for reconcile at next start", keep_open=True
@@ -350,6 +377,83 @@ def _run_move(run: _Run) -> MoveResult:
 
     e.progress(m, None, f"{live_error}; trying a cold migration")
     return _cold(run, req, rules, facts.state, live_error, progress)
+
+
+# Recovery attempts of a post-copy that failed (VIR_MIGRATE_POSTCOPY_RESUME), and the wait
+# for the failed state to show on both ends first.
+POSTCOPY_RECOVERY_ATTEMPTS = 2
+POSTCOPY_FAILED_WAIT_S = 10.0
+
+
+def _after_postcopy_failure(
+    run: _Run, req: MigrationRequest, live: MonitorResult, error: str
+) -> MoveResult:
+    """The job failed after the switch to post-copy. The guest's newest state is on the
+    destination and the rest of its memory on the source: neither copy may be destroyed
+    or resumed on its own. Where both hosts answer and libvirt reports the failed
+    post-copy state, recovery (VIR_MIGRATE_POSTCOPY_RESUME) is attempted; otherwise the
+    journal entry stays open (phase postcopy) and the operator is told exactly that."""
+    e, m = run.e, run.m
+    hv = e.hv
+    entry = run.entry
+    mode = mode_of(live.ladder, live.history, live=True)
+    states = _states(hv, m.vm, m.src, m.dst)
+    if _alive(states[m.dst]) and states[m.src] is None:
+        return _verified(run, live, mode, run.state_before, note=f"{error}; completed anyway")
+    hint = (
+        f"post-copy of {run.what} failed: {error}; the guest's memory is split between "
+        f"{m.src} (paused) and {m.dst}; neither copy was touched"
+    )
+    deadline = time.monotonic() + POSTCOPY_FAILED_WAIT_S
+    pc_src = pc_dst = ""
+    while True:
+        try:
+            pc_src = hv.postcopy_state(m.src, m.vm)
+            pc_dst = hv.postcopy_state(m.dst, m.vm)
+        except HypervisorError as exc:
+            return run.result(
+                FAILED,
+                Mode.NONE,
+                f"{hint}; {exc}: recovery needs both hosts; left for reconcile "
+                f"(resume it with `virsh migrate --postcopy --postcopy-resume` once {exc.host} "
+                "answers)",
+                keep_open=True,
+            )
+        if (pc_src, pc_dst) == ("failed", "failed") or time.monotonic() >= deadline:
+            break
+        e.heartbeat()
+        time.sleep(0.5)
+    if (pc_src, pc_dst) != ("failed", "failed"):
+        return run.result(
+            FAILED,
+            Mode.NONE,
+            f"{hint}; post-copy state {pc_src or 'none'} on {m.src}, {pc_dst or 'none'} on "
+            f"{m.dst}: not recoverable by libvirt; left for reconcile",
+            keep_open=True,
+        )
+    last_error = ""
+    for attempt in range(1, POSTCOPY_RECOVERY_ATTEMPTS + 1):
+        if entry is not None:
+            run.journal(lambda j: j.phase(entry, "postcopy-recover"))
+        e.progress(m, None, f"post-copy failed: recovery attempt {attempt}")
+        rec = run_migration(
+            hv,
+            replace(req, postcopy_resume=True),
+            StallRules.for_vm(e.mig, m.vm).cold(),  # no ladder: only the time cap
+            heartbeat=e.heartbeat,
+            interval_s=e.sample_interval_s,
+        )
+        if rec.ok:
+            note = f"{error}; recovered the post-copy (attempt {attempt})"
+            return _verified(run, replace(rec, ladder=live.ladder), mode, run.state_before, note)
+        last_error = rec.abort_reason or _failure(rec.error, f"post-copy recovery of {run.what}")
+    return run.result(
+        FAILED,
+        Mode.NONE,
+        f"{hint}; recovery failed {POSTCOPY_RECOVERY_ATTEMPTS} times ({last_error}); "
+        "left for reconcile",
+        keep_open=True,
+    )
 
 
 def _cold(

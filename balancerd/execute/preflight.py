@@ -20,6 +20,13 @@ Decisions documented here:
     server-key.pem in /etc/pki/qemu) a TLS stream. ``required`` refuses a move between
     hosts that cannot; ``auto`` sends it in clear text then, with a warning; ``disabled``
     never encrypts.
+  * post-copy (``on_stall: postcopy``): both hosts must be able to take part (libvirt >=
+    8.5 for recovery, QEMU >= 2.6, and QEMU must get a userfaultfd: see
+    hypervisor/libvirt.py); where one cannot, the move is not refused: its last rung is
+    pause-and-complete instead, and the result says why.
+  * compression: the method must be one both hosts' libvirt accepts; zstd/zlib compress
+    per connection (multifd) and need ``parallel_connections >= 2``. Otherwise the stream
+    goes uncompressed, with the reason in the result.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from balancerd.errors import HypervisorError
 from balancerd.hypervisor.base import DomainFacts, HostFacts, Hypervisor
 from balancerd.model import Move
 from balancerd.outcomes import SkipKind
-from balancerd.policy.model import Migration, MigrationTls
+from balancerd.policy.model import Migration, MigrationCompression, MigrationTls, OnStall
 from balancerd.units import MIB
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,9 @@ class PreflightResult:
     facts: DomainFacts | None = None  # the guest as found on the source
     kind: SkipKind | None = None  # set when not ok
     tls: bool = False  # encrypt the migration stream (VIR_MIGRATE_TLS)
+    postcopy: bool = False  # both hosts can take part in a post-copy
+    compression: str = ""  # the VIR_MIGRATE_PARAM_COMPRESSION method ("": uncompressed)
+    notes: tuple[str, ...] = ()  # what was asked for and not used, and why
 
     @classmethod
     def refused(cls, refusal: Refusal, facts: DomainFacts | None = None) -> PreflightResult:
@@ -93,6 +103,30 @@ def tls_refusal(mig: Migration, src: HostFacts, dst: HostFacts) -> Refusal | Non
             "/etc/pki/qemu) and spec.migration.tls is required",
         )
     return None
+
+
+def postcopy_problem(mig: Migration, src: HostFacts, dst: HostFacts) -> str:
+    """Why this move cannot switch to post-copy ("" if it can, or the policy does not ask)."""
+    if mig.on_stall != OnStall.POSTCOPY:
+        return ""
+    for h in (src, dst):
+        if h.postcopy_problem:
+            return f"post-copy unavailable on {h.name}: {h.postcopy_problem}"
+    return ""
+
+
+def compression_choice(mig: Migration, src: HostFacts, dst: HostFacts) -> tuple[str, str]:
+    """(method, why not) for the stream: ("", "") when the policy asks for none."""
+    method = str(mig.compression)
+    if mig.compression == MigrationCompression.NONE:
+        return "", ""
+    if method in ("zstd", "zlib") and mig.parallel_connections < 2:
+        return "", f"compression {method} needs parallel_connections >= 2: uncompressed"
+    for h in (src, dst):
+        if method not in h.compression_methods:
+            offered = ", ".join(h.compression_methods) or "none"
+            return "", f"{h.name} does not offer compression {method} ({offered}): uncompressed"
+    return method, ""
 
 
 def check(
@@ -240,4 +274,21 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
             src.migration_tls_client,
             dst.migration_tls_server,
         )
-    return PreflightResult(True, "", facts, tls=tls)
+    notes = []
+    pc_problem = postcopy_problem(mig, src, dst)
+    if pc_problem:
+        notes.append(pc_problem + ": pause-and-complete instead")
+        log.warning("no post-copy vm=%s src=%s dst=%s: %s", vm, s, d, pc_problem)
+    method, why_not = compression_choice(mig, src, dst)
+    if why_not:
+        notes.append(why_not)
+        log.warning("compression not used vm=%s src=%s dst=%s: %s", vm, s, d, why_not)
+    return PreflightResult(
+        True,
+        "",
+        facts,
+        tls=tls,
+        postcopy=mig.on_stall == OnStall.POSTCOPY and not pc_problem,
+        compression=method,
+        notes=tuple(notes),
+    )

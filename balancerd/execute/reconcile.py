@@ -16,6 +16,12 @@ waited for; then the guest's state on source and destination decides:
                           it alone and the entry open (settled at the next look)
   one running, the other absent: nothing to do.
 
+A guest in post-copy is never destroyed on either host nor resumed on the source: its
+newest state is on the destination, the rest of its memory on the source. An active
+post-copy job is waited for (libvirt refuses to abort it); a failed one (both ends paused
+in libvirt's post-copy-failed state) is left alone and the entry stays open: only a
+recovery (VIR_MIGRATE_POSTCOPY_RESUME, which the move engine attempts) can finish it.
+
 "Resume" only where the guest was running before we started. Every settlement is
 logged, written to the journal and returned (the daemon counts them in a metric).
 """
@@ -118,6 +124,15 @@ def settle(
 
     if state(src) is not None:
         actions += _end_job(hv, src, vm, heartbeat, wait_s)
+    for host in (src, dst):
+        if hv.domain_state(host, vm) is not None and hv.postcopy_state(host, vm) == "failed":
+            raise HypervisorError(
+                host,
+                f"settle {vm}",
+                f"a failed post-copy {src}->{dst}: the guest's memory is split between both "
+                "hosts; neither copy is destroyed or resumed: recover it with `virsh migrate "
+                "--postcopy --postcopy-resume` (left open)",
+            )
     s = _alive(state(src))
     d = _alive(state(dst))
     if d == "paused" and s is None:

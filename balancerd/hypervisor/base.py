@@ -63,6 +63,10 @@ class HostFacts:
     # ca-cert.pem to send one.
     migration_tls_server: bool = False
     migration_tls_client: bool = False
+    # Post-copy: "" when the host can take part in one (see preflight), else why not.
+    postcopy_problem: str = "postcopy support unknown"
+    # Compression methods the host's libvirt accepts for VIR_MIGRATE_PARAM_COMPRESSION.
+    compression_methods: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,11 @@ class MigrationRequest:
     auto_converge: bool
     copy_storage: bool = False
     tls: bool = False  # encrypt the migration stream (VIR_MIGRATE_TLS)
+    postcopy: bool = False  # start with VIR_MIGRATE_POSTCOPY (switched by start_postcopy)
+    parallel_connections: int = 0  # >= 2: VIR_MIGRATE_PARALLEL with this many streams
+    compression: str = ""  # "": none; else a VIR_MIGRATE_PARAM_COMPRESSION method
+    # Resume a failed post-copy (VIR_MIGRATE_POSTCOPY_RESUME, libvirt >= 8.5)
+    postcopy_resume: bool = False
 
 
 class Hypervisor(Protocol):
@@ -134,6 +143,16 @@ class Hypervisor(Protocol):
         ...
 
     def set_max_downtime(self, host: str, vm: str, downtime_ms: int) -> None: ...
+
+    def start_postcopy(self, host: str, vm: str) -> None:
+        """Switch the running job (started with ``req.postcopy``) to post-copy: the guest
+        runs on the destination from now on and pulls the rest of its memory."""
+        ...
+
+    def postcopy_state(self, host: str, vm: str) -> str:
+        """The guest's post-copy state on ``host``: "" (none), "active" (running or
+        paused in post-copy) or "failed" (post-copy broke: paused, needs recovery)."""
+        ...
 
     def suspend(self, host: str, vm: str) -> None: ...
 

@@ -43,6 +43,16 @@ T = TypeVar("T")
 # libvirt's default folder of QEMU's TLS certificates (default_tls_x509_cert_dir in
 # qemu.conf), used for migration streams unless migrate_tls_x509_cert_dir says otherwise.
 QEMU_TLS_DIR = "/etc/pki/qemu"
+# Post-copy needs QEMU to get a userfaultfd on the destination; the versions below are
+# libvirt's and QEMU's first with post-copy (1.3.3, 2.6) and with post-copy recovery
+# (VIR_MIGRATE_POSTCOPY_RESUME, libvirt 8.5). The userfaultfd itself cannot be read through
+# libvirt: QEMU refuses a post-copy job at its start ("Postcopy is not supported") when it
+# cannot get one, and that refusal is remembered per host (see postcopy_refused).
+POSTCOPY_MIN_LIBVIRT = 1_003_003
+POSTCOPY_MIN_QEMU = 2_006_000
+POSTCOPY_RESUME_MIN_LIBVIRT = 8_005_000
+# libvirt 9.4 added zlib/zstd (multifd) to VIR_MIGRATE_PARAM_COMPRESSION; before: mt, xbzrle.
+MULTIFD_COMPRESSION_MIN_LIBVIRT = 9_004_000
 KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 3
 BACKOFF_MAX_S = 60.0
@@ -106,6 +116,8 @@ class LibvirtHypervisor:
         # Workers for timed calls. A call that hangs past its timeout keeps its thread, so
         # the pool is generous; the hung connection is dropped and reopened next time.
         self._pool = ThreadPoolExecutor(max_workers=4 * len(hosts) + 8, thread_name_prefix="lv")
+        # host -> why QEMU there refused a post-copy job (read by host_facts)
+        self._postcopy_refused: dict[str, str] = {}
 
     # --- connections ------------------------------------------------------------------
 
@@ -269,6 +281,9 @@ class LibvirtHypervisor:
                     for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem")
                 ),
                 migration_tls_client=_file_visible(conn, f"{QEMU_TLS_DIR}/ca-cert.pem"),
+                postcopy_problem=self._postcopy_refused.get(host)
+                or postcopy_version_problem(conn.getLibVersion(), conn.getVersion()),
+                compression_methods=compression_methods(conn.getLibVersion()),
             )
 
         return self._call(host, "read host facts", read)
@@ -310,12 +325,24 @@ class LibvirtHypervisor:
             flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
         if req.tls:
             flags |= libvirt.VIR_MIGRATE_TLS
+        if req.postcopy or req.postcopy_resume:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if req.postcopy_resume:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY_RESUME
         params: dict[str, Any] = {
             libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: max(1, round(req.bandwidth_mib_s)),
         }
+        if req.parallel_connections >= 2:
+            flags |= libvirt.VIR_MIGRATE_PARALLEL
+            params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = req.parallel_connections
+        if req.compression:
+            flags |= libvirt.VIR_MIGRATE_COMPRESSED
+            params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = req.compression
         if dst.cfg.migration_uri:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = dst.cfg.migration_uri
         what = f"{'live' if req.live else 'cold'} migration of {req.vm} {req.src}->{req.dst}"
+        if req.postcopy_resume:
+            what = f"post-copy recovery of {req.vm} {req.src}->{req.dst}"
         if req.tls:
             what += " (TLS)"
         try:
@@ -330,6 +357,8 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             if _connection_lost(exc):
                 self._mark_failed(src, f"migrate: {exc}")
+            if req.postcopy and "postcopy is not supported" in str(exc).lower():
+                self._postcopy_refused[req.dst] = f"QEMU refused post-copy: {exc}"
             raise HypervisorError(req.src, what, str(exc)) from _bare(exc)
 
     def job_stats(self, host: str, vm: str, completed: bool = False) -> JobStats | None:
@@ -350,6 +379,25 @@ class LibvirtHypervisor:
             f"set max downtime of {vm} to {downtime_ms} ms",
             lambda conn: conn.lookupByName(vm).migrateSetMaxDowntime(downtime_ms, 0),
         )
+
+    def start_postcopy(self, host: str, vm: str) -> None:
+        self._call(
+            host,
+            f"switch {vm} to post-copy",
+            lambda conn: conn.lookupByName(vm).migrateStartPostCopy(0),
+        )
+
+    def postcopy_state(self, host: str, vm: str) -> str:
+        def read(conn: Any) -> str:
+            try:
+                state, reason = conn.lookupByName(vm).state()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return ""
+                raise
+            return _postcopy_state(state, reason)
+
+        return self._call(host, f"read post-copy state of {vm}", read)
 
     def suspend(self, host: str, vm: str) -> None:
         self._call(host, f"suspend {vm}", lambda conn: conn.lookupByName(vm).suspend())
@@ -393,6 +441,40 @@ class LibvirtHypervisor:
 
 
 # --- helpers (run on worker threads) --------------------------------------------------
+
+
+def postcopy_version_problem(libvirt_version: int, qemu_version: int) -> str:
+    """Why a host's versions cannot take part in a post-copy with recovery ("" if they can)."""
+    if libvirt_version < POSTCOPY_RESUME_MIN_LIBVIRT:
+        return f"libvirt {_ver(libvirt_version)} < 8.5.0 (post-copy recovery)"
+    if qemu_version < POSTCOPY_MIN_QEMU:
+        return f"QEMU {_ver(qemu_version)} < 2.6.0 (post-copy)"
+    return ""
+
+
+def compression_methods(libvirt_version: int) -> tuple[str, ...]:
+    """The VIR_MIGRATE_PARAM_COMPRESSION methods a libvirt accepts."""
+    if libvirt_version >= MULTIFD_COMPRESSION_MIN_LIBVIRT:
+        return ("mt", "xbzrle", "zlib", "zstd")
+    return ("mt", "xbzrle")
+
+
+def _ver(v: int) -> str:
+    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+
+def _postcopy_state(state: int, reason: int) -> str:
+    if (state, reason) in (
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED),
+        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED),
+    ):
+        return "failed"
+    if (state, reason) in (
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY),
+        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY),
+    ):
+        return "active"
+    return ""
 
 
 def connect_uri(cfg: HostConfig) -> str:

@@ -24,7 +24,14 @@ settable per guest and host) that also
       ClientLost     migrate() raises (our connection dropped) while the job goes on
       HostDies       the source or destination dies mid-job (or the source after handover)
       Unreachable    the source or destination stops answering; the job goes on
+      PostcopyFails  the link breaks after the switch to post-copy: migrate() raises, the
+                     guest stays paused on both ends in libvirt's post-copy-failed state
+                     (the destination holds the newest state, the source the rest)
 
+    ``start_postcopy`` (job started with ``req.postcopy``) switches the guest to the
+    destination (running there, paused on the source); by default the rest then goes across
+    and the job completes (``Script.on_postcopy``). A ``migrate`` with ``postcopy_resume``
+    recovers a failed post-copy by the next script (no steps: it completes at once).
     A script reacts to ``suspend`` (pause-and-complete: the rest goes across at once and
     the guest ends running on the destination, as seen in the lab), ``set_max_downtime``
     (recorded; see Stall) and ``abort_job`` (the job ends with an error, the guest stays on
@@ -70,9 +77,12 @@ class Stall:
     until_downtime_ms: int | None = None
     until_suspended: bool = False
     tick_s: float = 1.0
+    until_postcopy: bool = False  # ... or until the client switched the job to post-copy
 
-    def over(self, max_downtime_ms: int, suspended: bool) -> bool:
+    def over(self, max_downtime_ms: int, suspended: bool, postcopy: bool = False) -> bool:
         if self.until_downtime_ms is not None and max_downtime_ms >= self.until_downtime_ms:
+            return True
+        if self.until_postcopy and postcopy:
             return True
         return self.until_suspended and suspended
 
@@ -115,7 +125,16 @@ class Unreachable:
     role: Literal["src", "dst"]
 
 
-Step = JobStats | Stall | Complete | Fail | Hang | ClientLost | HostDies | Unreachable
+@dataclass(frozen=True)
+class PostcopyFails:
+    """The migration link breaks during post-copy (a network failure)."""
+
+    detail: str = "internal error: post-copy failed: connection reset"
+
+
+Step = (
+    JobStats | Stall | Complete | Fail | Hang | ClientLost | HostDies | Unreachable | PostcopyFails
+)
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,9 @@ class Script:
     # does not end); "refuse" raises (a job in its completion phase cannot be aborted);
     # "complete" raises and the job completes (it was past the point of no return)
     on_abort: Literal["fail", "ignore", "refuse", "complete"] = "fail"
+    # start_postcopy(): "complete" pulls the rest at once; "steps" goes on by the steps
+    on_postcopy: Literal["complete", "steps"] = "complete"
+    postcopy_downtime_ms: float = 40.0
 
 
 def sample(
@@ -254,6 +276,7 @@ class _Job:
     has_client: bool = True
     downtimes_ms: list[int] = field(default_factory=list)
     record: int = 0  # index in ScriptedHypervisor.jobs
+    postcopy: bool = False  # switched to post-copy
 
 
 class ScriptedHypervisor(SimHypervisor):
@@ -270,6 +293,7 @@ class ScriptedHypervisor(SimHypervisor):
         self._last_job: dict[str, _Job] = {}  # the last ended job by guest
         self._completed: dict[tuple[str, str], JobStats] = {}
         self._unreachable: set[str] = set()
+        self._postcopy: dict[tuple[str, str], str] = {}  # (host, vm) -> "active" | "failed"
         self.job_timeout_s = job_timeout_s  # safety net: a job nobody polls fails after this
         self.calls: list[Call] = []
         self.jobs: list[JobRecord] = []
@@ -495,6 +519,9 @@ class ScriptedHypervisor(SimHypervisor):
         with self._changed:
             queued = self._scripts.get(req.vm)
             script = queued.pop(0) if queued else Script()
+            if req.postcopy_resume:
+                self._resume_postcopy(req, script)
+                return
             job = self._start(req, script, _what(req))
             if not script.steps:
                 self._complete(job, 0.0)
@@ -537,6 +564,34 @@ class ScriptedHypervisor(SimHypervisor):
             if job is not None and host == job.req.src:
                 job.max_downtime_ms = downtime_ms
                 job.downtimes_ms.append(downtime_ms)
+
+    def start_postcopy(self, host: str, vm: str) -> None:
+        self._enter(host, "start_postcopy", vm)
+        with self._changed:
+            self._vm(host, vm, "start_postcopy")
+            job = self._jobs.get(vm)
+            if job is None or host != job.req.src:
+                raise HypervisorError(host, "start_postcopy", "no migration job is active")
+            if not job.req.postcopy:
+                raise HypervisorError(
+                    host, "start_postcopy", "post-copy can only be started after enabling it"
+                )
+            if job.hanging:
+                return
+            job.postcopy = True
+            self.hosts[host].vms[vm].state = "paused"
+            incoming = self.hosts[job.req.dst].vms[vm]
+            incoming.incoming = False
+            incoming.state = "running"
+            self._postcopy[(host, vm)] = self._postcopy[(job.req.dst, vm)] = "active"
+            if job.script.on_postcopy == "complete":
+                self._complete(job, job.script.postcopy_downtime_ms)
+            self._changed.notify_all()
+
+    def postcopy_state(self, host: str, vm: str) -> str:
+        self._enter(host, "postcopy_state", vm)
+        with self._lock:
+            return self._postcopy.get((host, vm), "")
 
     def suspend(self, host: str, vm: str) -> None:
         self._enter(host, "suspend", vm)
@@ -621,6 +676,23 @@ class ScriptedHypervisor(SimHypervisor):
             v.state = "paused"  # offline: libvirt pauses the guest while memory goes across
         return job
 
+    def _resume_postcopy(self, req: MigrationRequest, script: Script) -> None:
+        what = f"post-copy recovery of {req.vm} {req.src}->{req.dst}"
+        self._check_reachable(req.dst, what)
+        if self._postcopy.get((req.src, req.vm)) != "failed":
+            raise HypervisorError(req.src, what, "domain is not in a failed post-copy")
+        if any(isinstance(step, Fail) for step in script.steps):
+            raise HypervisorError(req.src, what, "recovery failed")
+        src, dst = self.hosts[req.src], self.hosts[req.dst]
+        src.vms.pop(req.vm, None)
+        v = dst.vms[req.vm]
+        v.state = "running"
+        self._postcopy.pop((req.src, req.vm), None)
+        self._postcopy.pop((req.dst, req.vm), None)
+        self._completed[(req.dst, req.vm)] = sample(
+            elapsed_s=1.0, remaining_mib=0.0, total_mib=v.mem_bytes / MIB
+        )
+
     def _end(self, job: _Job, result: str, error: str | None) -> None:
         job.ended = True
         job.error = error
@@ -644,6 +716,8 @@ class ScriptedHypervisor(SimHypervisor):
                 incoming.state = job.script.state_after_suspend
             else:
                 incoming.state = "running"
+        self._postcopy.pop((job.req.src, job.req.vm), None)
+        self._postcopy.pop((job.req.dst, job.req.vm), None)
         # without samples (a migration that completed at once): all memory went in one pass
         mem_mib = (moved or incoming or SimVm("", 0, 0)).mem_bytes / MIB
         last = job.last or sample(elapsed_s=0.0, remaining_mib=0.0, total_mib=mem_mib)
@@ -653,6 +727,15 @@ class ScriptedHypervisor(SimHypervisor):
         self._end(job, "completed", None)
 
     def _fail(self, job: _Job, detail: str) -> None:
+        if job.postcopy:
+            # No way back: both ends stay, paused, in libvirt's post-copy-failed state.
+            for host in (job.req.src, job.req.dst):
+                v = self.hosts[host].vms.get(job.req.vm)
+                if v is not None and self.hosts[host].up:
+                    v.state = "paused"
+                    self._postcopy[(host, job.req.vm)] = "failed"
+            self._end(job, "failed", detail)
+            return
         dst = self.hosts[job.req.dst]
         incoming = dst.vms.get(job.req.vm)
         if incoming is not None and incoming.incoming:
@@ -684,7 +767,7 @@ class ScriptedHypervisor(SimHypervisor):
                 job.last = replace(step, active=True)
                 return job.last
             if isinstance(step, Stall):
-                if step.over(job.max_downtime_ms, job.suspended):
+                if step.over(job.max_downtime_ms, job.suspended, job.postcopy):
                     job.pos += 1
                     continue
                 base = job.last or sample(elapsed_s=0.0, remaining_mib=0.0, total_mib=0.0)
@@ -694,7 +777,7 @@ class ScriptedHypervisor(SimHypervisor):
             if isinstance(step, Complete):
                 self._complete(job, step.downtime_ms)
                 return None
-            if isinstance(step, Fail):
+            if isinstance(step, Fail | PostcopyFails):
                 self._fail(job, step.detail)
                 return None
             if isinstance(step, Hang):
@@ -739,6 +822,7 @@ __all__ = [
     "Hang",
     "HostDies",
     "JobRecord",
+    "PostcopyFails",
     "Script",
     "ScriptedHypervisor",
     "SimHost",

@@ -67,6 +67,8 @@ class SimHost:
     bridges: tuple[str, ...] = ()
     visible_paths: frozenset[str] | None = None  # None: every path is visible
     cpu_models: frozenset[str] | None = None  # guest <cpu> XML that runs here; None: any
+    postcopy_problem: str = ""  # why this host cannot take part in a post-copy ("": it can)
+    compression_methods: tuple[str, ...] = ("zstd", "zlib", "mt", "xbzrle")
 
 
 class SimHypervisor:
@@ -189,6 +191,8 @@ class SimHypervisor:
             mem_free_bytes=max(0, h.mem_bytes - used),
             networks=h.networks,
             bridges=h.bridges,
+            postcopy_problem=h.postcopy_problem,
+            compression_methods=h.compression_methods,
         )
 
     def cpu_compatible(self, host: str, cpu_xml: str, virt_type: str = "kvm") -> bool:
@@ -213,6 +217,13 @@ class SimHypervisor:
 
     def set_max_downtime(self, host: str, vm: str, downtime_ms: int) -> None:
         self._vm(host, vm, "set max downtime")
+
+    def start_postcopy(self, host: str, vm: str) -> None:
+        self._vm(host, vm, "start post-copy")
+
+    def postcopy_state(self, host: str, vm: str) -> str:
+        self._vm(host, vm, "post-copy state")
+        return ""
 
     def suspend(self, host: str, vm: str) -> None:
         self._vm(host, vm, "suspend").state = "paused"

@@ -33,6 +33,20 @@ class OnStall(StrEnum):
 
     PAUSE = "pause"  # pause the guest so the rest goes across
     ABORT = "abort"  # abort; the guest stays where it was
+    # switch to post-copy: the guest runs on the destination at once and pulls the rest;
+    # only where both hosts support it (else pause). Risk: a failure mid post-copy leaves
+    # the only complete guest split across two hosts (recovery needs both hosts back).
+    POSTCOPY = "postcopy"
+
+
+class MigrationCompression(StrEnum):
+    """Compression of the migration stream."""
+
+    NONE = "none"
+    # zstd per connection (multifd; needs parallel_connections >= 2 and a libvirt that
+    # offers it, else preflight falls back to none with a warning)
+    ZSTD = "zstd"
+    ZLIB = "zlib"
 
 
 class MigrationTls(StrEnum):
@@ -138,6 +152,9 @@ class Migration:
     unsafe_cache_vms: tuple[str, ...] = ()  # guests accepting disks with cache != none
     no_pause_vms: tuple[str, ...] = ()  # guests never paused: on a stall they abort
     tls: MigrationTls = MigrationTls.AUTO  # encrypt the migration stream
+    # VIR_MIGRATE_PARALLEL with this many connections; 0 or 1: one stream (off)
+    parallel_connections: int = 0
+    compression: MigrationCompression = MigrationCompression.NONE
 
 
 @dataclass(frozen=True)

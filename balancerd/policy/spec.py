@@ -16,6 +16,7 @@ from balancerd.policy.model import (
     Hysteresis,
     Limits,
     Migration,
+    MigrationCompression,
     MigrationTls,
     Mode,
     Objective,
@@ -56,6 +57,7 @@ KIND = "Policy"
 # Upper bounds: every value the loader accepts must run (solver coefficients stay sane,
 # byte counts fit in 63 bits, durations fit a timedelta, libvirt and QEMU accept the rest).
 MAX_WEIGHT = 1000.0  # resource and host-rule weights (relative to each other)
+MAX_PARALLEL_CONNECTIONS = 255  # QEMU's multifd-channels limit
 MAX_OBJECTIVE = 1e6  # min_improvement, migration_cost: objective units
 MAX_WATTS = 1e6
 MAX_HOSTS = 10_000
@@ -277,7 +279,9 @@ SPEC = obj(
                     "on_stall": fld(
                         Choice(OnStall),
                         "last step when a migration stops converging: pause the guest to "
-                        "finish, or abort and leave it where it was",
+                        "finish, abort and leave it where it was, or postcopy (run it on the "
+                        "destination at once and pull the rest; where both hosts support it, "
+                        "else pause; a failure mid post-copy needs recovery)",
                     ),
                     "downtime_steps_ms": fld(
                         ListOf(count(MAX_DOWNTIME_MS, low=1, doc="QEMU's maximum"), unique=True),
@@ -301,6 +305,15 @@ SPEC = obj(
                         "encrypt migration streams: auto (when both hosts have QEMU's TLS "
                         "certificates), required (preflight skips a move when they lack "
                         "them), disabled",
+                    ),
+                    "parallel_connections": fld(
+                        count(MAX_PARALLEL_CONNECTIONS),
+                        "migration streams per move (VIR_MIGRATE_PARALLEL); 0 or 1: one",
+                    ),
+                    "compression": fld(
+                        Choice(MigrationCompression),
+                        "compress the migration stream: none, zstd or zlib (needs "
+                        "parallel_connections >= 2 and a libvirt that offers the method)",
                     ),
                 },
                 cls=Migration,
