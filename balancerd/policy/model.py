@@ -47,6 +47,9 @@ class MigrationCompression(StrEnum):
     # offers it, else preflight falls back to none with a warning)
     ZSTD = "zstd"
     ZLIB = "zlib"
+    # QEMU's older multi-threaded zlib compression (libvirt < 9.4 offers only this and
+    # xbzrle; QEMU 8.2 deprecates it)
+    MT = "mt"
 
 
 class MigrationTls(StrEnum):

@@ -312,8 +312,9 @@ SPEC = obj(
                     ),
                     "compression": fld(
                         Choice(MigrationCompression),
-                        "compress the migration stream: none, zstd or zlib (needs "
-                        "parallel_connections >= 2 and a libvirt that offers the method)",
+                        "compress the migration stream: none, zstd or zlib (need "
+                        "parallel_connections >= 2 and libvirt >= 9.4), or mt (QEMU's "
+                        "multi-threaded compression, older libvirt)",
                     ),
                 },
                 cls=Migration,
