@@ -21,18 +21,25 @@ from dataclasses import dataclass
 
 from balancerd.model import Move, Placement, Plan, Snapshot, SolverReport
 from balancerd.policy.model import Migration, Policy
+from balancerd.predict import Link, predict
 from balancerd.solve.problem import HostCapacity, Problem, build_problem, power_weight
 from balancerd.units import MIB
 
 
 def expected_seconds(mem_bytes: int, dirty_rate_bytes_s: float | None, m: Migration) -> float:
-    """Pre-copy estimate: memory / (bandwidth - dirty rate), plus 1 s setup. A dirty rate
-    near or above the bandwidth only converges through throttling: count five passes,
-    capped by the migration's max_time_s. Unknown dirty rate counts as none."""
-    bw = max(m.bandwidth_mib_s, 1e-3) * MIB
-    dirty = dirty_rate_bytes_s or 0.0
-    seconds = mem_bytes / (bw - dirty) if dirty < 0.8 * bw else 5.0 * mem_bytes / bw
-    return min(1.0 + seconds, m.max_time_s)
+    """The predicted migration time (predict.py: the pre-copy series; a guest that does not
+    converge ends by on_stall), capped by max_time_s. Unknown dirty rate counts as none."""
+    return predict(mem_bytes, dirty_rate_bytes_s, link_of(m)).seconds
+
+
+def link_of(m: Migration) -> Link:
+    return Link(
+        bandwidth_bytes_s=max(m.bandwidth_mib_s, 1e-3) * MIB,
+        max_downtime_ms=m.max_downtime_ms,
+        max_time_s=m.max_time_s,
+        on_stall=str(m.on_stall),
+        stall_s=float(m.stall_samples * (1 + len(m.downtime_steps_ms))),
+    )
 
 
 @dataclass
