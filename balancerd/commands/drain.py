@@ -119,7 +119,10 @@ def _wait(path: Any, args: argparse.Namespace, started: float) -> int:
 def _left_line(status: dict[str, Any]) -> str:
     guests = status["guests"]
     parts = [f"{g['vm']} ({g['why']})" for g in guests]
-    return f"{status['host']}: {len(guests)} guest(s) left: " + "; ".join(parts)
+    names = {g["vm"] for g in guests}
+    moving = [m for m in status["in_flight"] if m["vm"] not in names and m["src"] == status["host"]]
+    parts += [f"{m['vm']} (migrating to {m['dst']} (id {m['migration_id']}))" for m in moving]
+    return f"{status['host']}: {len(guests) + len(moving)} guest(s) left: " + "; ".join(parts)
 
 
 def _list(out: dict[str, Any], as_json: bool) -> int:
