@@ -467,7 +467,7 @@ def _validate_config(doc: Document) -> Config:
     return config
 
 
-def _cross_check_config(data: dict[Any, Any], out: Problems) -> None:
+def _cross_check_config(data: dict[Any, Any], out: Problems) -> None:  # noqa: C901 (a flat list of independent config checks)
     """Rules over several fields, on the written values (each checked for its type)."""
     hosts = data.get("hosts")
     for key in ("name", "uri"):
@@ -562,10 +562,11 @@ def _check_coordination(coord: dict[Any, Any], out: Problems) -> None:
         for key in ("ca_file", "cert_file", "key_file"):
             value = tls.get(key)
             if isinstance(value, str) and value:
+                shown = show(value, 4096)
                 if not os.path.isabs(value):
-                    out.add(("coordination", "tls", key), f"must be an absolute path: {value}")
+                    out.add(("coordination", "tls", key), f"must be an absolute path: {shown}")
                 elif not os.path.isfile(value) or not os.access(value, os.R_OK):
-                    out.add(("coordination", "tls", key), f"not a readable file: {value}")
+                    out.add(("coordination", "tls", key), f"not a readable file: {shown}")
         if bool(tls.get("cert_file")) != bool(tls.get("key_file")):
             out.add(("coordination", "tls"), "cert_file and key_file go together")
         if urls and not any(u.startswith("https://") for u in urls):
@@ -646,7 +647,9 @@ def secret_file_problem(path: str) -> str:
 
 def is_tls_uri(uri: str) -> bool:
     """Whether libvirt reaches ``uri`` over TLS (and so reads a client PKI folder)."""
-    return urlsplit(uri).scheme.lower().endswith("+tls")
+    # The scheme is what precedes the first colon (urlsplit would raise on "qemu+tls://[::1",
+    # which uri_problem reports).
+    return uri.partition(":")[0].lower().endswith("+tls")
 
 
 def tls_file_problem(path: str, private: bool = False) -> str:

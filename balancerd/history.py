@@ -319,7 +319,8 @@ class History:
                 ),
             )
             cycle_id = cur.lastrowid
-            assert cycle_id is not None
+            if cycle_id is None:
+                raise RuntimeError("internal error: cycle_id is None")
             db.executemany(
                 "INSERT INTO moves (cycle_id, seq, vm, src, dst, wave, why, score_before,"
                 " score_after, mem_bytes, expected_s, downtime_pred_ms, downtime_note, outcome,"
@@ -402,7 +403,7 @@ class History:
             args.extend([vm, vm])
         with self._lock:
             rows = self._db.execute(
-                "SELECT c.id, c.at_s, c.kind, c.policy, c.objective, c.mode, c.held_back,"
+                "SELECT c.id, c.at_s, c.kind, c.policy, c.objective, c.mode, c.held_back,"  # noqa: S608 (constant clause chosen in code; values are bound parameters)
                 " c.reason, c.score_before, c.score_after, c.solver, c.inputs, c.notes,"
                 " c.drained, c.planned, c.migrated, c.skipped, c.failed FROM cycles c"
                 f" WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT ?",
@@ -416,7 +417,7 @@ class History:
                 cycle["moves"] = [
                     _move_row(m)
                     for m in self._db.execute(
-                        f"SELECT {_MOVE_COLUMNS} FROM moves m WHERE {move_where} ORDER BY m.seq",
+                        f"SELECT {_MOVE_COLUMNS} FROM moves m WHERE {move_where} ORDER BY m.seq",  # noqa: S608 (constant clause chosen in code; values are bound parameters)
                         move_args,
                     )
                 ]
@@ -435,7 +436,7 @@ class History:
         then how many cycles have passed since without touching it."""
         with self._lock:
             moves = self._db.execute(
-                f"SELECT {_MOVE_COLUMNS}, c.at_s, c.kind, c.policy, c.objective, c.held_back,"
+                f"SELECT {_MOVE_COLUMNS}, c.at_s, c.kind, c.policy, c.objective, c.held_back,"  # noqa: S608 (constant clause chosen in code; values are bound parameters)
                 " c.score_before, c.score_after, c.planned, c.id FROM moves m"
                 " JOIN cycles c ON c.id = m.cycle_id WHERE m.vm = ?"
                 " ORDER BY c.id DESC, m.seq DESC LIMIT ?",

@@ -305,7 +305,7 @@ def check_steps(saved: SavedPlan, snapshot: Snapshot, policy: Policy) -> list[St
     return sorted(checks, key=lambda c: order[id(c.move)])
 
 
-def _check(
+def _check(  # noqa: C901 (one branch per staleness reason of a saved step)
     m: SavedMove,
     snapshot: Snapshot,
     policy: Policy,
@@ -395,7 +395,8 @@ def merge_results(checks: Sequence[StepCheck], executed: Sequence[MoveResult]) -
         if c.ok:
             out.append(next(it))
         else:
-            assert c.kind is not None
+            if c.kind is None:
+                raise RuntimeError("internal error: c.kind is None")
             out.append(
                 MoveResult(
                     c.move.vm,

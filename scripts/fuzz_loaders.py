@@ -75,7 +75,8 @@ hosts:
     migration_uri: tcp://10.0.0.11
     cpus: 16
     mem_mib: 65536
-    power: {driver: ipmi, address: 10.0.1.11, user: admin, password_file: PASSWORD_FILE}
+    power: {driver: ipmi, address: 10.0.1.11, user: admin, password_file: FIXTURE/ipmi.pw}
+    pki_dir: FIXTURE/pki
   - name: host2
     uri: qemu+tcp://10.0.0.12/system
     power: {driver: wol, mac: "52:54:00:12:34:56", off_command: [ssh, "{host}", poweroff]}
@@ -89,7 +90,10 @@ policy: policy.yaml
 schedule:
   - {cron: "0 7 * * 1-5", duration_h: 12, policy: night.yaml}
   - {cron: "0 1 * * *", duration_h: 2, freeze: true}
-metrics: {listen: "127.0.0.1:9177"}
+metrics:
+  listen: "127.0.0.1:9177"
+  tls: {cert_file: FIXTURE/pki/clientcert.pem, key_file: FIXTURE/pki/clientkey.pem}
+pki_dir: FIXTURE/pki
 state_dir: /var/lib/balancerd
 collect_interval_s: 15
 cycle_interval_s: 300
@@ -245,7 +249,13 @@ FIELD_SAMPLES: dict[str, list[str]] = {
     "state_dir": ["/var/lib/balancerd", "state"],
     "address": ["10.0.1.11", "bmc1.example.net"],
     "user": ["admin"],
-    "password_file": ["PASSWORD_FILE", "/nonexistent/pw"],
+    "password_file": ["FIXTURE/ipmi.pw", "/nonexistent/pw", "FIXTURE/open.pw"],
+    "pki_dir": ["FIXTURE/pki", "FIXTURE", "/nonexistent"],
+    "cert_file": ["FIXTURE/pki/clientcert.pem", "FIXTURE/pki/nothere.pem"],
+    "key_file": ["FIXTURE/pki/clientkey.pem", "FIXTURE/open.pw"],
+    "client_ca_file": ["FIXTURE/pki/cacert.pem"],
+    "ca_file": ["FIXTURE/pki/cacert.pem", "relative.pem"],
+    "endpoints": ["http://10.0.0.5:2379", "https://[::1]:2379", "http://etcd1:2379"],
     "lab_dir": ["/run/lab"],
     "broadcast": ["255.255.255.255", "10.0.0.255"],
     "mac": ["52:54:00:12:34:56", "52-54-00-12-34-57"],
@@ -381,7 +391,7 @@ def _number(kind: Number, *, strict: bool) -> st.SearchStrategy[object]:
     )
 
 
-def emit(value: object, *, block: bool, indent: int = 0) -> str:
+def emit(value: object, *, block: bool, indent: int = 0) -> str:  # noqa: C901 (one branch per fuzzed YAML node kind)
     """YAML for ``value``; ``Raw`` tokens are written as they are."""
     if isinstance(value, Raw):
         return value.text
@@ -569,11 +579,9 @@ class Result:
 
 def cases(fixture: Path) -> st.SearchStrategy[Case]:
     policy_seeds = [p.read_bytes() for p in SEED_POLICIES]
-    config_seed = SAMPLE_CONFIG.replace("PASSWORD_FILE", str(fixture / "ipmi.pw")).encode()
+    config_seed = SAMPLE_CONFIG.replace("FIXTURE", str(fixture)).encode()
     policy_doc = structured(DOCUMENT).map(str.encode)
-    config_doc = structured(CONFIG).map(
-        lambda t: t.replace("PASSWORD_FILE", str(fixture / "ipmi.pw")).encode()
-    )
+    config_doc = structured(CONFIG).map(lambda t: t.replace("FIXTURE", str(fixture)).encode())
     policy_any = st.one_of(policy_doc, mutated(policy_seeds), st.sampled_from(policy_seeds))
     config_any = st.one_of(config_doc, mutated([config_seed]), st.just(config_seed))
     return st.one_of(
@@ -697,6 +705,13 @@ def fuzz(
         secret = fixture / "ipmi.pw"
         secret.write_text("S3cret\n")
         secret.chmod(0o600)
+        (fixture / "open.pw").write_text("S3cret\n")
+        (fixture / "open.pw").chmod(0o644)
+        pki = fixture / "pki"  # a client PKI folder (the files only have to be there)
+        pki.mkdir()
+        for name in ("cacert.pem", "clientcert.pem", "clientkey.pem"):
+            (pki / name).write_text("-----BEGIN CERTIFICATE-----\n")
+            (pki / name).chmod(0o600)
         for name in POLICY_NAMES:  # what relative policy paths of the config-* cases name
             (fixture / name).write_bytes(SEED_POLICIES[0].read_bytes())
         save_to = out or Path(tmp) / "failures"

@@ -71,7 +71,7 @@ def broken_dependency(moves: Sequence[Move], i: int, results: dict[int, MoveResu
     return ""
 
 
-def execute(
+def execute(  # noqa: C901 (the scheduling loop: start, skip, collect; split, it hides the invariant)
     moves: Sequence[Move],
     engine: Engine,
     *,

@@ -207,7 +207,8 @@ class Journal:
                 ),
             )
             self._db.commit()
-            assert cur.lastrowid is not None
+            if cur.lastrowid is None:
+                raise RuntimeError("internal error: cur.lastrowid is None")
             return cur.lastrowid
 
     def phase(self, entry_id: int, phase: str) -> None:
@@ -234,7 +235,7 @@ class Journal:
     def _select(self, where: str, args: tuple[object, ...] = ()) -> list[Entry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, vm, vm_uuid, src, dst, vm_state, pid, pid_start, phase,"
+                "SELECT id, vm, vm_uuid, src, dst, vm_state, pid, pid_start, phase,"  # noqa: S608 (constant clause chosen in code; values are bound parameters)
                 f" started_at, outcome, mode, detail, migration_id FROM migrations {where}",
                 args,
             ).fetchall()

@@ -251,7 +251,7 @@ def _after_unexpected(run: _Run, exc: Exception) -> MoveResult:
     return run.result(FAILED, Mode.NONE, "; ".join([why, *actions, where]))
 
 
-def _run_move(run: _Run) -> MoveResult:
+def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, settle, cold fallback, verify, in order)
     e, m = run.e, run.m
     hv, mig = e.hv, e.mig
     e.progress(m, None, "preflight")

@@ -129,7 +129,7 @@ def compression_choice(mig: Migration, src: HostFacts, dst: HostFacts) -> tuple[
     return method, ""
 
 
-def check(
+def check(  # noqa: C901 (one branch per preflight requirement, in the order they are checked)
     move: Move,
     facts: DomainFacts,
     src: HostFacts,

@@ -142,7 +142,7 @@ class LibvirtHypervisor:
         try:
             conn = libvirt.open(connect_uri(st.cfg))
             conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
-            caps = ET.fromstring(conn.getCapabilities())
+            caps = ET.fromstring(conn.getCapabilities())  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
         except libvirt.libvirtError as exc:
             self._mark_failed(st, f"connect to {st.cfg.uri}: {exc}")
             raise HypervisorError(st.cfg.name, "connect", f"{st.cfg.uri}: {exc}") from _bare(exc)
@@ -308,7 +308,7 @@ class LibvirtHypervisor:
 
     # --- migration --------------------------------------------------------------------
 
-    def migrate(self, req: MigrationRequest) -> None:
+    def migrate(self, req: MigrationRequest) -> None:  # noqa: C901 (flags and parameters, one branch per policy option)
         src = self._state(req.src)
         dst = self._state(req.dst)
         conn = self._connect(src)
@@ -505,7 +505,7 @@ def _file_visible(conn: Any, path: str) -> bool:
     where no pool holds the folder, a transient directory pool over it answers the
     question and is removed again (libvirt has no other remote file lookup)."""
     for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-        target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path", default="")
+        target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path", default="")  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
         if target == str(PurePosixPath(path).parent):
             pool.refresh(0)
     try:
@@ -605,7 +605,7 @@ def _bridges(conn: Any) -> tuple[str, ...]:
     names = set()
     try:
         for iface in conn.listAllInterfaces(0):
-            if ET.fromstring(iface.XMLDesc(0)).get("type") == "bridge":
+            if ET.fromstring(iface.XMLDesc(0)).get("type") == "bridge":  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
                 names.add(iface.name())
     except libvirt.libvirtError:
         pass
@@ -635,7 +635,7 @@ def _job_stats(s: dict[str, Any], active: bool) -> JobStats:
 
 
 def _domain_facts_from_xml(xml: str, state: str, persistent: bool, in_job: bool) -> DomainFacts:
-    root = ET.fromstring(xml)
+    root = ET.fromstring(xml)  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
     disks = []
     for disk in root.findall("devices/disk"):
         source = disk.find("source")

@@ -275,7 +275,8 @@ class LabHost:
 
         wait_until(DAEMON_START_TIMEOUT_S, ready, f"{self.name}: holder process")
         holder = self.holder_pid()
-        assert holder is not None
+        if holder is None:
+            raise RuntimeError("internal error: holder is None")
         return holder
 
     def _nsenter(self, holder_pid: int) -> list[str]:

@@ -51,7 +51,7 @@ class PowerDecision:
         return not self.power_off and not self.power_on
 
 
-def decide_power(
+def decide_power(  # noqa: C901 (power rules in order: off candidates, floors, reserve)
     plan: Plan,
     snapshot: Snapshot,
     power: Power,

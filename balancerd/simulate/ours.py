@@ -193,7 +193,8 @@ class PolicyController:
 
     def _sync(self, view: View) -> None:
         """Mirror the engine's placement (finished guests, completed migrations)."""
-        assert self.hv is not None
+        if self.hv is None:
+            raise RuntimeError("internal error: self.hv is None")
         c = view.cluster
         for v, name in enumerate(c.vm_names):
             h = int(view.vm_host[v])
@@ -210,7 +211,8 @@ class PolicyController:
 
     def observe(self, view: View) -> Snapshot:
         """Advance the counters by one interval of granted CPU and collect a snapshot."""
-        assert self.hv is not None
+        if self.hv is None:
+            raise RuntimeError("internal error: self.hv is None")
         self._sync(view)
         c = view.cluster
         st = view.state

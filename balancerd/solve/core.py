@@ -268,15 +268,21 @@ def solve(
     stages: list[str] = []
     lb = balanced_level(p)
     ranked = _greedy_stage(p, units, unit_of, effort, stages, t0, lb)
+    checked: dict[str, list[Violation] | None] = {}  # verify's answer per candidate
+    kept, held = _worth_their_moves(p, _prefer_fewer_moves(p, ranked))
+    incumbent, carried = _first_verified(
+        snapshot, policy, capacity, p, current, kept, notes, checked
+    )
     bound: float | None = _objective_bound(p)
-    ilp, full = _ilp_stage(p, units, ranked, bound, use_ilp, stages)
+    ilp, full = _ilp_stage(p, units, incumbent, bound, use_ilp, stages)
     if ilp is not None and ilp.host_of is not None:
         ranked.append((measure(p, ilp.host_of, lb), "ilp", ilp.host_of))
         ranked.sort(key=lambda t: (t[0].objective, t[1] != "ilp"))
-    ranked, held = _worth_their_moves(p, _prefer_fewer_moves(p, ranked))
-    (m, label, host_of), carried = _first_verified(
-        snapshot, policy, capacity, p, current, ranked, notes
-    )
+        kept, held = _worth_their_moves(p, _prefer_fewer_moves(p, ranked))
+        incumbent, carried = _first_verified(
+            snapshot, policy, capacity, p, current, kept, notes, checked
+        )
+    m, label, host_of = incumbent
     m0 = measure(p, p.cur, lb)
     if ilp is not None and full and ilp.bound is not None:
         bound = max(bound, ilp.bound) if bound is not None else ilp.bound
@@ -375,7 +381,8 @@ def _power_candidates(
         partial=True,
         settle=True,
     )
-    assert base is not None
+    if base is None:
+        raise RuntimeError("internal error: base is None")
     out = [
         Candidate(
             base.host_of,
@@ -398,15 +405,15 @@ def _power_candidates(
 def _ilp_stage(
     p: Problem,
     units: list[Unit],
-    ranked: Ranked,
+    best: tuple[Measure, str, list[int]],
     bound: float | None,
     use_ilp: bool,
     stages: list[str],
 ) -> tuple[IlpResult | None, bool]:
-    """The ILP, unless the incumbent is already within the gap of the bound. Returns its
-    result and whether it covered the whole problem."""
+    """The ILP from the best verified placement, unless that is already within the gap of
+    the bound. Returns its result and whether it covered the whole problem."""
     pol = p.policy
-    inc_m, _, incumbent = ranked[0]
+    inc_m, _, incumbent = best
     inc_obj = inc_m.objective
     if bound is not None and inc_obj - bound <= pol.solver.gap * max(abs(inc_obj), 1e-9):
         stages.append("ilp: skipped, the greedy placement is within the gap of the bound")
@@ -457,8 +464,11 @@ def _ilp_scope(
             and (u.allowed is None or h in u.allowed)
             and (h not in over or h == u.cur)
         ]
-        if u.cur >= 0 and u.cur not in hs:
-            hs.append(u.cur)  # staying put is always an option (at a penalty if forced)
+        for keep in (u.cur, inc[u.members[0]]):
+            # staying put is always an option (at a penalty if forced), and so is the
+            # incumbent's choice: the warm start is feasible
+            if keep >= 0 and keep not in hs:
+                hs.append(keep)
         return hs
 
     movable = [i for i, u in enumerate(units) if u.movable]
@@ -575,21 +585,29 @@ def _first_verified(
     current: Placement,
     ranked: Ranked,
     notes: list[str],
+    checked: dict[str, list[Violation] | None],
 ) -> tuple[tuple[Measure, str, list[int]], list[Violation]]:
     """The best candidate within the budget that the verifier does not block, with the
-    violations it carries. Today's placement always qualifies."""
+    violations it carries. Today's placement always qualifies. ``checked`` remembers
+    verify's answer per candidate (None: blocked) across calls."""
     bud = policy.budget
     for m, label, host_of in ranked:
-        target = Placement({p.guests[g]: p.hosts[host_of[g]] for g in range(p.n_guests)})
         if m.moves > bud.max_moves or m.moved_bytes > bud.max_bytes:
-            notes.append(f"{label}: over the migration budget; dropped")
+            if label not in checked:
+                notes.append(f"{label}: over the migration budget; dropped")
+                checked[label] = None
             continue
-        viol = verify(snapshot, policy, target, capacity=capacity, current=current)
-        bad = blocking(viol)
-        if bad:
-            notes.append(f"{label}: rejected by verify: {bad[0]}")
+        if label not in checked:
+            target = Placement({p.guests[g]: p.hosts[host_of[g]] for g in range(p.n_guests)})
+            viol = verify(snapshot, policy, target, capacity=capacity, current=current)
+            bad = blocking(viol)
+            if bad:
+                notes.append(f"{label}: rejected by verify: {bad[0]}")
+            checked[label] = None if bad else viol
+        viol_ok = checked[label]
+        if viol_ok is None:
             continue
-        return (m, label, host_of), viol
+        return (m, label, host_of), viol_ok
     raise AssertionError("today's placement always verifies: it carries what it has")
 
 

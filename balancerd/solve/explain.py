@@ -11,7 +11,7 @@ from balancerd.policy.model import Policy
 from balancerd.solve.problem import GIB, HostCapacity, Problem, build_problem
 
 
-def explain_infeasible(
+def explain_infeasible(  # noqa: C901 (one branch per necessary condition explained)
     snapshot: Snapshot,
     policy: Policy,
     *,

@@ -39,7 +39,7 @@ class Unit:
     avoid: frozenset[int] = frozenset()  # hosts a soft (should / should_not) rule dislikes
 
 
-def build_units(p: Problem) -> tuple[list[Unit], list[int]]:
+def build_units(p: Problem) -> tuple[list[Unit], list[int]]:  # noqa: C901 (grouping rules (affinity, pins, exclusions) in one pass)
     parent = list(range(p.n_guests))
 
     def find(x: int) -> int:
@@ -762,7 +762,7 @@ def _settle_move(
     return True
 
 
-def _settle_swap(
+def _settle_swap(  # noqa: C901 (a search with early exits per resource)
     p: Problem,
     units: list[Unit],
     st: State,
@@ -1154,7 +1154,8 @@ class _Walk:
             partial=True,
             settle=True,
         )
-        assert shed is not None  # partial repairs always return
+        if shed is None:  # partial repairs always return
+            raise RuntimeError("internal error: a partial repair returned nothing")
         self.out.append(_candidate(p, shed, "repair"))
         self.ok_c, self.ok_m = cap_c, cap_m
         return shed
@@ -1206,7 +1207,8 @@ class _Walk:
             settle=True,
             wide=wide,
         )
-        assert r is not None
+        if r is None:
+            raise RuntimeError("internal error: r is None")
         self.out.append(_candidate(self.p, r, f"{label}+{dc:.4f}/{dm:.4f}"))
         return r
 
@@ -1303,7 +1305,7 @@ def _after_shed(
     return frozen, closed, ok_c, ok_m
 
 
-def consolidate(
+def consolidate(  # noqa: C901 (the power-save greedy: empty, place, verify per host)
     p: Problem, units: list[Unit], start: list[int], *, max_moves: int, max_bytes: float
 ) -> Candidate:
     """Power-save: empty hosts one at a time (costliest, then least loaded first) into the

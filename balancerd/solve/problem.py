@@ -219,7 +219,7 @@ def _index_guests(snapshot: Snapshot, host_index: Mapping[str, int]) -> _Guests:
     return out
 
 
-def _placement_rules(
+def _placement_rules(  # noqa: C901 (one branch per placement rule kind)
     policy: Policy, n_hosts: int, host_index: Mapping[str, int], guest_index: Mapping[str, int]
 ) -> _Rules:
     """Per guest: the hosts it may use (pin, must, must_not) and the hosts a soft rule

@@ -30,7 +30,7 @@ class Violation:
         return self.message + (" (already so today)" if self.carried else "")
 
 
-def verify(
+def verify(  # noqa: C901 (the independent verifier: one branch per rule, deliberately flat)
     snapshot: Snapshot,
     policy: Policy,
     target: Placement,
