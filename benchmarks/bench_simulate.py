@@ -401,7 +401,19 @@ def document(res: dict[str, Any], out: Path, img: Path, command: str) -> None:
         for name in made:
             if name.startswith("bitbrains"):
                 lines += [f"![{name}]({imgrel / name})", ""]
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(lines) + _kept_tail(out))
+
+
+KEEP_MARKER = "<!-- sections below are written by other benchmarks; bench_simulate keeps them -->"
+
+
+def _kept_tail(out: Path) -> str:
+    """What follows KEEP_MARKER in the current document (e.g. bench_balance's section)."""
+    if not out.exists():
+        return ""
+    text = out.read_text()
+    at = text.find(KEEP_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
 
 
 def main() -> int:
