@@ -318,3 +318,23 @@ def test_fuzzed_inputs_only_raise_config_error_quickly_and_small(tmp_path: Path)
 
 
 FUZZ_COUNT = 1500  # ~25 s; scripts/fuzz_loaders.py runs 100,000
+
+
+def test_a_broken_tls_uri_with_a_pki_dir(tmp_path: Path) -> None:
+    """Was: ValueError (urlsplit: Invalid IPv6 URL) out of is_tls_uri when the host also
+    names a valid pki_dir."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for name in ("cacert.pem", "clientcert.pem", "clientkey.pem"):
+        (pki / name).write_text("-----BEGIN X-----\n")
+        (pki / name).chmod(0o600)
+    (tmp_path / "p.yaml").write_text(HEAD + "spec: {objective: balance}\n")
+    path = tmp_path / "balancerd.yaml"
+    path.write_text(
+        f"hosts:\n  - {{name: h1, uri: 'qemu+tls://[::1/system', pki_dir: {pki}}}\npolicy: p.yaml\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:2: hosts[0].uri: not a libvirt URI (Invalid IPv6 URL), e.g. qemu+tls://host1/system"
+    ]
