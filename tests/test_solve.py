@@ -681,3 +681,20 @@ def test_degenerate_clusters_plan_nothing_quietly(
     assert plan.moves == ()
     assert plan.solver.status != "infeasible", plan.reason
     assert not [n for n in plan.notes if "limit" in n], plan.notes
+
+
+def test_must_not_over_many_guests_builds_one_host_set() -> None:
+    """A must_not over 40 of 80 hosts for 200 guests: one allowed-host set shared by all
+    of them (built once), not 200 copies; the plan keeps every guest off those hosts."""
+    hosts = [host(f"h{i:02d}", cpus=16, mem_gib=64) for i in range(80)]
+    vms = [vm(f"v{j:03d}", f"h{(2 * j + 1) % 80:02d}", 2, 0.3) for j in range(400)]
+    s = snap(hosts, vms)
+    slow = tuple(f"h{i:02d}" for i in range(0, 80, 2))
+    fast = tuple(f"v{j:03d}" for j in range(0, 400, 2))
+    pol = policy(constraints=cons(host_rules=(HostRule(fast, slow, "must_not"),)))
+    p = build_problem(s, pol)
+    sets = {id(a) for a in p.allowed if a is not None}
+    assert len(sets) == 1
+    assert sum(a is not None for a in p.allowed) == 200
+    plan = decide(s, pol, use_ilp=False)
+    assert all(plan.target.host_of[v] not in slow for v in fast)
