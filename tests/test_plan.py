@@ -281,3 +281,20 @@ def test_uncounted_sources_do_not_serialize() -> None:
     )
     assert len({m.wave for m in serial}) == 4
     assert len({m.wave for m in together}) == 1
+
+
+def test_thousands_of_moves_are_ordered_in_about_linear_time() -> None:
+    """4,000 moves, two at a time (2,000 waves): re-ranking every pending step after every
+    wave took ~25 s here; ranking again only when a twentieth has finished, ~0.3 s."""
+    import time
+
+    hosts = [host(f"h{i:03d}", cpus=64, mem_gib=256) for i in range(200)]
+    vms = [vm(f"v{i:03d}-{j:02d}", f"h{i:03d}", 1, 0.1, 2) for i in range(100) for j in range(40)]
+    s = Snapshot(0.0, tuple(hosts), tuple(vms))
+    target = Placement({v.name: f"h{int(v.host[1:]) + 100:03d}" for v in vms})
+    pol = Policy(name="t", limits=LIMITS, migration=Migration(max_concurrent=2))
+    t0 = time.process_time()
+    moves, reached, notes = order_moves(s, pol, s.placement(), target)
+    assert time.process_time() - t0 < 3.0
+    assert len(moves) == 4000 and dict(reached.host_of) == dict(target.host_of), notes
+    assert len({m.wave for m in moves}) == 2000
