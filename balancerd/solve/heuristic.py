@@ -1255,10 +1255,11 @@ class _Walk:
             for frac in (0.75, 0.875):
                 if self.level(top * frac, top * frac, self.start, "level").complete:
                     break
-        elif max(reached) < top / 4:
+        elif max(reached) < top / 4 and not self.fails:
             # the walk down moves more guests than going straight to a level from stage
             # 1: redo one level above the lowest reached (within the gap, fewer moves
-            # win); a quick look, without the wide settle, which is not worth its time
+            # win); a quick look, without the wide settle, which is not worth its time,
+            # and only after an easy walk (where a level failed, so does this, slowly)
             self.level(2 * reached[0], 2 * reached[1], self.start, "direct", wide=False)
 
 
