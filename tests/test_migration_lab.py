@@ -348,9 +348,25 @@ def test_destination_libvirtd_killed_mid_migration(ctx: Ctx) -> None:
     xfail_if_unhealthy([health])
 
 
+def hosts_answer(c: Ctx, timeout_s: float = 120.0) -> None:
+    """Wait until both hosts answer through the shared adapter (an earlier test killed and
+    restarted a libvirtd: the adapter reconnects after its back-off)."""
+    deadline = time.monotonic() + timeout_s
+    for host in c.lab.host_names():
+        while True:
+            try:
+                c.hv.host_facts(host)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+
 def test_non_converging_guest_via_postcopy_has_less_downtime_than_pause(ctx: Ctx) -> None:
     """The same non-converging guest, in the same run: pause-and-complete one way, post-copy
     back; post-copy stops it only for the switch, so its downtime must be lower."""
+    hosts_answer(ctx)
     start_dirty_guest(ctx, "pcdirty")
     try:
         paused = run_move(engine(ctx, STALLING), Move("pcdirty", "host1", "host2", 0, 0.0))
@@ -381,6 +397,7 @@ def test_non_converging_guest_via_postcopy_has_less_downtime_than_pause(ctx: Ctx
 def test_parallel_and_compressed_streams_side_by_side(ctx: Ctx) -> None:
     """The quiet guest with 1 vs 4 connections and compression off vs on (libvirt 9.0
     offers mt, not zstd: a zstd request is recorded as not used)."""
+    hosts_answer(ctx)
     rows = []
     cases = [
         ("1 connection", Migration(bandwidth_mib_s=100)),
