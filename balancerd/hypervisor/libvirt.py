@@ -181,7 +181,9 @@ class LibvirtHypervisor:
             self._mark_failed(st, f"{operation} timed out")
             raise HypervisorError(host, operation, f"no answer within {limit_s:.1f} s") from None
         except libvirt.libvirtError as exc:
-            if _connection_lost(exc):
+            # A restarted libvirtd leaves the old connection dead with an *internal* error
+            # ("client socket is closed"): ask the connection itself, not only the code.
+            if _connection_lost(exc) or not _alive(st.conn):
                 self._mark_failed(st, f"{operation}: {exc}")
             raise HypervisorError(host, operation, str(exc)) from _bare(exc)
 
@@ -542,6 +544,16 @@ def _bare(exc: BaseException) -> BaseException:
 def _close_quietly(conn: Any) -> None:
     with contextlib.suppress(libvirt.libvirtError):
         conn.close()
+
+
+def _alive(conn: Any) -> bool:
+    """Whether a connection is still usable (None: not connected, so nothing to drop)."""
+    if conn is None:
+        return True
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _connection_lost(exc: Any) -> bool:
