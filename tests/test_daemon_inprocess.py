@@ -323,3 +323,16 @@ def test_state_files_written_from_many_threads_are_never_torn(tmp_path: Path) ->
     assert errors == []
     assert json.loads(target.read_text())["i"] == 199
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_a_solve_longer_than_the_stall_timeout_is_refused_at_start_and_reload(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Was: accepted, then systemd killed every cycle whose solve ran past the watchdog."""
+    from balancerd.errors import ConfigError
+
+    slow = POLICY.replace("MODE", "automatic") + "  solver: {time_limit_s: 120}\n"
+    (tmp_path / "policy.yaml").write_text(slow)
+    assert harness.daemon.reload() is False
+    with pytest.raises(ConfigError, match="stall_timeout_s"):
+        Daemon(str(tmp_path / "balancerd.yaml"), hypervisor_factory=lambda _c: harness.hv)

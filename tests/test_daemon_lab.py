@@ -39,7 +39,7 @@ spec:
   power: {min_active_hosts: 1, grace_period_s: 3, min_off_s: 5}
   migration: {bandwidth_mib_s: 300, max_downtime_ms: 300, max_concurrent: 2,
               max_concurrent_per_host: 1, max_time_s: 120}
-  solver: {time_limit_s: 5}
+  solver: {time_limit_s: 3}  # below the watchdog test's stall_timeout_s (4)
 """
 
 

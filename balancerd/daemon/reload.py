@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from balancerd.config import Config, load_config, resolve_relative
+from balancerd.config import Config, cross_check_policies, load_config, resolve_relative
 from balancerd.errors import ConfigError
 from balancerd.policy.load import load_policy
 from balancerd.policy.model import Policy
@@ -34,6 +34,10 @@ def load_all(config_path: str) -> Loaded:
             policies[p] = load_policy(resolve_relative(config.source, p))
         except ConfigError as exc:
             problems.extend(exc.problems)
+    if not problems:
+        # Rules between the config and its policies (e.g. a solve longer than the watchdog's
+        # stall timeout), checked at start and before every reload's swap.
+        problems.extend(cross_check_policies(config, policies))
     if problems:
         raise ConfigError(problems)
     return Loaded(config=config, policies=policies)
