@@ -155,6 +155,8 @@ def render_plan(out: dict[str, Any]) -> str:
         f"solver {s['backend']} {s['status']} in {s['seconds']} s; objective {s['objective']}, "
         f"bound {s['bound']}, gap {s['gap']}"
     )
+    # What could not be fixed, guests held back, same-named guests: the operator reads it.
+    lines += [f"note: {n}" for n in out.get("notes", [])]
     return "\n".join(lines)
 
 
