@@ -21,7 +21,7 @@ def test_notes_are_printed() -> None:
             "objective": 0.9,
             "bound": 0.9,
             "gap": 0.0,
-        },  # fmt: skip
+        },
         "notes": ["db1 backs off for 120 s (failure 1): cache mode", "big fits on no host"],
     }
     text = render_plan(out)
