@@ -28,7 +28,7 @@ import yaml
 
 from balancerd.coord.etcdlab import EtcdCluster, free_port
 from balancerd.lab.cluster import Lab
-from balancerd.lab.faults import DaemonProcess, Env
+from balancerd.lab.faults import DaemonProcess, Env, scrape_metric
 
 CHAIN = "BALANCERD-HA"
 MANAGER_ADDRS = ("127.77.0.11", "127.77.0.12", "127.77.0.13")
@@ -51,16 +51,7 @@ class Manager:
     proc: DaemonProcess | None = None
 
     def metric(self, name: str, labels: str = "") -> float | None:
-        try:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2)
-        except OSError:
-            return None
-        for line in body.read().decode().splitlines():
-            if line.startswith(name) and labels in line and not line.startswith("#"):
-                head = line.rsplit(" ", 1)[0]
-                if head == name or head.startswith(name + "{"):
-                    return float(line.rsplit(" ", 1)[1])
-        return None
+        return scrape_metric(self.port, name, labels, timeout_s=2.0)
 
     def leading(self) -> bool:
         return self.proc is not None and self.proc.alive() and self.metric("balancerd_leader") == 1

@@ -108,6 +108,21 @@ def wait_until(pred: Callable[[], object], timeout_s: float, what: str, step_s: 
         time.sleep(step_s)
 
 
+def scrape_metric(port: int, name: str, labels: str = "", timeout_s: float = 3.0) -> float | None:
+    """One sample of a daemon's metrics endpoint on 127.0.0.1:``port`` whose labels contain
+    ``labels``; None when the endpoint does not answer or has no such sample."""
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s)
+    except OSError:
+        return None
+    for line in body.read().decode().splitlines():
+        if line.startswith(name) and labels in line and not line.startswith("#"):
+            head = line.rsplit(" ", 1)[0]
+            if head == name or head.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 class FaultRowError(AssertionError):
     """A row could not reach the moment of its fault, or its invariant broke."""
 
@@ -276,16 +291,7 @@ class Env:
         return [(str(a), str(b), str(c)) for a, b, c in rows]
 
     def metric(self, name: str, labels: str = "") -> float | None:
-        try:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=3)
-        except OSError:
-            return None
-        for line in body.read().decode().splitlines():
-            if line.startswith(name) and labels in line and not line.startswith("#"):
-                head = line.rsplit(" ", 1)[0]
-                if head == name or head.startswith(name + "{"):
-                    return float(line.rsplit(" ", 1)[1])
-        return None
+        return scrape_metric(self.port, name, labels)
 
     def boot(self, *guests: GuestSpec) -> None:
         for g in guests:
