@@ -50,6 +50,7 @@ from tooz.drivers.etcd3gw import Etcd3Lock
 from balancerd.config import CoordinationConfig
 from balancerd.coord.base import CoordinationError, Leadership, NotLeader
 from balancerd.execute.journal import Entry, JournalStore
+from balancerd.outcomes import new_migration_id
 from balancerd.statelock import StateLock
 
 log = logging.getLogger(__name__)
@@ -458,7 +459,7 @@ class EtcdJournal:
         *,
         migration_id: str = "",
     ) -> int:
-        mid = migration_id or uuid.uuid4().hex[:12]
+        mid = migration_id or new_migration_id()
         record = {
             "vm": vm,
             "vm_uuid": vm_uuid,
