@@ -25,6 +25,9 @@ class VmSample:
     dirty_rate_bytes_s: float | None = None  # where libvirt reports one (calc-dirty-rate)
     in_job: bool = False  # a libvirt job (e.g. migration) is running on this domain
     incoming: bool = False  # the domain is the paused target of an incoming migration
+    tags: tuple[str, ...] = ()  # from the domain's balancerd metadata (policy selectors)
+    # why it cannot be migrated (host device, mdev, local-only disk, ...); empty: movable
+    blockers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class Vm:
     mem_bytes: int
     cpu_util: float  # 0..1 of its own vCPUs (smoothed)
     dirty_rate_bytes_s: float | None = None
+    tags: tuple[str, ...] = ()  # from the domain's balancerd metadata (policy selectors)
+    # why it cannot be migrated (host device, mdev, local-only disk, ...); empty: movable
+    blockers: tuple[str, ...] = ()
 
     @property
     def cpu_cores(self) -> float:
@@ -85,6 +91,7 @@ class Host:
     libvirt_version: int = 0
     hypervisor_version: int = 0
     powered_off: bool = False  # switched off by us (power-save), not failed
+    labels: Mapping[str, str] = field(default_factory=dict)  # from the daemon config
 
     @property
     def mem_util(self) -> float:
