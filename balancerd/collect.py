@@ -88,6 +88,7 @@ def build_snapshot(
                     powered_off=hs.name in powered_off,
                     cpus=cap.cpus,
                     mem_bytes=cap.mem_bytes,
+                    core_speed_mhz=cap.core_speed_mhz,
                 )
             )
             continue
@@ -120,6 +121,7 @@ def build_snapshot(
                 up=True,
                 cpus=cap.cpus or hs.cpus,
                 cpu_mhz=hs.cpu_mhz,
+                core_speed_mhz=cap.core_speed_mhz or float(hs.core_speed_mhz),
                 mem_bytes=mem_bytes,
                 mem_free_bytes=mem_free_bytes,
                 cpu_util=_mean(_host_cpu_utils(recent, hs.name)[-window:]),
@@ -153,5 +155,22 @@ class SampleHistory:
 def capacity_from_config(hosts: Sequence[HostConfig]) -> dict[str, Capacity]:
     """Capacity overrides from the daemon config's host entries."""
     return {
-        h.name: Capacity(cpus=h.cpus, mem_bytes=h.mem_bytes) for h in hosts if h.cpus or h.mem_bytes
+        h.name: Capacity(cpus=h.cpus, mem_bytes=h.mem_bytes, core_speed_mhz=h.cpu_speed_mhz)
+        for h in hosts
+        if h.cpus or h.mem_bytes or h.cpu_speed_mhz
     }
+
+
+def merge_capacity(
+    last_seen: Mapping[str, Capacity], configured: Mapping[str, Capacity]
+) -> dict[str, Capacity]:
+    """Per host and field: the configured value where set, else what was last seen."""
+    out = dict(last_seen)
+    for name, cfg in configured.items():
+        seen = last_seen.get(name, Capacity())
+        out[name] = Capacity(
+            cpus=cfg.cpus or seen.cpus,
+            mem_bytes=cfg.mem_bytes or seen.mem_bytes,
+            core_speed_mhz=cfg.core_speed_mhz or seen.core_speed_mhz,
+        )
+    return out

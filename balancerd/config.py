@@ -98,6 +98,9 @@ class HostConfig:
     # The lab uses it: its hosts share one machine's CPUs and memory.
     cpus: int = 0
     mem_bytes: int = 0
+    # Per-core speed in MHz of a reference core (0 = the nominal frequency libvirt reports):
+    # set it where host generations differ in work per clock (balancerd/speed.py).
+    cpu_speed_mhz: float = 0.0
     # Client PKI folder for qemu+tls URIs (cacert.pem, clientcert.pem, clientkey.pem):
     # balancerd connects with ?pkipath= naming it. "" = the config's pki_dir, else
     # libvirt's default (~/.pki/libvirt, then /etc/pki).
@@ -303,6 +306,11 @@ _HOST = obj(
             "mem_bytes",
             scale=MIB,
             as_int=True,
+        ),
+        "cpu_speed_mhz": fld(
+            amount(10**6),
+            "per-core speed, in MHz of a reference core, to compare hosts whose cores differ "
+            "(0: the nominal frequency libvirt reports)",
         ),
         "power": fld(_POWER, "power driver"),
         "pki_dir": fld(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from balancerd.speed import speed_factors
+
 # --- raw samples, as read from a hypervisor (counters, not rates) ---------------------
 
 
@@ -43,6 +45,7 @@ class HostSample:
     host_uuid: str = ""
     cpus: int = 0
     cpu_mhz: int = 0
+    core_speed_mhz: int = 0  # nominal per-core frequency (TSC), 0 = not reported
     mem_total_bytes: int = 0
     mem_free_bytes: int = 0
     cpu_busy_ns: int = 0  # node CPU counters summed over all CPUs (counters)
@@ -92,6 +95,9 @@ class Host:
     hypervisor_version: int = 0
     powered_off: bool = False  # switched off by us (power-save), not failed
     labels: Mapping[str, str] = field(default_factory=dict)  # from the daemon config
+    # per-core speed (config cpu_speed_mhz, else the nominal frequency; 0 = unknown):
+    # compared between hosts only (balancerd/speed.py)
+    core_speed_mhz: float = 0.0
 
     @property
     def mem_util(self) -> float:
@@ -107,6 +113,7 @@ class Capacity:
 
     cpus: int = 0
     mem_bytes: int = 0
+    core_speed_mhz: float = 0.0  # per-core speed to plan with (0 = what the host reports)
 
 
 @dataclass(frozen=True)
@@ -129,18 +136,20 @@ class Snapshot:
 
     def host_usage(self, placement: Placement | None = None) -> dict[str, tuple[float, float]]:
         """Guest demand per up host as (cpu, mem) fractions of its capacity, with guests
-        where ``placement`` puts them (default: where they are)."""
+        where ``placement`` puts them (default: where they are). CPU is counted in
+        reference cores where host cores differ in speed (balancerd/speed.py)."""
         host_of = (placement or self.placement()).host_of
-        cpu_cores: dict[str, float] = {h.name: 0.0 for h in self.hosts if h.up}
+        factor = speed_factors(self.hosts)
+        cpu_ref: dict[str, float] = {h.name: 0.0 for h in self.hosts if h.up}
         mem_bytes: dict[str, int] = {h.name: 0 for h in self.hosts if h.up}
         for v in self.vms:
             host = host_of.get(v.name, v.host)
-            if host in cpu_cores:
-                cpu_cores[host] += v.cpu_cores
+            if host in cpu_ref:
+                cpu_ref[host] += v.cpu_cores * factor.get(v.host, 1.0)
                 mem_bytes[host] += v.mem_bytes
         return {
             h.name: (
-                cpu_cores[h.name] / h.cpus if h.cpus else 0.0,
+                cpu_ref[h.name] / (h.cpus * factor[h.name]) if h.cpus else 0.0,
                 mem_bytes[h.name] / h.mem_bytes if h.mem_bytes else 0.0,
             )
             for h in self.hosts

@@ -27,7 +27,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
 from balancerd.backoff import BackoffTable
-from balancerd.collect import Capacity, SampleHistory, build_snapshot, capacity_from_config
+from balancerd.collect import (
+    Capacity,
+    SampleHistory,
+    build_snapshot,
+    capacity_from_config,
+    merge_capacity,
+)
 from balancerd.config import Config
 from balancerd.control_client import default_socket_path
 from balancerd.coord import CoordinationError, Leadership, make_coordinator
@@ -462,12 +468,14 @@ class Daemon:
             history.samples(),
             window=history.window,
             # A host that is off reports nothing: plan with what it had when it was up.
-            capacity={**self.known_capacity, **capacity_from_config(config.hosts)},
+            capacity=merge_capacity(self.known_capacity, capacity_from_config(config.hosts)),
             powered_off=self.power.powered_off(),
         )
         for h in snapshot.hosts:
             if h.up:
-                self.known_capacity[h.name] = Capacity(cpus=h.cpus, mem_bytes=h.mem_bytes)
+                self.known_capacity[h.name] = Capacity(
+                    cpus=h.cpus, mem_bytes=h.mem_bytes, core_speed_mhz=h.core_speed_mhz
+                )
         now_s = self._clock()
         with self._power_lock:
             self.power.observe(snapshot, now_s)

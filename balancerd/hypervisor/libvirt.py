@@ -105,6 +105,7 @@ class _HostConn:
     retry_at_s: float = 0.0  # monotonic; no reconnect attempt before this
     last_error: str = ""
     host_uuid: str = ""  # cached from capabilities, per connection
+    core_speed_mhz: int = 0  # nominal (TSC) frequency from capabilities; 0 = not reported
 
 
 class LibvirtHypervisor:
@@ -150,6 +151,7 @@ class LibvirtHypervisor:
             st.conn = conn
             st.failures = 0
             st.host_uuid = caps.findtext("host/uuid", default="")
+            st.core_speed_mhz = _nominal_mhz(caps)
         log.info("connected host=%s uri=%s", st.cfg.name, st.cfg.uri)
         return conn
 
@@ -237,6 +239,7 @@ class LibvirtHypervisor:
             host_uuid=st.host_uuid,
             cpus=raw["cpus"],
             cpu_mhz=raw["mhz"],
+            core_speed_mhz=st.core_speed_mhz,
             mem_total_bytes=raw["mem_total_bytes"],
             mem_free_bytes=raw["mem_free_bytes"],
             cpu_busy_ns=raw["cpu_busy_ns"],
@@ -610,6 +613,18 @@ def _read_host(conn: Any) -> dict[str, Any]:
         "hypervisor_version": int(conn.getVersion()),
         "vms": vms,
     }
+
+
+def _nominal_mhz(caps: ET.Element) -> int:
+    """The host's nominal core frequency: libvirt's ``<counter name='tsc' frequency=Hz>``
+    in the capabilities (KVM hosts with an invariant TSC); 0 when it is not there."""
+    for counter in caps.iterfind("host/cpu/counter"):
+        if counter.get("name") == "tsc":
+            try:
+                return int(counter.get("frequency", "0")) // 1_000_000
+            except ValueError:
+                return 0
+    return 0
 
 
 def _bridges(conn: Any) -> tuple[str, ...]:

@@ -55,6 +55,7 @@ class SimHost:
     cpu_mhz: int
     mem_bytes: int
     up: bool = True
+    core_speed_mhz: int = 0  # nominal per-core speed reported (0: none, like TCG hosts)
     cpu_busy_ns: int = 0
     cpu_total_ns: int = 0
     vms: dict[str, SimVm] = field(default_factory=dict)
@@ -140,6 +141,7 @@ class SimHypervisor:
                     host_uuid=h.host_uuid or h.name,
                     cpus=h.cpus,
                     cpu_mhz=h.cpu_mhz,
+                    core_speed_mhz=h.core_speed_mhz,
                     mem_total_bytes=h.mem_bytes,
                     mem_free_bytes=max(0, h.mem_bytes - used),
                     cpu_busy_ns=h.cpu_busy_ns,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from balancerd.model import Capacity, Snapshot
 from balancerd.policy.model import Policy
+from balancerd.speed import demand_per_vcpu, speed_factors, too_slow, uniform
 from balancerd.units import GIB as GIB  # re-exported: ilp.py, explain.py import it here
 
 EPS = 1e-9
@@ -135,9 +136,12 @@ def build_problem(
     receive guests), guests (demand, where they are), placement rules (one allowed-host
     set per distinct combination of rules, shared by every guest it applies to), and who
     may move this cycle (cooldown, exclusions, forced moves)."""
-    hosts = _index_hosts(snapshot, policy, capacity or {})
-    guests = _index_guests(snapshot, hosts.index)
+    factors = speed_factors(snapshot.hosts)
+    hosts = _index_hosts(snapshot, policy, capacity or {}, factors)
+    guests = _index_guests(snapshot, hosts.index, factors)
     rules = _placement_rules(policy, len(hosts.names), hosts.index, guests.index)
+    if not uniform(factors):
+        _keep_off_slow_hosts(snapshot, factors, hosts, guests, rules)
     movable, must_move = _movability(
         snapshot, policy, hosts, guests, rules.allowed, last_moved_s or {}, now_s
     )
@@ -174,9 +178,13 @@ def build_problem(
 
 
 def _index_hosts(
-    snapshot: Snapshot, policy: Policy, capacity: Mapping[str, HostCapacity]
+    snapshot: Snapshot,
+    policy: Policy,
+    capacity: Mapping[str, HostCapacity],
+    factors: Mapping[str, float],
 ) -> _Hosts:
-    """Capacity (overrides first), hard caps from the limits, and each host's role."""
+    """Capacity (overrides first; CPU in reference cores), hard caps from the limits,
+    and each host's role."""
     lim = policy.limits
     c = policy.constraints
     maint = set(c.maintenance)
@@ -187,11 +195,12 @@ def _index_hosts(
         over = capacity.get(h.name)
         cpus = float(over.cpus) if over and over.cpus > 0 else float(h.cpus)
         mem = float(over.mem_bytes) if over and over.mem_bytes > 0 else float(h.mem_bytes)
+        ref_cores = cpus * factors.get(h.name, 1.0)
         out.index[h.name] = len(out.names)
         out.names.append(h.name)
-        out.cpu_total.append(cpus)
+        out.cpu_total.append(ref_cores)
         out.mem_total.append(mem)
-        out.cpu_cap.append(cpus * lim.max_cpu_util)
+        out.cpu_cap.append(ref_cores * lim.max_cpu_util)
         out.mem_cap.append(max(0.0, min(mem * lim.max_mem_util, mem - lim.mem_headroom_bytes)))
         out.vcpu_cap.append(cpus * lim.cpu_overcommit)
         off = h.powered_off
@@ -203,7 +212,9 @@ def _index_hosts(
     return out
 
 
-def _index_guests(snapshot: Snapshot, host_index: Mapping[str, int]) -> _Guests:
+def _index_guests(
+    snapshot: Snapshot, host_index: Mapping[str, int], factors: Mapping[str, float]
+) -> _Guests:
     out = _Guests()
     for v in snapshot.vms:
         hi = host_index.get(v.host)
@@ -212,7 +223,7 @@ def _index_guests(snapshot: Snapshot, host_index: Mapping[str, int]) -> _Guests:
             continue
         out.index[v.name] = len(out.names)
         out.names.append(v.name)
-        out.cpu.append(max(0.0, v.cpu_cores))
+        out.cpu.append(max(0.0, v.cpu_cores) * factors.get(v.host, 1.0))
         out.mem.append(float(v.mem_bytes))
         out.vcpus.append(v.vcpus)
         out.cur.append(hi)
@@ -287,6 +298,41 @@ def _placement_rules(  # noqa: C901 (one branch per placement rule kind)
             join[key] = got
         soft[gi] = (got, weight[gi])
     return _Rules(allowed, soft)
+
+
+def _keep_off_slow_hosts(
+    snapshot: Snapshot,
+    factors: Mapping[str, float],
+    hosts: _Hosts,
+    guests: _Guests,
+    rules: _Rules,
+) -> None:
+    """Narrow each guest's allowed hosts to those whose cores can give one of its vCPUs
+    what it needs (balancerd/speed.py). Guests needing the same speed share one set."""
+    vm_of = {v.name: v for v in snapshot.vms}
+    fast_enough: dict[float, frozenset[int]] = {}
+    narrowed: dict[tuple[int, float], frozenset[int]] = {}
+    slowest = min(factors.values())
+    for g, name in enumerate(guests.names):
+        need = demand_per_vcpu(vm_of[name], factors)
+        if not too_slow(need, slowest):
+            continue
+        level = round(need, 3)
+        fast = fast_enough.get(level)
+        if fast is None:
+            fast = frozenset(
+                h for h, n in enumerate(hosts.names) if not too_slow(level, factors.get(n, 1.0))
+            )
+            fast_enough[level] = fast
+        a = rules.allowed[g]
+        if a is None:
+            rules.allowed[g] = fast
+            continue
+        key = (id(a), level)
+        got = narrowed.get(key)
+        if got is None:
+            got = narrowed[key] = a & fast
+        rules.allowed[g] = got
 
 
 def _movability(

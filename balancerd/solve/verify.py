@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from balancerd.model import Placement, Snapshot
 from balancerd.policy.model import HostRule, Policy
 from balancerd.solve.problem import HostCapacity
+from balancerd.speed import demand_per_vcpu, speed_factors, too_slow
 
 _TOL = 1e-6
 
@@ -46,6 +47,7 @@ def verify(  # noqa: C901 (the independent verifier: one branch per rule, delibe
     out: list[Violation] = []
     hosts = {h.name: h for h in snapshot.hosts}
     vms = {v.name: v for v in snapshot.vms}
+    factor = speed_factors(snapshot.hosts)  # CPU in reference cores (balancerd/speed.py)
 
     def add(kind: str, msg: str, carried: bool = False, why: str = "") -> None:
         out.append(Violation(kind, msg, carried, why))
@@ -78,6 +80,14 @@ def verify(  # noqa: C901 (the independent verifier: one branch per rule, delibe
                 add("excluded", f"guest {vm} moved off excluded host {src}")
             if vm in c.exclude_vms:
                 add("excluded", f"excluded guest {vm} moved {src} -> {h}")
+            need = demand_per_vcpu(vms[vm], factor)
+            if too_slow(need, factor.get(h, 1.0)):
+                add(
+                    "host",
+                    f"guest {vm} moved to {h}, whose cores are too slow for it "
+                    f"({need:.2f} of the fastest core per vCPU, {h} has "
+                    f"{factor.get(h, 1.0):.2f})",
+                )
         was_here = cur.host_of.get(vm) == h
         if h in c.maintenance:
             add("maintenance", f"guest {vm} on host {h}, which is in maintenance", was_here)
@@ -97,7 +107,7 @@ def verify(  # noqa: C901 (the independent verifier: one branch per rule, delibe
             v = vms.get(vm)
             if v is None or h not in acc:
                 continue
-            acc[h][0] += v.cpu_util * v.vcpus
+            acc[h][0] += v.cpu_util * v.vcpus * factor.get(v.host, 1.0)
             acc[h][1] += v.mem_bytes
             acc[h][2] += v.vcpus
         return {h: (a[0], a[1], a[2]) for h, a in acc.items()}
@@ -113,7 +123,7 @@ def verify(  # noqa: C901 (the independent verifier: one branch per rule, delibe
         cpus = over.cpus if over and over.cpus > 0 else float(host.cpus)
         mem = over.mem_bytes if over and over.mem_bytes > 0 else host.mem_bytes
         caps = (
-            ("CPU", cpus * lim.max_cpu_util, "cores"),
+            ("CPU", cpus * factor.get(name, 1.0) * lim.max_cpu_util, "cores"),
             ("memory", max(0, min(mem * lim.max_mem_util, mem - lim.mem_headroom_bytes)), "bytes"),
             ("vCPUs", cpus * lim.cpu_overcommit, "vCPUs"),
         )
@@ -176,12 +186,14 @@ def _cpu_even_level(
     largest guest's demand in cores). A host with n cores may then hold up to
     ``level * n + largest``. None when CPU is not over-subscribed."""
     c = policy.constraints
+    factor = speed_factors(snapshot.hosts)
     usable_cores = 0.0
     usable_cap = 0.0
     counted: set[str] = set()
     for h in snapshot.hosts:
         over = capacity.get(h.name)
         cpus = float(over.cpus) if over and over.cpus > 0 else float(h.cpus)
+        cpus *= factor.get(h.name, 1.0)
         if h.up and h.name not in c.exclude_hosts:
             counted.add(h.name)
             if h.name not in c.maintenance and cpus > 0:
@@ -191,9 +203,10 @@ def _cpu_even_level(
     largest = 0.0
     for v in snapshot.vms:
         if v.host in counted:
-            need += v.cpu_cores
+            ref_cores = v.cpu_cores * factor.get(v.host, 1.0)
+            need += ref_cores
             if v.name not in c.exclude_vms:
-                largest = max(largest, v.cpu_cores)
+                largest = max(largest, ref_cores)
     if usable_cores <= 0 or need <= usable_cap * (1 + _TOL) + _TOL:
         return None
     return need / usable_cores, largest
