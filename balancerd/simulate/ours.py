@@ -38,9 +38,9 @@ from balancerd.units import MIB
 IntArray = npt.NDArray[np.int64]
 log = logging.getLogger(__name__)
 
-# The snapshot counts CPU in "cores"; a simulated host of 2 x 1860 MIPS becomes 372 CPUs
-# of 10 MIPS, a 2500 MIPS guest 250 vCPUs, so heterogeneous MIPS plan correctly.
-CPU_UNIT_MIPS = 10.0
+# Hosts and guests have their real cores (CloudSim's PEs); a host reports its PE MIPS as
+# its nominal core speed, so the decision core counts CPU in reference cores and keeps a
+# guest off cores too slow for its vCPUs (balancerd/speed.py), as it would on libvirt.
 
 UNENFORCED_MEM_SCALE = 100.0  # scenario without memory limits: hosts look this much bigger
 
@@ -167,8 +167,9 @@ class PolicyController:
         hosts = [
             SimHost(
                 name=cluster.host_names[h],
-                cpus=max(1, round(float(cluster.host_cap_mips[h]) / CPU_UNIT_MIPS)),
+                cpus=int(cluster.host_pes[h]),
                 cpu_mhz=int(cluster.host_pe_mips[h]),
+                core_speed_mhz=int(cluster.host_pe_mips[h]),
                 mem_bytes=int(cluster.host_mem_mb[h] * MIB * mem_scale),
             )
             for h in range(cluster.n_hosts)
@@ -187,7 +188,7 @@ class PolicyController:
     def _sim_vm(cluster: Cluster, v: int) -> SimVm:
         return SimVm(
             name=cluster.vm_names[v],
-            vcpus=max(1, round(float(cluster.vm_mips[v]) / CPU_UNIT_MIPS)),
+            vcpus=int(cluster.vm_pes[v]),
             mem_bytes=int(cluster.vm_mem_mb[v] * MIB),
         )
 
@@ -216,9 +217,11 @@ class PolicyController:
         self._sync(view)
         c = view.cluster
         st = view.state
+        # granted MIPS in cores of the host the guest runs on
         busy = {
-            c.vm_names[v]: float(st.vm_alloc[v]) / CPU_UNIT_MIPS
+            c.vm_names[v]: float(st.vm_alloc[v]) / float(c.host_pe_mips[view.vm_host[v]])
             for v in np.flatnonzero(st.vm_present)
+            if view.vm_host[v] >= 0
         }
         if view.mem_used_mb is not None:
             # the guest's resident memory, as the hypervisor would report it
