@@ -364,30 +364,40 @@ def hosts_answer(c: Ctx, timeout_s: float = 120.0) -> None:
 
 
 def test_non_converging_guest_via_postcopy_has_less_downtime_than_pause(ctx: Ctx) -> None:
-    """The same non-converging guest, in the same run: pause-and-complete one way, post-copy
-    back; post-copy stops it only for the switch, so its downtime must be lower."""
+    """Two fresh non-converging guests of the same size, in the same run, each host1 -> host2:
+    one by pause-and-complete, one by post-copy; post-copy stops it only for the switch, so
+    its downtime must be lower. Fresh guests, not one guest there and back: a TCG guest that
+    came out of a long precopy sometimes stops dirtying (see guest_health), and a quiet guest
+    converges without ever needing post-copy."""
     hosts_answer(ctx)
-    start_dirty_guest(ctx, "pcdirty")
+    health: list[str] = []
+    start_dirty_guest(ctx, "pcpause")
     try:
-        paused = run_move(engine(ctx, STALLING), Move("pcdirty", "host1", "host2", 0, 0.0))
+        paused = run_move(engine(ctx, STALLING), Move("pcpause", "host1", "host2", 0, 0.0))
         print(f"\npause-and-complete: {paused.line()}")
         assert paused.outcome == MIGRATED, paused.reason
         assert paused.mode == "paused-fallback"
-        health = [guest_health(ctx, "pcdirty")]
+        health.append(guest_health(ctx, "pcpause"))
+    finally:
+        ctx.lab.destroy_guest("pcpause")
+    start_dirty_guest(ctx, "pcdirty")
+    try:
         postcopy = replace(STALLING, on_stall=OnStall.POSTCOPY)
-        pc = run_move(engine(ctx, postcopy), Move("pcdirty", "host2", "host1", 0, 0.0))
+        pc = run_move(engine(ctx, postcopy), Move("pcdirty", "host1", "host2", 0, 0.0))
         print(f"post-copy: {pc.line()}")
         assert pc.outcome == MIGRATED, pc.reason
         assert pc.mode == "postcopy", pc
-        assert active_hosts(ctx, "pcdirty") == {"host1": "running"}
+        assert active_hosts(ctx, "pcdirty") == {"host2": "running"}
         assert paused.downtime_ms is not None
-        # libvirt 9.0 reports no downtime for a post-copy job (seen in the lab): the
-        # comparison is made only where it reports one.
+        # libvirt 9.0 reports no downtime for a post-copy job: the engine's own upper bound
+        # (switch requested -> destination seen running) is compared with libvirt's exact
+        # figure for pause-and-complete, so "lower" holds for the real downtime too.
+        assert pc.downtime_ms is not None and pc.paused_ms == pc.downtime_ms
         print(
-            f"downtime pause-and-complete {paused.downtime_ms:.0f} ms vs post-copy {pc.downtime_ms}"
+            f"downtime pause-and-complete {paused.downtime_ms:.0f} ms (libvirt) vs post-copy "
+            f"<= {pc.downtime_ms:.0f} ms (switch -> running on host2)"
         )
-        if pc.downtime_ms is not None:
-            assert pc.downtime_ms < paused.downtime_ms
+        assert pc.downtime_ms < paused.downtime_ms
         (entry, *_) = Journal(ctx.config.state_dir).entries()
         assert (entry.vm, entry.outcome, entry.mode) == ("pcdirty", "migrated", "postcopy")
         health.append(guest_health(ctx, "pcdirty"))

@@ -807,6 +807,26 @@ def test_a_raised_downtime_is_what_the_job_got(journal: Journal) -> None:
     assert r.downtime_ms == 800.0
 
 
+def test_a_postcopy_without_libvirt_downtime_reports_our_bound_on_the_switch(
+    journal: Journal,
+) -> None:
+    """libvirt 9.0 reports no downtime for a post-copy job: the engine's own bound (switch
+    requested -> destination seen running) stands in, as paused_ms does for a pause."""
+    hv = cluster()
+    try:
+        hv.script(VM, Script((*stalling(), Stall()), postcopy_downtime_ms=None))
+        mig = replace(MIG, on_stall="postcopy")
+        r = run_move(
+            Engine(hv=hv, mig=mig, journal=journal, sample_interval_s=0.01),
+            Move(VM, "a", "b", 1 * GIB, 1.0),
+        )
+        assert (r.outcome, r.mode) == (MIGRATED, M.POSTCOPY), r
+        assert r.paused_ms is not None and r.downtime_ms == r.paused_ms
+        assert 0 <= r.paused_ms < 1000
+    finally:
+        hv.release_all()
+
+
 def test_a_job_left_open_is_settled_by_reconcile_once_the_source_answers(
     journal: Journal,
 ) -> None:

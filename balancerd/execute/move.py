@@ -546,6 +546,8 @@ def _verified(
         own_ms: float | None = mon.elapsed_s * 1000.0
     elif mon.paused_for_s is not None:
         own_ms = mon.paused_for_s * 1000.0
+    elif mode is Mode.POSTCOPY and mon.postcopy_switch_s is not None:
+        own_ms = mon.postcopy_switch_s * 1000.0  # the source stopped; destination running
     else:
         own_ms = None
     downtime_ms = completed.downtime_ms if completed and completed.downtime_ms else own_ms

@@ -152,7 +152,8 @@ class Script:
     on_abort: Literal["fail", "ignore", "refuse", "complete"] = "fail"
     # start_postcopy(): "complete" pulls the rest at once; "steps" goes on by the steps
     on_postcopy: Literal["complete", "steps"] = "complete"
-    postcopy_downtime_ms: float = 40.0
+    # what the finished job reports as downtime (None: libvirt 9.0 reports none for post-copy)
+    postcopy_downtime_ms: float | None = 40.0
 
 
 def sample(
@@ -701,7 +702,7 @@ class ScriptedHypervisor(SimHypervisor):
         r = self.jobs[job.record]
         self.jobs[job.record] = replace(r, ended_at_s=time.monotonic(), result=result)
 
-    def _complete(self, job: _Job, downtime_ms: float) -> None:
+    def _complete(self, job: _Job, downtime_ms: float | None) -> None:
         src = self.hosts[job.req.src]
         dst = self.hosts[job.req.dst]
         moved = src.vms.pop(job.req.vm, None)  # peer-to-peer: undefined on the source
