@@ -28,7 +28,7 @@ import numpy.typing as npt
 from balancerd.collect import SampleHistory, build_snapshot
 from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
 from balancerd.model import Plan, Snapshot
-from balancerd.policy.model import HostRule, Policy
+from balancerd.policy.model import Policy
 from balancerd.simulate.cloudsim import initial_for
 from balancerd.simulate.engine import View
 from balancerd.simulate.scenario import Cluster
@@ -78,25 +78,6 @@ class Forecast:
         return out
 
 
-def with_core_speed_rules(policy: Policy, cluster: Cluster) -> Policy:
-    """Add ``must_not`` host rules keeping each guest off hosts whose cores are slower than
-    its vCPUs (CloudSim's creation-time rule: a 2500 MIPS guest never starts on an
-    1860 MIPS core); such a host could never give it its full demand."""
-    per_core = cluster.vm_mips / cluster.vm_pes
-    rules = []
-    for speed in sorted(set(cluster.host_pe_mips.tolist())):
-        slow_hosts = tuple(
-            cluster.host_names[h] for h in np.flatnonzero(cluster.host_pe_mips == speed)
-        )
-        fast_vms = tuple(cluster.vm_names[v] for v in np.flatnonzero(per_core > speed))
-        if slow_hosts and fast_vms:
-            rules.append(HostRule(vms=fast_vms, hosts=slow_hosts, kind="must_not"))
-    if not rules:
-        return policy
-    c = policy.constraints
-    return replace(policy, constraints=replace(c, host_rules=(*c.host_rules, *rules)))
-
-
 class DecideTimeout(Exception):
     """decide() did not return within the controller's deadline."""
 
@@ -135,10 +116,8 @@ class PolicyController:
         decide: DecideFn | None = None,
         forecast: Forecast | None = None,
         decide_kwargs: dict[str, Any] | None = None,
-        core_speed_rules: bool = False,
         decide_timeout_s: float = 60.0,
     ) -> None:
-        # off by default: 800 hosts x 500 guests of must_not rules make decide() ~20x slower
         self.policy = policy
         self.name = f"policy:{policy.name}"
         self._decide = decide
@@ -146,7 +125,6 @@ class PolicyController:
         self.decide_kwargs = decide_kwargs or {}
         self.decide_timeout_s = decide_timeout_s
         self.decide_timeouts = 0
-        self.core_speed_rules = core_speed_rules
         self.hv: SimHypervisor | None = None
         self.samples = SampleHistory(window=1)
         self.readings: dict[str, deque[float]] = {}
@@ -161,8 +139,6 @@ class PolicyController:
     def initial_placement(self, cluster: Cluster, workload: Workload) -> IntArray:
         """The same start as the baseline (CloudSim's creation-time placement)."""
         host_of = initial_for(cluster, workload)
-        if self.core_speed_rules:
-            self.policy = with_core_speed_rules(self.policy, cluster)
         mem_scale = 1.0 if cluster.spec.enforce_memory else UNENFORCED_MEM_SCALE
         hosts = [
             SimHost(
