@@ -3,6 +3,8 @@ what the decision core does with them; labels and tags through collection."""
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from test_solve import after, host, snap
 
 from balancerd.collect import build_snapshot
+from balancerd.commands import check_policy
 from balancerd.config import load_config_text
 from balancerd.decide import decide
 from balancerd.errors import ConfigError, PolicyError
@@ -272,3 +275,49 @@ def test_config_labels_load_and_bad_ones_name_their_line(tmp_path: Path) -> None
 )
 def test_tags_from_metadata_xml(xml: str, tags: tuple[str, ...]) -> None:
     assert tags_from_xml(xml) == tags
+
+
+# --- check-policy --config ---------------------------------------------------------------
+
+CHECKED = """\
+apiVersion: balancerd/v1
+kind: Policy
+metadata: {name: t}
+spec:
+  objective: balance
+  constraints:
+    maintenance: [{hosts: {labels: {gen: g4}}}]
+    exclude_hosts: [{hosts: {labels: {gen: g3}}}]
+    exclude_vms: [{vms: {tags: [db]}}]
+"""
+
+
+def _check(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    check_policy.add_arguments(parser)
+    return check_policy.run(parser.parse_args(argv))
+
+
+def test_check_policy_reports_host_selectors_matching_no_configured_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "p.yaml").write_text(CHECKED)
+    (tmp_path / "c.yaml").write_text(CONFIG.format(labels2="{gen: g5}"))
+    pol, cfg = str(tmp_path / "p.yaml"), str(tmp_path / "c.yaml")
+    assert _check([pol]) == 0  # without a config nothing is matched
+    capsys.readouterr()
+    assert _check([pol, "--config", cfg]) == 1
+    err = capsys.readouterr().err
+    assert f"{pol}:8: spec.constraints.exclude_hosts[0]: {{hosts: {{labels: {{gen: g3}}}}}} " in err
+    assert f"matches no host in {cfg}" in err
+    assert f"{pol}:9: spec.constraints.exclude_vms[0]: {{vms: {{tags: [db]}}}} not checked" in err
+    assert "maintenance" not in err  # gen: g4 matches h1
+    assert _check([pol, "--config", cfg, "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    [result] = out["files"]
+    assert not result["ok"] and len(result["problems"]) == 1
+    assert [(s["path"], s["matches"]) for s in result["selectors"]] == [
+        ("spec.constraints.exclude_vms[0]", None),
+        ("spec.constraints.exclude_hosts[0]", []),
+        ("spec.constraints.maintenance[0]", ["h1"]),
+    ]
