@@ -179,6 +179,7 @@ def apply_saved_here(args: argparse.Namespace, config: Config, saved: SavedPlan)
     try:
         report_reconciliations(reconcile(hv, journal), err)
         snapshot = sample_snapshot(hv, config, max(2, args.samples), args.interval)
+        policy = resolve_policy(policy, snapshot)
         checks = check_steps(saved, snapshot, policy)
         for c in checks:
             if not c.ok:
