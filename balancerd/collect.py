@@ -89,6 +89,7 @@ def build_snapshot(
                     cpus=cap.cpus,
                     mem_bytes=cap.mem_bytes,
                     core_speed_mhz=cap.core_speed_mhz,
+                    labels=hs.labels,
                 )
             )
             continue
@@ -102,6 +103,7 @@ def build_snapshot(
                 mem_bytes=v.mem_bytes,
                 cpu_util=_mean(_vm_cpu_utils(recent, hs.name, v.uuid)[-window:]),
                 dirty_rate_bytes_s=v.dirty_rate_bytes_s,
+                tags=v.tags,
             )
             for v in hs.vms
             # shut-off guests use nothing; an incoming migration target is counted at its source
@@ -129,6 +131,7 @@ def build_snapshot(
                 host_uuid=hs.host_uuid,
                 libvirt_version=hs.libvirt_version,
                 hypervisor_version=hs.hypervisor_version,
+                labels=hs.labels,
             )
         )
     taken_at_s = max(h.sampled_at_s for h in latest)

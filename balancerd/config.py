@@ -33,6 +33,7 @@ from balancerd.validate import (
     YEAR_S,
     Flag,
     ListOf,
+    MapOf,
     Problems,
     Text,
     amount,
@@ -105,6 +106,8 @@ class HostConfig:
     # balancerd connects with ?pkipath= naming it. "" = the config's pki_dir, else
     # libvirt's default (~/.pki/libvirt, then /etc/pki).
     pki_dir: str = ""
+    # Labels policies select hosts by ({hosts: {labels: {gen: g4}}}, balancerd/selectors.py)
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,10 @@ _HOST = obj(
             "(0: the nominal frequency libvirt reports)",
         ),
         "power": fld(_POWER, "power driver"),
+        "labels": fld(
+            MapOf(NAME, key_doc="label", key=NAME),
+            "labels policies select the host by, e.g. {gen: g4, rack: r1}",
+        ),
         "pki_dir": fld(
             Text(),
             "qemu+tls: client PKI folder (cacert.pem, clientcert.pem, clientkey.pem) "

@@ -11,6 +11,7 @@ from dataclasses import replace
 from balancerd.model import Placement, Plan, Snapshot
 from balancerd.plan import make_plan, power_changes
 from balancerd.policy.model import Policy
+from balancerd.selectors import resolve_policy
 from balancerd.solve import HostCapacity, SolveResult, solve
 from balancerd.solve.problem import Problem, build_problem
 
@@ -35,7 +36,11 @@ def decide(
     Limits that cannot all hold are not a reason to do nothing: the solver lowers the
     violation first and everything else still progresses; what it cannot fix is named in
     the plan's notes. Only a policy that contradicts itself yields no plan.
+
+    Selectors in the policy's constraints are resolved against ``snapshot`` first (callers
+    that explain the plan resolve too, so they read the same names).
     """
+    policy = resolve_policy(policy, snapshot)
     res = solve(
         snapshot,
         policy,

@@ -53,6 +53,8 @@ class HostSample:
     libvirt_version: int = 0  # libvirt's integer encoding: major*1e6 + minor*1e3 + micro
     hypervisor_version: int = 0
     vms: tuple[VmSample, ...] = ()
+    # the host's labels as the adapter knows them (libvirt: the daemon config), up or down
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 # --- the collected snapshot: rates, smoothed ------------------------------------------

@@ -231,6 +231,27 @@ def test_drain_status_names_a_guest_that_cannot_leave(tmp_path: Path, sock_dir: 
         h.daemon.shutdown()
 
 
+def test_a_label_selector_drains_and_shows_in_status_and_metrics(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """maintenance by label: the daemon resolves it on its snapshot each cycle, and status
+    and the maintenance metric name the host it matched."""
+    extra = "  constraints: {maintenance: [{hosts: {labels: {gen: g4}}}]}\n"
+    h = Harness(tmp_path, sock_dir, extra=extra)
+    h.hv.hosts["h1"].labels = {"gen": "g4"}
+    h.daemon.start(schedule_jobs=False)
+    try:
+        h.collect(3)
+        report = h.daemon.cycle_once()
+        assert report is not None and report.executed
+        assert h.where()["h1"] == [], h.where()
+        assert h.ask("status")["maintenance"] == ["h1"]
+        assert h.metric("balancerd_host_maintenance", host="h1", source="policy") == 1.0
+        assert h.metric("balancerd_host_maintenance", host="h2", source="policy") is None
+    finally:
+        h.daemon.shutdown()
+
+
 def test_drain_of_an_unknown_host_is_bad_input(harness: Harness) -> None:
     with pytest.raises(ControlBadRequest, match=r"unknown host 'h9' \(configured: h1, h2, h3\)"):
         harness.ask("drain", host="h9")

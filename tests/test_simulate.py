@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,16 @@ import pytest
 
 from balancerd.commands import simulate as simulate_cmd
 from balancerd.errors import ConfigError
-from balancerd.policy.model import Hysteresis, Limits, Migration, Policy, Power
+from balancerd.policy.model import (
+    Constraints,
+    Hysteresis,
+    Limits,
+    Migration,
+    Objective,
+    Policy,
+    Power,
+)
+from balancerd.selectors import Over, Selected, Selector
 from balancerd.simulate.cloudsim import ThrMmt, pabfd_initial
 from balancerd.simulate.engine import Simulation, State
 from balancerd.simulate.metrics import SlaAccumulator, pdm, slatah
@@ -365,3 +375,26 @@ def test_thr_mmt_matches_cloudsim_on_20110303() -> None:
     # CloudSim 3.0.3, THR-MMT-0.8 on this day: 192.62 kWh, 26,711 migrations (issue 6)
     assert r.energy_kwh == pytest.approx(192.62, rel=0.05)
     assert r.migrations == pytest.approx(26_711, rel=0.05)
+
+
+def test_one_label_selector_drains_the_g4_generation_in_the_simulation() -> None:
+    """Simulated hosts carry their type's generation as a label (gen: g4 / g5), so one
+    maintenance selector drains a generation, as a 400-name host list used to. Balance
+    keeps guests on the G4 hosts without it."""
+    g4 = Selector(Over.HOSTS, labels=(("gen", "g4"),))
+    drain = Constraints(selectors=(Selected(("maintenance",), g4),))
+    on_g4 = {}
+    for name, constraints in (("none", Constraints()), ("drain", drain)):
+        w = tiny_workload(n_vms=6)
+        c = build_cluster(tiny_spec(enforce_memory=True), w)
+        pol = replace(sim_policy(), objective=Objective.BALANCE, constraints=constraints)
+        ctl = PolicyController(pol)
+        ctl.keep_plans = True
+        CheckedSimulation(c, w).run(ctl)
+        assert ctl.hv is not None
+        gens = {host: h.labels["gen"] for host, h in ctl.hv.hosts.items()}
+        assert sorted(gens.values()) == ["g4", "g4", "g5", "g5"]
+        assert any(gens[h] == "g4" for h in ctl.plans[0].current.host_of.values())
+        on_g4[name] = sum(gens[h] == "g4" for p in ctl.plans for h in p.target.host_of.values())
+    assert on_g4["none"] > 0
+    assert on_g4["drain"] == 0

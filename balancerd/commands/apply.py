@@ -53,6 +53,7 @@ from balancerd.saved_plan import (
     read_plan_file,
     valid_moves,
 )
+from balancerd.selectors import resolve_policy
 from balancerd.statelock import StateLock
 from balancerd.wiring import open_hypervisor, sample_snapshot
 
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report_reconciliations(reconcile(hv, journal), err)
         snapshot = sample_snapshot(hv, config, max(2, args.samples), args.interval)
+        policy = resolve_policy(policy, snapshot)  # selectors -> names, as decide() does
         planning, planning_policy, notes = set_aside_duplicates(snapshot, policy)
         plan = decide(planning, planning_policy)
         plan = replace(plan, notes=(*plan.notes, *notes))
@@ -177,6 +179,7 @@ def apply_saved_here(args: argparse.Namespace, config: Config, saved: SavedPlan)
     try:
         report_reconciliations(reconcile(hv, journal), err)
         snapshot = sample_snapshot(hv, config, max(2, args.samples), args.interval)
+        policy = resolve_policy(policy, snapshot)
         checks = check_steps(saved, snapshot, policy)
         for c in checks:
             if not c.ok:

@@ -26,6 +26,7 @@ from balancerd.policy.load import load_policy
 from balancerd.policy.model import Policy
 from balancerd.rationale import MoveWhy, explain_moves, score_name
 from balancerd.saved_plan import plan_document
+from balancerd.selectors import resolve_policy
 from balancerd.statefiles import atomic_write
 from balancerd.wiring import open_hypervisor, sample_snapshot
 
@@ -170,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         snapshot = sample_snapshot(hypervisor, config, max(2, args.samples), args.interval)
     finally:
         hypervisor.close()
+    policy = resolve_policy(policy, snapshot)  # selectors -> names, as decide() does
     planning, planning_policy, notes = set_aside_duplicates(snapshot, policy)
     plan = decide(planning, planning_policy)
     plan = replace(plan, notes=(*plan.notes, *notes))

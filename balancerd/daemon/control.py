@@ -53,9 +53,11 @@ from balancerd.saved_plan import (
     plan_document,
     valid_moves,
 )
+from balancerd.selectors import resolve_policy
 
 if TYPE_CHECKING:
     from balancerd.daemon.core import Daemon
+    from balancerd.policy.model import Policy
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +456,7 @@ class ControlHandlers:
 
     def status(self, _args: dict[str, Any], _peer: Peer, _emit: Emit) -> dict[str, Any]:
         d = self.d
-        _, policy = d.active()
+        policy = resolved_policy(d)
         report = d.rt.last_report
         return {
             "pid": os.getpid(),
@@ -483,7 +485,7 @@ class ControlHandlers:
         reason = str(args.get("reason") or "")
         new = d.operator.drain(host, peer.name, reason)
         d.operator_changed()
-        _, policy = d.active()
+        policy = resolved_policy(d)
         merged = d.operator.apply_to(policy)
         usable = [
             h.name
@@ -511,7 +513,7 @@ class ControlHandlers:
         host = self._host(args)
         mark = d.operator.undrain(host)
         d.operator_changed()
-        _, policy = d.active()
+        policy = resolved_policy(d)
         if mark is not None:
             log.info("undrain host=%s by=%s", host, peer.name)
         return {
@@ -552,7 +554,7 @@ class ControlHandlers:
         d = self.d
         host = self._host(args)
         mark = d.operator.drains().get(host)
-        _, policy = d.active()
+        policy = resolved_policy(d)
         in_maintenance = mark is not None or host in policy.constraints.maintenance
         latest = d.latest()
         snapshot, taken_at, report, inputs = (
@@ -690,8 +692,8 @@ class ControlHandlers:
         d = self.d
         with d.acting():
             _, active_policy = d.active()
-            policy = d.operator.apply_to(active_policy)
             snapshot = d.fresh_snapshot()
+            policy = resolve_policy(d.operator.apply_to(active_policy), snapshot)
             checks = check_steps(saved, snapshot, policy)
             for c in checks:
                 if not c.ok:
@@ -781,13 +783,21 @@ class ControlHandlers:
         if not isinstance(vm, str) or not vm:
             raise ControlFault("bad-request", "missing vm")
         doc = self._history().explain(vm, limit=max(1, int(args.get("limit") or 10)))
-        _, policy = self.d.active()
+        policy = resolved_policy(self.d)
         doc["standing_rules"] = standing_rules(vm, policy)
         snapshot = self.d.rt.snapshot
         where = snapshot.vm(vm) if snapshot is not None else None
         doc["now_on"] = None if where is None else where.host
         doc["lines"] = explain_lines(doc, time.time())
         return doc
+
+
+def resolved_policy(d: Daemon) -> Policy:
+    """The active policy with its selectors resolved on the latest snapshot (as the cycle
+    resolves them), so status, drains and metrics name the same hosts."""
+    _, policy = d.active()
+    snapshot = d.rt.snapshot
+    return policy if snapshot is None else resolve_policy(policy, snapshot)
 
 
 def _report_at_s(report: CycleReport) -> float:
@@ -863,7 +873,7 @@ class OperatorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         d = self.d
-        _, policy = d.active()
+        policy = resolved_policy(d)
         drained = set(d.operator.drained())
         maint = GaugeMetricFamily(
             "balancerd_host_maintenance",

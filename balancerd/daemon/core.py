@@ -67,6 +67,7 @@ from balancerd.policy.model import Policy
 from balancerd.power import PowerResult, PowerTracker, apply_power, decide_power, drivers_for
 from balancerd.power.base import PowerDriver
 from balancerd.schedule import ActiveSchedule, active_schedule
+from balancerd.selectors import resolve_policy
 from balancerd.statefiles import atomic_write
 
 log = logging.getLogger(__name__)
@@ -638,6 +639,9 @@ class Daemon:
         active, policy = self.active()
         decided_at_s = time.time()
         policy = self.operator.apply_to(policy)  # hosts drained with `balancerd drain`
+        # Selectors -> names on this snapshot: the plan, its explanations and the history
+        # all read the same resolved policy.
+        policy = resolve_policy(policy, snapshot)
         self.stats.set_policy(policy.name, policy.objective, policy.mode)
         self.stats.set_freeze(active.frozen)
         now_s = self._clock()

@@ -56,6 +56,12 @@ MULTIFD_COMPRESSION_MIN_LIBVIRT = 9_004_000
 KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 3
 BACKOFF_MAX_S = 60.0
+# Guest tags for policy selectors live in each domain's metadata under this namespace:
+#   virsh metadata DOMAIN --uri https://balancerd.dev/xmlns/1 --key balancerd \
+#     --set '<tags><tag>db</tag><tag>prod</tag></tags>' --live --config
+TAGS_NS_URI = "https://balancerd.dev/xmlns/1"
+TAGS_NS_KEY = "balancerd"
+MAX_TAGS = 64  # per guest; more are ignored (a selector needs a handful)
 
 _STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "other",
@@ -223,6 +229,7 @@ class LibvirtHypervisor:
                         up=False,
                         sampled_at_s=time.monotonic(),
                         error=detail,
+                        labels=cfg.labels,
                     )
                 )
         return tuple(samples)
@@ -247,6 +254,7 @@ class LibvirtHypervisor:
             libvirt_version=raw["libvirt_version"],
             hypervisor_version=raw["hypervisor_version"],
             vms=tuple(raw["vms"]),
+            labels=st.cfg.labels,
         )
 
     # --- facts for preflight ----------------------------------------------------------
@@ -597,6 +605,7 @@ def _read_host(conn: Any) -> dict[str, Any]:
                 mem_bytes=int(mem_kib) * 1024,
                 cpu_time_ns=int(s.get("cpu.time", 0)),
                 incoming=state == libvirt.VIR_DOMAIN_PAUSED and reason in _INCOMING_PAUSE_REASONS,
+                tags=_tags(dom),
             )
         )
     return {
@@ -613,6 +622,33 @@ def _read_host(conn: Any) -> dict[str, Any]:
         "hypervisor_version": int(conn.getVersion()),
         "vms": vms,
     }
+
+
+def _tags(dom: Any) -> tuple[str, ...]:
+    """The guest's tags from its balancerd metadata; none when it has no such element."""
+    try:
+        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, TAGS_NS_URI, 0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            log.debug("tags not read vm=%s error=%s", dom.name(), exc)
+        return ()
+    try:
+        return tags_from_xml(xml)
+    except ET.ParseError as exc:
+        log.warning("tags not read vm=%s error=%s", dom.name(), exc)
+        return ()
+
+
+def tags_from_xml(xml: str) -> tuple[str, ...]:
+    """``<tags><tag>db</tag><tag>prod</tag></tags>`` -> ``("db", "prod")`` (namespace,
+    blanks and repeats dropped; the root may be any element holding ``tag`` children)."""
+    root = ET.fromstring(xml)  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
+    found = (
+        (child.text or "").strip()
+        for child in root
+        if isinstance(child.tag, str) and child.tag.rpartition("}")[2] == "tag"
+    )
+    return tuple(dict.fromkeys(t for t in found if t))[:MAX_TAGS]
 
 
 def _nominal_mhz(caps: ET.Element) -> int:

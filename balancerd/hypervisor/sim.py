@@ -46,6 +46,7 @@ class SimVm:
     persistent: bool = True
     in_job: bool = False  # some other job (save, snapshot, ...) runs on the domain
     incoming: bool = False  # the paused target end of an incoming migration
+    tags: tuple[str, ...] = ()  # as libvirt's balancerd metadata would give them
 
 
 @dataclass
@@ -70,6 +71,7 @@ class SimHost:
     cpu_models: frozenset[str] | None = None  # guest <cpu> XML that runs here; None: any
     postcopy_problem: str = ""  # why this host cannot take part in a post-copy ("": it can)
     compression_methods: tuple[str, ...] = ("zstd", "zlib", "mt", "xbzrle")
+    labels: dict[str, str] = field(default_factory=dict)  # as the daemon config gives them
 
 
 class SimHypervisor:
@@ -127,6 +129,7 @@ class SimHypervisor:
                         up=False,
                         sampled_at_s=self.clock_s,
                         error="powered off",
+                        labels=h.labels,
                     )
                 )
                 continue
@@ -158,9 +161,11 @@ class SimHypervisor:
                             cpu_time_ns=v.cpu_time_ns,
                             in_job=v.in_job,
                             incoming=v.incoming,
+                            tags=v.tags,
                         )
                         for v in h.vms.values()
                     ),
+                    labels=h.labels,
                 )
             )
         return tuple(out)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from balancerd.selectors import Selected
 from balancerd.units import GIB, MIB
 
 
@@ -119,6 +120,9 @@ class Constraints:
     anti_affinity: tuple[tuple[str, ...], ...] = ()  # each group on distinct hosts
     host_rules: tuple[HostRule, ...] = ()
     maintenance: tuple[str, ...] = ()  # drain these hosts completely
+    # Selectors written among the names above (balancerd/selectors.py): the fields hold
+    # only the names written; ``resolve_policy`` adds what the selectors match each cycle.
+    selectors: tuple[Selected, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def _check_constraints(c: Constraints, out: Problems) -> None:  # noqa: C901 (a 
         path = (*C, "host_rules", index)
         if rule.kind in ("must", "must_not") and out.has((*path, "weight")):
             out.add((*path, "weight"), "weight only applies to kind should / should_not")
-        if rule.kind == "must" and all(h in maintenance for h in rule.hosts):
+        if rule.kind == "must" and rule.hosts and all(h in maintenance for h in rule.hosts):
             out.add(
                 (*path, "hosts"),
                 "all these hosts are in maintenance: the VMs would have nowhere to run",

@@ -8,6 +8,9 @@ are in ``policy/rules.py``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from balancerd.policy.model import (
     Budget,
     Constraints,
@@ -28,21 +31,25 @@ from balancerd.policy.model import (
     Solver,
     SolverBackend,
 )
+from balancerd.selectors import Over, Selected, Selector, host_labels, split_written
 from balancerd.units import GIB, MIB
 from balancerd.validate import (
     DAY_S,
     FRACTION,
     HOUR_S,
+    INVALID,
     NAME,
     NAMES,
     YEAR_S,
     Choice,
     Field,
     Flag,
+    Kind,
     ListOf,
     MapOf,
     Number,
     Obj,
+    Problems,
     Text,
     amount,
     count,
@@ -50,6 +57,7 @@ from balancerd.validate import (
     obj,
     seconds,
 )
+from balancerd.yamlpos import FieldPath
 
 API_VERSION = "balancerd/v1"
 KIND = "Policy"
@@ -93,6 +101,118 @@ def _weight(attr: str, what: str) -> Field:
         f"{what} settings",
         inline=True,
     )
+
+
+# A name or a selector in a list of hosts or VMs (balancerd/selectors.py).
+PATTERN = Text(
+    pattern=r"[A-Za-z0-9_.:*?\[\]!-]+",
+    pattern_doc="a name or fnmatch pattern (letters, digits, _.:- and * ? [ ] !)",
+    max_len=253,
+)
+
+
+@dataclass(frozen=True)
+class Target(Kind):
+    """A host or VM name, or a selector ``{hosts: {...}}`` / ``{vms: {...}}``."""
+
+    over: Over
+
+    def _inner(self) -> Obj:
+        fields = {"names": fld(ListOf(PATTERN, min_items=1, unique=True), "fnmatch patterns")}
+        if self.over is Over.HOSTS:
+            fields["labels"] = fld(
+                MapOf(NAME, key_doc="label", key=NAME), "host labels that must all match"
+            )
+        else:
+            fields["tags"] = fld(
+                ListOf(NAME, min_items=1, unique=True), "guest tags that must all be present"
+            )
+        return obj(fields)
+
+    def expect(self) -> str:
+        what = "host" if self.over is Over.HOSTS else "VM"
+        return f"a {what} name or a selector {{{self.over}: {{...}}}}"
+
+    def check(self, value: object, path: FieldPath, out: Problems) -> Any:
+        if not isinstance(value, dict):  # a name (a number or boolean is reported as one)
+            return NAME.check(value, path, out)
+        if list(value) != [self.over.value]:
+            other = "vms" if self.over is Over.HOSTS else "hosts"
+            why = f" ({other} selectors do not fit in this list)" if other in value else ""
+            return self.fail(value, path, out, f", keys {', '.join(map(str, value))}{why}")
+        inner_path = (*path, self.over.value)
+        attrs = self._inner().check(value[self.over.value], inner_path, out)
+        if attrs is INVALID:
+            return INVALID
+        if not attrs:
+            out.add(inner_path, f"an empty selector: give {', '.join(self._inner().fields)}")
+            return INVALID
+        return Selector(
+            over=self.over,
+            names=attrs.get("names", ()),
+            labels=host_labels(attrs.get("labels", {})),
+            tags=attrs.get("tags", ()),
+            path=path,
+        )
+
+    def schema(self) -> dict[str, Any]:
+        selector = {
+            "type": "object",
+            "properties": {self.over.value: self._inner().schema()},
+            "required": [self.over.value],
+            "additionalProperties": False,
+        }
+        return {"oneOf": [NAME.schema(), selector]}
+
+
+@dataclass(frozen=True)
+class Group(ListOf):
+    """A group of VMs (affinity): at least two names, or any number with a selector."""
+
+    def check(self, value: object, path: FieldPath, out: Problems) -> Any:
+        built = super().check(value, path, out)
+        selector = built is not INVALID and any(isinstance(i, Selector) for i in built)
+        if built is not INVALID and len(built) < 2 and not selector:
+            out.add(path, f"must have at least 2 item(s), got {len(built)}")
+        return built
+
+    def schema(self) -> dict[str, Any]:
+        s = super().schema()
+        s["anyOf"] = [{"minItems": 2}, {"contains": {"type": "object"}}]
+        return s
+
+
+HOST_TARGET = Target(Over.HOSTS)
+VM_TARGET = Target(Over.VMS)
+HOST_TARGETS = ListOf(HOST_TARGET, unique=True)
+VM_TARGETS = ListOf(VM_TARGET, unique=True)
+
+
+def _constraints(**attrs: Any) -> Constraints:
+    """Constraints from the validated lists: names stay in their fields, selectors go to
+    ``selectors`` with the list they were written in (``resolve_policy`` joins them)."""
+    found: list[Selected] = []
+    out: dict[str, Any] = {}
+    for key in ("exclude_vms", "exclude_hosts", "maintenance"):
+        if key in attrs:
+            out[key] = split_written(attrs[key], (key,), found)
+    if "pin" in attrs:
+        out["pin"] = {vm: split_written(h, ("pin", vm), found) for vm, h in attrs["pin"].items()}
+    for key in ("affinity", "anti_affinity"):
+        if key in attrs:
+            out[key] = tuple(split_written(g, (key, i), found) for i, g in enumerate(attrs[key]))
+    if "host_rules" in attrs:
+        out["host_rules"] = tuple(
+            HostRule(
+                **{
+                    **rule,
+                    "vms": split_written(rule["vms"], ("host_rules", i, "vms"), found),
+                    "hosts": split_written(rule["hosts"], ("host_rules", i, "hosts"), found),
+                }
+            )
+            for i, rule in enumerate(attrs["host_rules"])
+        )
+    return Constraints(**out, selectors=tuple(found))
 
 
 SPEC = obj(
@@ -186,31 +306,36 @@ SPEC = obj(
             obj(
                 {
                     "pin": fld(
-                        MapOf(ListOf(NAME, min_items=1, unique=True), key_doc="VM name", key=NAME),
-                        "VM -> the only hosts it may run on",
+                        MapOf(
+                            ListOf(HOST_TARGET, min_items=1, unique=True),
+                            key_doc="VM name",
+                            key=NAME,
+                        ),
+                        "VM -> the only hosts it may run on (names or host selectors)",
                     ),
-                    "exclude_vms": fld(NAMES, "VMs never moved (still counted on their host)"),
-                    "exclude_hosts": fld(NAMES, "hosts neither source nor target of moves"),
+                    "exclude_vms": fld(VM_TARGETS, "VMs never moved (still counted on their host)"),
+                    "exclude_hosts": fld(HOST_TARGETS, "hosts neither source nor target of moves"),
                     "affinity": fld(
-                        ListOf(ListOf(NAME, min_items=2, unique=True)),
-                        "groups of VMs that must share one host",
+                        ListOf(Group(VM_TARGET, min_items=1, unique=True)),
+                        "groups of VMs that must share one host (at least two names, or selectors)",
                     ),
                     "anti_affinity": fld(
-                        ListOf(ListOf(NAME, min_items=2, unique=True)),
-                        "groups of VMs that must run on distinct hosts",
+                        ListOf(Group(VM_TARGET, min_items=1, unique=True)),
+                        "groups of VMs that must run on distinct hosts (at least two names, "
+                        "or selectors)",
                     ),
                     "host_rules": fld(
                         ListOf(
                             obj(
                                 {
                                     "vms": fld(
-                                        ListOf(NAME, min_items=1, unique=True),
-                                        "VMs the rule applies to",
+                                        ListOf(VM_TARGET, min_items=1, unique=True),
+                                        "VMs the rule applies to (names or VM selectors)",
                                         required=True,
                                     ),
                                     "hosts": fld(
-                                        ListOf(NAME, min_items=1, unique=True),
-                                        "hosts the rule names",
+                                        ListOf(HOST_TARGET, min_items=1, unique=True),
+                                        "hosts the rule names (names or host selectors)",
                                         required=True,
                                     ),
                                     "kind": fld(
@@ -224,16 +349,19 @@ SPEC = obj(
                                         "cost per guest breaking a should / should_not rule",
                                     ),
                                 },
-                                cls=HostRule,
+                                defaults=HostRule,  # built by _constraints (selectors apart)
                             )
                         ),
                         "VMs that must / should (not) run on some hosts",
                     ),
-                    "maintenance": fld(NAMES, "hosts to drain completely"),
+                    "maintenance": fld(HOST_TARGETS, "hosts to drain completely"),
                 },
-                cls=Constraints,
+                cls=_constraints,
+                defaults=Constraints,
             ),
-            "placement rules",
+            "placement rules; every list of VMs or hosts also takes selectors: "
+            "{hosts: {names: [PATTERN...], labels: {KEY: VALUE}}} or "
+            "{vms: {names: [PATTERN...], tags: [TAG...]}}",
         ),
         "power": fld(
             obj(

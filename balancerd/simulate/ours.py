@@ -78,6 +78,13 @@ class Forecast:
         return out
 
 
+def host_type_labels(type_name: str) -> dict[str, str]:
+    """Labels of a simulated host, as a daemon config would give them: its host type and
+    the generation that ends the type's name (``hp-ml110-g4`` -> ``gen: g4``), so a policy
+    selects hosts by ``{hosts: {labels: {gen: g4}}}``."""
+    return {"type": type_name, "gen": type_name.rpartition("-")[2]}
+
+
 class DecideTimeout(Exception):
     """decide() did not return within the controller's deadline."""
 
@@ -147,6 +154,7 @@ class PolicyController:
                 cpu_mhz=int(cluster.host_pe_mips[h]),
                 core_speed_mhz=int(cluster.host_pe_mips[h]),
                 mem_bytes=int(cluster.host_mem_mb[h] * MIB * mem_scale),
+                labels=host_type_labels(cluster.spec.host_types[int(cluster.host_type[h])].name),
             )
             for h in range(cluster.n_hosts)
         ]
