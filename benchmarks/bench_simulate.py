@@ -304,9 +304,11 @@ def document(res: dict[str, Any], out: Path, img: Path, command: str) -> None:
         lines += [
             "### The shipped `policies/power-save.yaml`, unchanged",
             "",
-            "The example policy an operator starts from (limits 0.75 CPU / 0.85 memory, a",
-            "spare host kept on, 10 min grace, 30 min minimum off time, 100 moves per 5-min",
-            "cycle), side by side with THR-MMT-0.8 in the same run:",
+            "The example policy an operator starts from (CPU 0.85 of each guest's forecast,",
+            "memory 0.85, 30 min cooldown per moved guest, 100 moves per 5-min cycle), side by",
+            "side with THR-MMT-0.8 in the same run. Its power section (reserve host, grace",
+            "period, minimum off time) is not simulated: as in CloudSim, a host that holds no",
+            "guest draws nothing.",
             "",
             "| day | energy kWh | THR-MMT-0.8 kWh | SLATAH % | migrations "
             "| at most THR-MMT's energy |",
