@@ -15,6 +15,9 @@ Decisions documented here:
     protocol has no facts for them).
   * memory: destination free memory now >= guest memory + the policy's per-host headroom.
   * a guest no longer on the source (moved by an operator) is skipped, never failed.
+  * a device that blocks migration (host device, mdev, shmem, virtiofs, a non-migratable
+    CPU: hypervisor/libvirt.py migration_blockers) refuses the move as ``unmovable``;
+    local disks and CD-ROMs are left to the path check (the destination may have them).
   * TLS (``spec.migration.tls``): the stream is encrypted when the source can send
     (QEMU's ca-cert.pem) and the destination receive (ca-cert.pem, server-cert.pem,
     server-key.pem in /etc/pki/qemu) a TLS stream. ``required`` refuses a move between
@@ -37,14 +40,16 @@ from dataclasses import dataclass
 
 from balancerd.errors import HypervisorError
 from balancerd.hypervisor.base import DomainFacts, HostFacts, Hypervisor
-from balancerd.model import Move
-from balancerd.outcomes import SkipKind
+from balancerd.model import Move, blockers_text
+from balancerd.outcomes import BlockerKind, SkipKind
 from balancerd.policy.model import Migration, MigrationCompression, MigrationTls, OnStall
 from balancerd.units import MIB
 
 log = logging.getLogger(__name__)
 
 SAFE_CACHE_MODES = ("none", "directsync")
+# Judged by the disk path check below (the destination may have the file after all)
+STORAGE_BLOCKERS = (BlockerKind.LOCAL_DISK, BlockerKind.HOST_CDROM)
 MIGRATABLE_STATES = ("running", "paused")
 
 
@@ -155,6 +160,9 @@ def check(  # noqa: C901 (one branch per preflight requirement, in the order the
         return Refusal(SkipKind.NOT_RUNNING, f"guest is {facts.state}, not running")
     if facts.in_job:
         return Refusal(SkipKind.IN_JOB, "guest is already in a job (another migration or save?)")
+    devices = [b for b in facts.blockers if b.kind not in STORAGE_BLOCKERS]
+    if devices:
+        return Refusal(SkipKind.UNMOVABLE, f"cannot live-migrate: {blockers_text(tuple(devices))}")
     if not mig.allow_backward:
         if dst.libvirt_version < src.libvirt_version:
             return Refusal(

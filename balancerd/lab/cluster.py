@@ -364,6 +364,8 @@ class Lab:
             "policy": policy,
             **({"pki_dir": str(client_pki(self.root))} if spec.tls else {}),
             "state_dir": str(self.root / "state"),
+            # what every lab host sees at one path: disks elsewhere are local to a host
+            "shared_storage": [str(self.shared_dir)],
             "metrics": {"listen": spec.metrics_listen},
             # Lab pace: a demo shows decisions within a minute (production: 15 s / 300 s).
             "collect_interval_s": 2,
