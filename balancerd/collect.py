@@ -94,7 +94,7 @@ def build_snapshot(
                 )
             )
             continue
-        host_vms = []
+        host_vms: list[Vm] = []
         for v in hs.vms:
             if v.incoming:
                 continue  # an incoming migration target is counted at its source

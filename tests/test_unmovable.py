@@ -8,13 +8,17 @@ import xml.etree.ElementTree as ET
 from dataclasses import replace
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from balancerd.collect import build_snapshot
+from balancerd.commands.status import render_table, snapshot_json
 from balancerd.decide import decide
 from balancerd.execute.preflight import check
 from balancerd.hypervisor.base import DomainFacts, HostFacts
 from balancerd.hypervisor.libvirt import migration_blockers
 from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
+from balancerd.metrics import DaemonStats, register, render
 from balancerd.model import Blocker, Host, Move, Snapshot, Vm
 from balancerd.outcomes import BlockerKind, SkipKind
 from balancerd.policy.model import Constraints, Hysteresis, Limits, Migration, Policy
@@ -196,3 +200,48 @@ def test_preflight_refuses_a_device_blocker_and_leaves_disks_to_the_path_check()
     assert "hostdev: pci 0000:03:00.0" in refusal.reason  # type: ignore[attr-defined]
     local = Blocker(BlockerKind.LOCAL_DISK, "disk vda /x.qcow2 (not on shared storage)")
     assert run(replace(facts, blockers=(local,))) is None  # the destination has no disks
+
+
+def test_metrics_count_unmovable_guests_by_kind_and_stopped_guests_per_host() -> None:
+    mdev = Blocker(BlockerKind.MDEV, "mdev u-1")
+    s = Snapshot(
+        0.0,
+        (host("a"), host("b")),
+        (
+            vm("gpu", "a", 1.0, blocked=True),
+            replace(vm("vgpu", "b", 1.0), blockers=(mdev, PCI)),
+            vm("x", "b", 1.0),
+        ),
+        stopped=(replace(vm("off", "b", 0.0), state="shutoff"),),
+    )
+    stats = DaemonStats()
+    stats.set_snapshot(s)
+    registry = CollectorRegistry()
+    register(registry, stats)
+    got = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(render(registry).decode())
+        for sample in family.samples
+        if sample.name in ("balancerd_guests_unmovable", "balancerd_host_vms_stopped")
+    }
+    assert got[("balancerd_guests_unmovable", (("kind", "hostdev"),))] == 1.0
+    assert got[("balancerd_guests_unmovable", (("kind", "mdev"),))] == 1.0
+    assert got[("balancerd_guests_unmovable", (("kind", "local-disk"),))] == 0.0
+    assert got[("balancerd_host_vms_stopped", (("host", "a"),))] == 0.0
+    assert got[("balancerd_host_vms_stopped", (("host", "b"),))] == 1.0
+
+
+def test_status_shows_why_a_guest_is_fixed_and_the_stopped_guests() -> None:
+    s = Snapshot(
+        0.0,
+        (host("a"),),
+        (vm("gpu", "a", 1.0, blocked=True),),
+        stopped=(replace(vm("off", "a", 0.0), state="shutoff"),),
+    )
+    text = render_table(s)
+    assert "1 (+1 stopped)" in text
+    assert "gpu" in text and "unmovable (hostdev: pci 0000:03:00.0)" in text
+    assert "off" in text and "shutoff" in text
+    (a,) = snapshot_json(s)["hosts"]
+    assert a["vms"][0]["blockers"] == [{"kind": "hostdev", "detail": "pci 0000:03:00.0"}]
+    assert [v["name"] for v in a["stopped_vms"]] == ["off"]
