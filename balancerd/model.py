@@ -221,6 +221,8 @@ class Move:
     mem_bytes: int
     expected_s: float  # from memory size, bandwidth and dirty rate
     wave: int = 0  # steps of one wave may run together
+    # a stopped guest: only its definition moves (VIR_MIGRATE_OFFLINE), nothing runs
+    offline: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class MigrationMode(enum.StrEnum):
     PAUSED_FALLBACK = "paused-fallback"  # pause-and-complete after a stall
     OFFLINE = "offline"  # cold: paused while all memory is sent
     POSTCOPY = "postcopy"  # switched to post-copy after a stall: runs on the destination at once
+    DEFINITION = "definition"  # a stopped guest's definition moved (VIR_MIGRATE_OFFLINE)
     NONE = "none"  # nothing was attempted (skipped) or nothing completed
 
 

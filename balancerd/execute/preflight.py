@@ -300,3 +300,38 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
         compression=method,
         notes=tuple(notes),
     )
+
+
+def preflight_stopped(hv: Hypervisor, move: Move) -> PreflightResult:
+    """A stopped guest's move (its definition only): it must still be defined and shut off
+    on the source, its name free on the destination, and every disk path visible there
+    (it will start there from the same files)."""
+    vm, s, d = move.vm, move.src, move.dst
+    try:
+        src_state = hv.domain_state(s, vm)
+        on_dst = hv.domain_state(d, vm)
+    except HypervisorError as exc:
+        return PreflightResult.refused(
+            Refusal(SkipKind.HOST_DOWN, f"{exc.host} does not answer: {exc.detail}")
+        )
+    if src_state is None:
+        where = f" (already on {d})" if on_dst is not None else ""
+        return PreflightResult.refused(Refusal(SkipKind.GONE, f"guest is no longer on {s}{where}"))
+    if src_state != "shutoff":
+        return PreflightResult.refused(
+            Refusal(SkipKind.STALE, f"guest is {src_state} now, not stopped: moved live if at all")
+        )
+    if on_dst is not None:
+        return PreflightResult.refused(
+            Refusal(SkipKind.NAME_TAKEN, f"a domain named {vm} already exists on {d} ({on_dst})")
+        )
+    try:
+        facts = hv.domain_facts(s, vm)
+        missing = [k.path for k in facts.disks if k.path and not hv.path_visible(d, k.path)]
+    except HypervisorError as exc:
+        return PreflightResult.refused(Refusal(SkipKind.HOST_DOWN, f"could not read facts: {exc}"))
+    if missing:
+        return PreflightResult.refused(
+            Refusal(SkipKind.DISK_MISSING, f"disk {missing[0]} not found on {d}"), facts
+        )
+    return PreflightResult(True, "", facts)
