@@ -17,10 +17,10 @@ from balancerd.execute.move import Engine, run_move
 from balancerd.execute.reconcile import reconcile
 from balancerd.hypervisor.base import DiskFacts, MigrationRequest
 from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
-from balancerd.model import Host, Move, Placement, Plan, Snapshot, SolverReport, Vm
+from balancerd.model import Host, Move, Plan, Snapshot, SolverReport, Vm
 from balancerd.outcomes import MigrationMode, MoveOutcome, SkipKind
-from balancerd.policy.model import Constraints, Hysteresis, Migration, Policy, Power
 from balancerd.policy.load import load_policy_text
+from balancerd.policy.model import Constraints, Hysteresis, Migration, Policy, Power
 from balancerd.power import decide_power
 from balancerd.power.manager import HostPower
 

@@ -170,7 +170,7 @@ def settle(
         where = f"{vm} is {d} on {dst}"
     else:
         where = _where_stopped(hv, vm, src, dst)
-    return actions, where
+    return list(dict.fromkeys(actions)), where  # state() may say "left alone" twice
 
 
 def _one_definition(
