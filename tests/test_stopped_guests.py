@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from balancerd.commands.plan import plan_json, render_plan
 from balancerd.decide import decide
 from balancerd.errors import HypervisorError
 from balancerd.execute.journal import Journal
@@ -23,6 +24,8 @@ from balancerd.policy.load import load_policy_text
 from balancerd.policy.model import Constraints, Hysteresis, Migration, Policy, Power
 from balancerd.power import decide_power
 from balancerd.power.manager import HostPower
+from balancerd.rationale import explain_moves
+from balancerd.saved_plan import check_steps, parse_plan, plan_document, valid_moves
 
 GIB = 1024**3
 IMG = "/srv/shared/off.qcow2"
@@ -191,3 +194,21 @@ spec:
     ).power.allow_off_with_stopped_guests
     with pytest.raises(Exception, match=r"p\.yaml:7.*allow_off_with_stopped_guests"):
         load_policy_text(doc.replace("{value}", "maybe"), "p.yaml")
+
+
+def test_plan_output_and_a_saved_plan_carry_the_cold_move() -> None:
+    s = Snapshot(0.0, (host("a"), host("b")), (running("r", "a"),), stopped=(stopped("off", "a"),))
+    pol = policy(maintenance=("a",))
+    plan = decide(s, pol)
+    whys = explain_moves(s, pol, plan)
+    text = render_plan(plan_json(plan, s, pol, whys))
+    assert "off a -> b (~1.0 s) (stopped guest, cold)" in text
+    assert "why: stopped guest: a is in maintenance; only its definition moves" in text
+    saved = parse_plan(plan_document(plan, s, pol, whys, created_at_s=1.0), "p.json")
+    assert [(m.vm, m.offline) for m in saved.moves] == [("r", False), ("off", True)]
+    checks = check_steps(saved, s, pol)
+    assert all(c.ok for c in checks), [c.reason for c in checks]
+    assert [m.offline for m in valid_moves(checks, s)] == [False, True]
+    # started since: the saved cold step is stale
+    now = replace(s, vms=(*s.vms, replace(s.stopped[0], state="running")), stopped=())
+    assert [c.kind for c in check_steps(saved, now, pol)][1] is SkipKind.GONE
