@@ -266,8 +266,10 @@ class LibvirtHypervisor:
         def read(conn: Any) -> DomainFacts:
             dom = conn.lookupByName(vm)
             state, _reason = dom.state()
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_UPDATE_CPU if dom.isActive() else 0)
-            job_type = dom.jobInfo()[0]
+            active = dom.isActive()
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_UPDATE_CPU if active else 0)
+            # a stopped guest has no jobs (libvirt refuses to read them: "not running")
+            job_type = dom.jobInfo()[0] if active else libvirt.VIR_DOMAIN_JOB_NONE
             return _domain_facts_from_xml(
                 xml,
                 state=_STATE_NAMES.get(state, "other"),
