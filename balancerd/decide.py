@@ -84,6 +84,15 @@ def with_stopped_moves(plan: Plan, snapshot: Snapshot, p: Problem) -> Plan:
     leaving = [v for v in snapshot.stopped if v.host in maint]
     if not leaving:
         return plan
+    notes: list[str] = []
+    runs_on = {v.name: v.host for v in snapshot.vms}
+    for v in [v for v in leaving if v.name in runs_on]:
+        # a stale definition of a guest that runs elsewhere: moving it spreads the copies
+        notes.append(
+            f"stopped guest {v.name} on host {v.host} is not moved: a guest of that name "
+            f"runs on {runs_on[v.name]} (a stale definition? undefine one of them)"
+        )
+    leaving = [v for v in leaving if v.name not in runs_on]
     host_of = [
         p.host_index.get(plan.target.host_of.get(name, ""), p.cur[g])
         for g, name in enumerate(p.guests)
@@ -99,7 +108,6 @@ def with_stopped_moves(plan: Plan, snapshot: Snapshot, p: Problem) -> Plan:
             room[v.host] -= v.mem_bytes
     wave = max((m.wave for m in plan.moves), default=-1) + 1
     moves: list[Move] = []
-    notes: list[str] = []
     for v in sorted(leaving, key=lambda v: -v.mem_bytes):
         pin = p.policy.constraints.pin.get(v.name)
         options = [h for h in room if pin is None or h in pin]

@@ -212,3 +212,15 @@ def test_plan_output_and_a_saved_plan_carry_the_cold_move() -> None:
     # started since: the saved cold step is stale
     now = replace(s, vms=(*s.vms, replace(s.stopped[0], state="running")), stopped=())
     assert [c.kind for c in check_steps(saved, now, pol)][1] is SkipKind.GONE
+
+
+def test_a_stale_stopped_copy_of_a_running_guest_is_not_moved_but_named() -> None:
+    s = Snapshot(
+        0.0,
+        (host("a"), host("b"), host("c")),
+        (running("web", "b"),),
+        stopped=(stopped("web", "a"),),
+    )
+    plan = decide(s, policy(maintenance=("a",)))
+    assert not [m for m in plan.moves if m.offline]
+    assert any("stopped guest web on host a is not moved" in n for n in plan.notes), plan.notes

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -13,7 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from balancerd.collect import build_snapshot
 from balancerd.commands.status import render_table, snapshot_json
+from balancerd.config import load_config_text
 from balancerd.decide import decide
+from balancerd.errors import ConfigError
 from balancerd.execute.preflight import check
 from balancerd.hypervisor.base import DomainFacts, HostFacts
 from balancerd.hypervisor.libvirt import migration_blockers
@@ -245,3 +248,13 @@ def test_status_shows_why_a_guest_is_fixed_and_the_stopped_guests() -> None:
     (a,) = snapshot_json(s)["hosts"]
     assert a["vms"][0]["blockers"] == [{"kind": "hostdev", "detail": "pci 0000:03:00.0"}]
     assert [v["name"] for v in a["stopped_vms"]] == ["off"]
+
+
+def test_config_shared_storage_is_read_and_a_bad_entry_names_its_line(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("")
+    src = str(tmp_path / "c.yaml")
+    base = "hosts:\n  - {name: h1, uri: 'qemu+tcp://10.0.0.1/system'}\npolicy: p.yaml\n"
+    cfg = load_config_text(base + "shared_storage: [/srv/images, /mnt/nfs]\n", src)
+    assert cfg.shared_storage == ("/srv/images", "/mnt/nfs")
+    with pytest.raises(ConfigError, match=r"c\.yaml:5: shared_storage\[0\]"):
+        load_config_text(base + "shared_storage:\n  - relative/dir\n", src)
