@@ -67,11 +67,13 @@ def ctx(lab_factory_module: Any, tmp_path_factory: pytest.TempPathFactory) -> It
         guests=(
             GuestSpec("localdisk", "host1", mem_mib=96, disk="local"),
             GuestSpec("off", "host1", mem_mib=96, disk="shared"),
+            GuestSpec("shm", "host1", mem_mib=96, shmem=True),
         ),
         metrics_listen="127.0.0.1:9287",
     )
     lab = lab_factory_module(LAB_NAME, LAB_SUBNET)(spec)
     lab.wait_booted("localdisk")
+    lab.wait_booted("shm")
     # "off": a defined guest that does not run (its disk is on the shared folder)
     subprocess.run(
         ["virsh", "-q", "-c", lab.host_uri("host1"), "destroy", "off"], check=True, timeout=60
@@ -94,8 +96,11 @@ def test_status_and_plan_name_the_blocker_and_the_stopped_guest(ctx: Ctx) -> Non
     (local,) = [v for v in host1["vms"] if v["name"] == "localdisk"]
     assert [b["kind"] for b in local["blockers"]] == ["local-disk"], local
     assert [v["name"] for v in host1["stopped_vms"]] == ["off"]
+    (shm,) = [v for v in host1["vms"] if v["name"] == "shm"]
+    assert shm["blockers"] == [{"kind": "shmem", "detail": "shmem shm-shm"}], shm
     plan = cli_json("plan", "--config", str(ctx.config), "--samples", "2")
     assert LOCAL_NOTE in plan["notes"], plan["notes"]
+    assert any("guest shm must leave host host1 but cannot" in n for n in plan["notes"])
     assert [(m["vm"], m["to"], m["offline"]) for m in plan["moves"]] == [("off", "host2", True)]
 
 
@@ -108,7 +113,7 @@ def test_a_drain_moves_the_stopped_guest_cold_and_never_the_local_disk_one(ctx: 
                 d.collect_once()
             report = d.cycle_once()
             assert report is not None
-            assert all(r.vm != "localdisk" for r in report.results), report.results
+            assert not {"localdisk", "shm"} & {r.vm for r in report.results}, report.results
             assert LOCAL_NOTE in report.plan.notes, report.plan.notes
             if cycle == 0:
                 (cold,) = report.results
@@ -120,6 +125,20 @@ def test_a_drain_moves_the_stopped_guest_cold_and_never_the_local_disk_one(ctx: 
         d.shutdown()
     assert ctx.defined("off") == {"host2": "shut off"}
     assert ctx.defined("localdisk") == {"host1": "running"}
+    assert ctx.defined("shm") == {"host1": "running"}
+
+
+def test_libvirt_itself_refuses_to_migrate_the_shmem_guest(ctx: Ctx) -> None:
+    """The blocker is real: a hand-made live migration of shm fails in libvirt."""
+    dst = ctx.lab.host_uri("host2")
+    out = subprocess.run(
+        ["virsh", "-c", ctx.lab.host_uri("host1"), "migrate", "--live", "--p2p", "shm", dst],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "shmem" in out.stderr, out.stderr
+    assert ctx.defined("shm") == {"host1": "running"}
 
 
 @pytest.mark.parametrize("allow_off", [False, True])

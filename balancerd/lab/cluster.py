@@ -74,6 +74,7 @@ class GuestSpec:
     disk: str = ""
     disk_cache: str = "none"
     bridge: bool = False  # a NIC on the bridge "guestbr" that every lab host has
+    shmem: bool = False  # an ivshmem device, which blocks live migration
 
 
 @dataclass(frozen=True)
@@ -420,6 +421,7 @@ class Lab:
             disk_path=disk_path,
             disk_cache=g.disk_cache,
             bridge=g.bridge,
+            shmem=g.shmem,
         )
         xml = domain_xml(
             lab_name=self.name,
