@@ -258,3 +258,29 @@ def test_config_shared_storage_is_read_and_a_bad_entry_names_its_line(tmp_path: 
     assert cfg.shared_storage == ("/srv/images", "/mnt/nfs")
     with pytest.raises(ConfigError, match=r"c\.yaml:5: shared_storage\[0\]"):
         load_config_text(base + "shared_storage:\n  - relative/dir\n", src)
+
+
+def test_the_blocker_cache_reads_xml_only_when_needed() -> None:
+    """Through libvirt's test driver: a guest's XML is read once, again when its state
+    changes or after REFRESH_SAMPLES samples, and a gone guest is forgotten."""
+    import libvirt
+
+    from balancerd.hypervisor.libvirt import BlockerCache
+
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.lookupByName("test")
+        cache = BlockerCache(("/guest",))  # where the test driver's disk is
+        for _ in range(5):
+            assert cache.blockers(dom, libvirt.VIR_DOMAIN_RUNNING) == ()
+        assert cache.reads == 1
+        cache.blockers(dom, libvirt.VIR_DOMAIN_PAUSED)
+        assert cache.reads == 2
+        for _ in range(BlockerCache.REFRESH_SAMPLES):
+            cache.blockers(dom, libvirt.VIR_DOMAIN_PAUSED)
+        assert cache.reads == 3
+        cache.keep_only(set())
+        cache.blockers(dom, libvirt.VIR_DOMAIN_PAUSED)
+        assert cache.reads == 4
+    finally:
+        conn.close()

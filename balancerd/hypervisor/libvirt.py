@@ -121,6 +121,7 @@ class LibvirtHypervisor:
         # folders every host sees at the same path (config shared_storage): a disk outside
         # them is local to its host; none declared: disks are not judged here (preflight is)
         self._shared_storage = tuple(shared_storage)
+        self._blocker_cache = {h.name: BlockerCache(self._shared_storage) for h in hosts}
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         # Workers for timed calls. A call that hangs past its timeout keeps its thread, so
@@ -238,9 +239,9 @@ class LibvirtHypervisor:
 
     def sample_host(self, host: str) -> HostSample:
         st = self._state(host)
-        shared = self._shared_storage
+        cache = self._blocker_cache[host]
         # connects lazily on the worker
-        raw = self._call(host, "sample", lambda conn: _read_host(conn, shared))
+        raw = self._call(host, "sample", lambda conn: _read_host(conn, cache))
         return HostSample(
             name=host,
             uri=st.cfg.uri,
@@ -594,7 +595,45 @@ def _connection_lost(exc: Any) -> bool:
     )
 
 
-def _read_host(conn: Any, shared_storage: Sequence[str] = ()) -> dict[str, Any]:
+class BlockerCache:
+    """Each guest's blockers on one host, read from its XML only when the guest is new,
+    its state changed, or every REFRESH_SAMPLES samples (a device hot-plugged meanwhile):
+    fetching and parsing every domain's XML each sample cost ~18x the stats call itself
+    (libvirt test driver, 21 domains: 5.0 ms against 0.28 ms)."""
+
+    REFRESH_SAMPLES = 20
+
+    def __init__(self, shared_storage: Sequence[str] = ()) -> None:
+        self.shared_storage = tuple(shared_storage)
+        self._lock = threading.Lock()
+        # uuid -> (state, samples since read, blockers)
+        self._seen: dict[str, tuple[int, int, tuple[Blocker, ...]]] = {}
+        self.reads = 0  # XML reads so far (tests, benchmarks)
+
+    def blockers(self, dom: Any, state: int) -> tuple[Blocker, ...]:
+        uuid_ = dom.UUIDString()
+        with self._lock:
+            hit = self._seen.get(uuid_)
+        if hit is not None and hit[0] == state and hit[1] < self.REFRESH_SAMPLES:
+            with self._lock:
+                self._seen[uuid_] = (state, hit[1] + 1, hit[2])
+            return hit[2]
+        # the inactive XML of a stopped guest, the live one of a running guest
+        root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
+        found = migration_blockers(root, self.shared_storage)
+        with self._lock:
+            self._seen[uuid_] = (state, 1, found)
+            self.reads += 1
+        return found
+
+    def keep_only(self, uuids: set[str]) -> None:
+        """Forget guests no longer on the host."""
+        with self._lock:
+            for gone in set(self._seen) - uuids:
+                del self._seen[gone]
+
+
+def _read_host(conn: Any, cache: BlockerCache | None = None) -> dict[str, Any]:
     """One consistent read of a host: node counters, memory, and every domain's stats."""
     info = conn.getInfo()  # [model, memory MiB, cpus, MHz, nodes, sockets, cores, threads]
     cpu = conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS)
@@ -614,8 +653,7 @@ def _read_host(conn: Any, shared_storage: Sequence[str] = ()) -> dict[str, Any]:
         state = s.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
         reason = s.get("state.reason", 0)
         mem_kib = s.get("balloon.current") or s.get("balloon.maximum") or dom.maxMemory()
-        # the inactive XML of a stopped guest, the live one of a running guest
-        blockers = migration_blockers(ET.fromstring(dom.XMLDesc(0)), shared_storage)  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
+        blockers = cache.blockers(dom, state) if cache is not None else ()
         vms.append(
             VmSample(
                 name=dom.name(),
@@ -628,6 +666,8 @@ def _read_host(conn: Any, shared_storage: Sequence[str] = ()) -> dict[str, Any]:
                 blockers=blockers,
             )
         )
+    if cache is not None:
+        cache.keep_only({v.uuid for v in vms})
     return {
         "at_s": at_s,
         "hostname": conn.getHostname(),
