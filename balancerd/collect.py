@@ -14,6 +14,7 @@ from balancerd.model import Capacity as Capacity  # re-exported: daemon.py impor
 from balancerd.model import Host, HostSample, Snapshot, Vm, VmSample
 from balancerd.units import NS
 
+STOPPED_STATES = ("shutoff", "crashed")  # defined, not running: Snapshot.stopped
 ClusterSample = tuple[HostSample, ...]  # one sample_all(): every host at about one instant
 
 
@@ -76,6 +77,7 @@ def build_snapshot(
     capacity = capacity or {}
     hosts: list[Host] = []
     vms: list[Vm] = []
+    stopped: list[Vm] = []
     for hs in latest:
         cap = capacity.get(hs.name, Capacity())
         if not hs.up:
@@ -93,8 +95,11 @@ def build_snapshot(
                 )
             )
             continue
-        host_vms = [
-            Vm(
+        host_vms: list[Vm] = []
+        for v in hs.vms:
+            if v.incoming:
+                continue  # an incoming migration target is counted at its source
+            vm = Vm(
                 name=v.name,
                 uuid=v.uuid,
                 host=hs.name,
@@ -104,11 +109,10 @@ def build_snapshot(
                 cpu_util=_mean(_vm_cpu_utils(recent, hs.name, v.uuid)[-window:]),
                 dirty_rate_bytes_s=v.dirty_rate_bytes_s,
                 tags=v.tags,
+                blockers=v.blockers,
             )
-            for v in hs.vms
-            # shut-off guests use nothing; an incoming migration target is counted at its source
-            if v.state not in ("shutoff", "crashed") and not v.incoming
-        ]
+            # stopped guests use nothing now: listed apart, not in the host's load
+            (stopped if v.state in STOPPED_STATES else host_vms).append(vm)
         vms.extend(host_vms)
         mem_bytes = cap.mem_bytes or hs.mem_total_bytes
         if cap.mem_bytes:
@@ -135,7 +139,9 @@ def build_snapshot(
             )
         )
     taken_at_s = max(h.sampled_at_s for h in latest)
-    return Snapshot(taken_at_s=taken_at_s, hosts=tuple(hosts), vms=tuple(vms))
+    return Snapshot(
+        taken_at_s=taken_at_s, hosts=tuple(hosts), vms=tuple(vms), stopped=tuple(stopped)
+    )
 
 
 class SampleHistory:

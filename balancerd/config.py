@@ -179,6 +179,9 @@ class Config:
     # the query parameters that run programs): the operator's explicit choice.
     allow_uri_transports: tuple[str, ...] = ()
     coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
+    # Folders every host sees at the same path (NFS, Ceph FS, ...): a guest disk or CD-ROM
+    # outside them is local to its host and fixes the guest in place. Empty: not judged.
+    shared_storage: tuple[str, ...] = ()
     source: str = ""  # the file it was loaded from
     lines: Mapping[FieldPath, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -413,6 +416,14 @@ CONFIG = obj(
         ),
         "state_dir": fld(Text(), "directory for the daemon's state"),
         "coordination": fld(_COORDINATION, "several balancerd instances, one acting (etcd)"),
+        "shared_storage": fld(
+            ListOf(
+                Text(pattern=r"/\S*", pattern_doc="an absolute folder like /srv/vm-images"),
+                unique=True,
+            ),
+            "folders every host sees at the same path; a guest disk or CD-ROM outside them "
+            "is local and keeps the guest on its host (empty: disks are not judged)",
+        ),
         "collect_interval_s": fld(
             seconds(DAY_S),
             f"seconds between samples of the hosts (READY needs {READY_SAMPLES} samples "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from balancerd.model import Placement, Plan, Snapshot
+from balancerd.model import Move, Placement, Plan, Snapshot
 from balancerd.plan import make_plan, power_changes
 from balancerd.policy.model import Policy
 from balancerd.selectors import resolve_policy
@@ -16,6 +16,8 @@ from balancerd.solve import HostCapacity, SolveResult, solve
 from balancerd.solve.problem import Problem, build_problem
 
 __all__ = ["HostCapacity", "decide", "hysteresis_holds"]
+
+STOPPED_MOVE_S = 1.0  # expected time of a stopped guest's move: only its definition moves
 
 
 def decide(
@@ -54,10 +56,11 @@ def decide(
     )
     notes = tuple(res.notes) + tuple(str(v) for v in res.violations)
     if res.reasons:
-        return _no_moves(policy, res, p, "no valid placement: " + "; ".join(res.reasons), notes)
+        plan = _no_moves(policy, res, p, "no valid placement: " + "; ".join(res.reasons), notes)
+        return with_stopped_moves(plan, snapshot, p)
     held = hysteresis_holds(res, policy)
     if held:
-        return _no_moves(policy, res, p, held, notes)
+        return with_stopped_moves(_no_moves(policy, res, p, held, notes), snapshot, p)
     plan = make_plan(
         snapshot,
         policy,
@@ -73,7 +76,58 @@ def decide(
         plan = replace(plan, reason=res.held)
     elif not plan.moves and res.unfixed:
         plan = replace(plan, reason="nothing can be improved this cycle: " + "; ".join(res.unfixed))
-    return plan
+    return with_stopped_moves(plan, snapshot, p)
+
+
+def with_stopped_moves(plan: Plan, snapshot: Snapshot, p: Problem) -> Plan:
+    """Stopped guests on hosts in maintenance leave with a cold (offline) move of their
+    definition, in a wave after the running guests' moves. They use no CPU or memory
+    while stopped, but need room when started: each goes to the allowed host (usable,
+    on, within its pin) with the most memory left at the target, counting the stopped
+    guests already sent there."""
+    maint = set(p.policy.constraints.maintenance)
+    leaving = [v for v in snapshot.stopped if v.host in maint]
+    if not leaving:
+        return plan
+    notes: list[str] = []
+    runs_on = {v.name: v.host for v in snapshot.vms}
+    for v in [v for v in leaving if v.name in runs_on]:
+        # a stale definition of a guest that runs elsewhere: moving it spreads the copies
+        notes.append(
+            f"stopped guest {v.name} on host {v.host} is not moved: a guest of that name "
+            f"runs on {runs_on[v.name]} (a stale definition? undefine one of them)"
+        )
+    leaving = [v for v in leaving if v.name not in runs_on]
+    host_of = [
+        p.host_index.get(plan.target.host_of.get(name, ""), p.cur[g])
+        for g, name in enumerate(p.guests)
+    ]
+    _, mem, _ = p.loads(host_of)
+    room = {
+        p.hosts[h]: p.mem_total[h] - mem[h]
+        for h in range(p.n_hosts)
+        if p.usable[h] and not p.powered_off[h]
+    }
+    for v in snapshot.stopped:
+        if v.host in room:
+            room[v.host] -= v.mem_bytes
+    wave = max((m.wave for m in plan.moves), default=-1) + 1
+    moves: list[Move] = []
+    for v in sorted(leaving, key=lambda v: -v.mem_bytes):
+        pin = p.policy.constraints.pin.get(v.name)
+        options = [h for h in room if pin is None or h in pin]
+        if not options:
+            notes.append(f"stopped guest {v.name} must leave host {v.host}: no usable host")
+            continue
+        dst = max(options, key=lambda h: (room[h], h))
+        room[dst] -= v.mem_bytes
+        moves.append(Move(v.name, v.host, dst, 0, STOPPED_MOVE_S, wave=wave, offline=True))
+    return replace(
+        plan,
+        moves=plan.moves + tuple(moves),
+        reason="" if moves else plan.reason,
+        notes=plan.notes + tuple(notes),
+    )
 
 
 def hysteresis_holds(res: SolveResult, policy: Policy) -> str:

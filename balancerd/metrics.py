@@ -37,6 +37,7 @@ from balancerd.config import MetricsTls
 from balancerd.errors import ConfigError
 from balancerd.model import Plan, Snapshot
 from balancerd.outcomes import (
+    BlockerKind,
     CycleResult,
     FallbackKind,
     MigrationMode,
@@ -452,6 +453,29 @@ def _host_families(s: _State) -> Iterator[Metric]:
         )
 
 
+def _unmovable_families(snap: Snapshot | None) -> Iterator[Metric]:
+    """Guests fixed in place by a blocker (one kind per guest: its first blocker, so the
+    series sum to the guests), and defined-but-stopped guests per host."""
+    unmovable = GaugeMetricFamily(
+        _name("guests_unmovable"),
+        "Running guests that cannot be live-migrated, by the kind of their first blocker.",
+        labels=["kind"],
+    )
+    stopped = GaugeMetricFamily(
+        _name("host_vms_stopped"), "Defined-but-stopped guests on the host.", labels=["host"]
+    )
+    counts = dict.fromkeys(BlockerKind, 0)
+    if snap is not None:
+        for v in snap.unmovable():
+            counts[v.blockers[0].kind] += 1
+        for h in snap.hosts:
+            if h.up:
+                stopped.add_metric([h.name], float(len(snap.stopped_on(h.name))))
+    for kind, n in counts.items():
+        unmovable.add_metric([str(kind)], float(n))
+    yield from (unmovable, stopped)
+
+
 def _vm_families(s: _State) -> Iterator[Metric]:
     info = GaugeMetricFamily(
         _name("vm_host_info"), "1 for the host each guest runs on now.", labels=["vm", "host"]
@@ -466,6 +490,7 @@ def _vm_families(s: _State) -> Iterator[Metric]:
             cpu.add_metric([v.name], v.cpu_util)
             mem.add_metric([v.name], float(v.mem_bytes))
     yield from (info, cpu, mem)
+    yield from _unmovable_families(s.snapshot)
     in_flight = GaugeMetricFamily(
         _name("migrations_in_flight"), "Migrations running now.", value=float(len(s.in_flight))
     )

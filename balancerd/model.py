@@ -9,7 +9,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from balancerd.outcomes import BlockerKind
 from balancerd.speed import speed_factors
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """One reason a guest cannot be live-migrated: a bounded kind and what it names."""
+
+    kind: BlockerKind
+    detail: str  # e.g. "pci 0000:03:00.0", "disk vda /var/lib/libvirt/images/a.qcow2"
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+def blockers_text(blockers: tuple[Blocker, ...]) -> str:
+    """``hostdev: pci 0000:03:00.0; local-disk: vda /x.qcow2`` (for notes and status)."""
+    return "; ".join(str(b) for b in blockers)
+
 
 # --- raw samples, as read from a hypervisor (counters, not rates) ---------------------
 
@@ -29,7 +47,7 @@ class VmSample:
     incoming: bool = False  # the domain is the paused target of an incoming migration
     tags: tuple[str, ...] = ()  # from the domain's balancerd metadata (policy selectors)
     # why it cannot be migrated (host device, mdev, local-only disk, ...); empty: movable
-    blockers: tuple[str, ...] = ()
+    blockers: tuple[Blocker, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,7 +90,7 @@ class Vm:
     dirty_rate_bytes_s: float | None = None
     tags: tuple[str, ...] = ()  # from the domain's balancerd metadata (policy selectors)
     # why it cannot be migrated (host device, mdev, local-only disk, ...); empty: movable
-    blockers: tuple[str, ...] = ()
+    blockers: tuple[Blocker, ...] = ()
 
     @property
     def cpu_cores(self) -> float:
@@ -122,7 +140,17 @@ class Capacity:
 class Snapshot:
     taken_at_s: float
     hosts: tuple[Host, ...]
-    vms: tuple[Vm, ...]
+    vms: tuple[Vm, ...]  # guests that run (or are paused): they use CPU and memory
+    # Defined-but-stopped guests (shut off / crashed): no CPU or memory while stopped, so
+    # not in the placement problem; a drain moves them cold, power-save keeps their host on.
+    stopped: tuple[Vm, ...] = ()
+
+    def stopped_on(self, host: str) -> tuple[Vm, ...]:
+        return tuple(v for v in self.stopped if v.host == host)
+
+    def unmovable(self) -> tuple[Vm, ...]:
+        """Running guests with something that blocks a live migration."""
+        return tuple(v for v in self.vms if v.blockers)
 
     def host(self, name: str) -> Host | None:
         return next((h for h in self.hosts if h.name == name), None)
@@ -195,6 +223,8 @@ class Move:
     mem_bytes: int
     expected_s: float  # from memory size, bandwidth and dirty rate
     wave: int = 0  # steps of one wave may run together
+    # a stopped guest: only its definition moves (VIR_MIGRATE_OFFLINE), nothing runs
+    offline: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class MigrationMode(enum.StrEnum):
     PAUSED_FALLBACK = "paused-fallback"  # pause-and-complete after a stall
     OFFLINE = "offline"  # cold: paused while all memory is sent
     POSTCOPY = "postcopy"  # switched to post-copy after a stall: runs on the destination at once
+    DEFINITION = "definition"  # a stopped guest's definition moved (VIR_MIGRATE_OFFLINE)
     NONE = "none"  # nothing was attempted (skipped) or nothing completed
 
 
@@ -74,7 +75,20 @@ class SkipKind(enum.StrEnum):
     PAUSED = "paused"  # an operator paused balancerd (`balancerd pause`)
     STALE = "stale"  # a saved plan's step no longer fits (rules or capacity changed since)
     NOT_LEADER = "not-leader"  # another instance leads, or our leader lease lapsed (etcd)
+    UNMOVABLE = "unmovable"  # the guest has a device or disk that blocks migration
     OTHER = "other"
+
+
+class BlockerKind(enum.StrEnum):
+    """Why a guest cannot be live-migrated (read from its domain XML by the adapter)."""
+
+    HOSTDEV = "hostdev"  # PCI/USB/SCSI passthrough (<hostdev>)
+    MDEV = "mdev"  # a mediated device (vGPU, <hostdev type='mdev'>)
+    LOCAL_DISK = "local-disk"  # a disk outside the storage the config declares shared
+    HOST_CDROM = "host-cdrom"  # a CD-ROM/floppy with a host file or device outside it
+    SHMEM = "shmem"  # <shmem> (ivshmem): QEMU cannot migrate it
+    VIRTIOFS = "virtiofs"  # <filesystem> with driver virtiofs (libvirt refuses before 10.x)
+    NON_MIGRATABLE_CPU = "non-migratable-cpu"  # host-passthrough CPU with migratable='off'
 
 
 class ReconcileOutcome(enum.StrEnum):

@@ -49,6 +49,7 @@ class MoveWhy:
     src_mem_util: float
     dst_cpu_util: float  # on the destination, after the move
     dst_mem_util: float
+    offline: bool = False  # a stopped guest's definition moves (nothing runs)
 
     @property
     def benefit(self) -> float | None:
@@ -68,6 +69,7 @@ class MoveWhy:
             "from": self.src,
             "to": self.dst,
             "wave": self.wave,
+            "offline": self.offline,
             "why": self.why,
             "benefit": _round(self.benefit),
             "score_before": _round(self.score_before),
@@ -132,6 +134,16 @@ def explain_moves(
         g = p.guest_index.get(m.vm)
         h_src, h_dst = p.host_index.get(m.src), p.host_index.get(m.dst)
         downtime_ms, note = predicted_downtime(vms.get(m.vm), policy.migration)
+        if m.offline:
+            drain = "drained by the operator" if m.src in drained else "in maintenance"
+            why = f"stopped guest: {m.src} is {drain}; only its definition moves"
+            out.append(
+                MoveWhy(
+                    m.vm, m.src, m.dst, m.wave, why, m.mem_bytes, m.expected_s,
+                    0.0, "stopped", None, None, 0.0, 0.0, 0.0, 0.0, offline=True,
+                )
+            )  # fmt: skip
+            continue
         if g is None or h_src is None or h_dst is None:
             out.append(
                 MoveWhy(

@@ -123,6 +123,7 @@ class SavedMove:
     mem_bytes: int
     expected_s: float
     why: MoveWhy
+    offline: bool = False  # a stopped guest's definition
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ class SavedPlan:
             policy=self.policy,
             objective=str(self.doc.get("objective", "balance")),
             moves=tuple(
-                Move(m.vm, m.src, m.dst, m.mem_bytes, m.expected_s, m.wave) for m in self.moves
+                Move(m.vm, m.src, m.dst, m.mem_bytes, m.expected_s, m.wave, m.offline)
+                for m in self.moves
             ),
             current=Placement({}),
             target=Placement({}),
@@ -219,6 +221,7 @@ def parse_plan(data: Any, source: str) -> SavedPlan:
                 mem_bytes,
                 expected_s,
                 why,
+                offline=m.get("offline") is True,
             )
         )
     if problems:
@@ -232,6 +235,7 @@ def move_why_from_json(m: Mapping[str, Any]) -> MoveWhy:
     dst_util = dict(m.get("dst_util_after") or {})
     before, after = m.get("score_before"), m.get("score_after")
     return MoveWhy(
+        offline=m.get("offline") is True,
         vm=str(m["vm"]),
         src=str(m["from"]),
         dst=str(m["to"]),
@@ -286,6 +290,9 @@ def check_steps(saved: SavedPlan, snapshot: Snapshot, policy: Policy) -> list[St
     for wave in waves:
         leaving: list[tuple[int, int]] = []  # (guest, source) freed when the wave ends
         for m in (m for m in saved.moves if m.wave == wave):
+            if m.offline:  # uses no capacity while stopped
+                checks.append(StepCheck(m, *_check_stopped(m, snapshot, policy)))
+                continue
             kind, reason = _check(m, snapshot, policy, p, copies, vm_of, at, cpu, mem, vcpu)
             checks.append(StepCheck(m, kind, reason))
             if kind is not None:
@@ -303,6 +310,19 @@ def check_steps(saved: SavedPlan, snapshot: Snapshot, policy: Policy) -> list[St
             vcpu[h] -= p.vcpus[g]
     order = {id(m): i for i, m in enumerate(saved.moves)}
     return sorted(checks, key=lambda c: order[id(c.move)])
+
+
+def _check_stopped(m: SavedMove, snapshot: Snapshot, policy: Policy) -> tuple[SkipKind | None, str]:
+    """A stopped guest's saved step: still stopped on its source, destination fit."""
+    if not any(v.name == m.vm and v.host == m.src for v in snapshot.stopped):
+        return SkipKind.GONE, f"{m.vm} is no longer a stopped guest on {m.src}"
+    host = snapshot.host(m.dst)
+    if host is None or not host.up:
+        return SkipKind.HOST_DOWN, f"{m.dst} does not answer"
+    c = policy.constraints
+    if m.dst in c.maintenance or m.dst in c.exclude_hosts:
+        return SkipKind.STALE, f"{m.dst} is in maintenance or excluded now"
+    return None, ""
 
 
 def _check(  # noqa: C901 (one branch per staleness reason of a saved step)
@@ -380,6 +400,7 @@ def valid_moves(checks: Sequence[StepCheck], snapshot: Snapshot) -> list[Move]:
             mem.get(c.move.vm, c.move.mem_bytes),
             c.move.expected_s,
             c.move.wave,
+            c.move.offline,
         )
         for c in checks
         if c.ok

@@ -15,7 +15,9 @@ from balancerd.model import Snapshot
 
 
 def open_hypervisor(config: Config) -> LibvirtHypervisor:
-    return LibvirtHypervisor(config.hosts, timeout_s=config.host_timeout_s)
+    return LibvirtHypervisor(
+        config.hosts, timeout_s=config.host_timeout_s, shared_storage=config.shared_storage
+    )
 
 
 def sample_snapshot(

@@ -500,3 +500,30 @@ def test_a_standby_refuses_commands_that_act_and_answers_the_others(
             harness.ask(cmd, **args)
     assert harness.ask("status")["drains"] == {}
     assert not (harness.folder / "state" / OPERATOR_FILE).exists()
+
+
+def test_drain_moves_a_stopped_guest_and_names_an_unmovable_one(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """A drain empties h1 of the stopped guest too (cold); the guest with a PCI device
+    stays, and drain-status says why."""
+    from balancerd.model import Blocker
+    from balancerd.outcomes import BlockerKind
+
+    h = started(tmp_path, sock_dir)
+    try:
+        h.hv.hosts["h1"].vms["vm0"].blockers = (Blocker(BlockerKind.HOSTDEV, "pci 0000:03:00.0"),)
+        h.hv.add_vm("h1", SimVm("off", vcpus=1, mem_bytes=GIB, state="shutoff"))
+        h.collect()
+        out = h.ask("drain", host="h1")
+        assert "off" in out["guests"]
+        h.wait_idle()
+        h.collect()
+        assert h.where()["h1"] == ["vm0"], h.where()
+        status = h.ask("drain-status", host="h1")
+        assert not status["empty"]
+        (g,) = status["guests"]
+        assert g["vm"] == "vm0" and g["stuck"], g
+        assert "cannot be live-migrated (hostdev: pci 0000:03:00.0)" in g["why"], g
+    finally:
+        h.daemon.shutdown()

@@ -336,3 +336,77 @@ def test_a_solve_longer_than_the_stall_timeout_is_refused_at_start_and_reload(
     assert harness.daemon.reload() is False
     with pytest.raises(ConfigError, match="stall_timeout_s"):
         Daemon(str(tmp_path / "balancerd.yaml"), hypervisor_factory=lambda _c: harness.hv)
+
+
+def test_an_unmovable_guest_stays_with_its_reason_in_the_plan_and_metrics(
+    harness: Harness,
+) -> None:
+    from balancerd.model import Blocker
+    from balancerd.outcomes import BlockerKind
+
+    gpu = Blocker(BlockerKind.HOSTDEV, "pci 0000:03:00.0")
+    harness.hv.hosts["h1"].vms["vm0"].blockers = (gpu,)
+    for _ in range(2):  # planned around, cycle after cycle: never attempted
+        harness.collect(3)
+        report = harness.daemon.cycle_once()
+        assert report is not None
+        assert all(m.vm != "vm0" for m in report.plan.moves)
+        assert all(r.vm != "vm0" for r in report.results)
+        assert any(
+            "guest vm0 stays on host h1 but cannot be live-migrated (hostdev: pci" in n
+            for n in report.plan.notes
+        ), report.plan.notes
+    assert "vm0" in harness.hv.hosts["h1"].vms
+    assert harness.metric("balancerd_guests_unmovable", kind="hostdev") == 1.0
+
+
+def test_a_drain_moves_a_stopped_guest_cold_to_exactly_one_host(
+    harness: Harness, tmp_path: Path
+) -> None:
+    drain = POLICY.replace("MODE", "automatic") + "  constraints: {maintenance: [h1]}\n"
+    (tmp_path / "policy.yaml").write_text(drain)
+    assert harness.daemon.reload()
+    harness.hv.add_vm("h1", SimVm("off", vcpus=2, mem_bytes=2 * GIB, state="shutoff"))
+    harness.collect(3)
+    assert harness.metric("balancerd_host_vms_stopped", host="h1") == 1.0
+    report = harness.daemon.cycle_once()
+    assert report is not None
+    (cold,) = [r for r in report.results if r.vm == "off"]
+    assert cold.outcome is MoveOutcome.MIGRATED, cold.reason
+    assert str(cold.mode) == "definition"
+    holders = [h for h, vms in harness.where().items() if "off" in vms]
+    assert len(holders) == 1 and holders[0] != "h1"
+    assert harness.hv.hosts[holders[0]].vms["off"].state == "shutoff"
+    assert harness.where()["h1"] == []  # the running guests left too
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_power_save_keeps_a_host_with_a_stopped_guest_on_unless_the_policy_allows(
+    tmp_path: Path, allowed: bool
+) -> None:
+    h = Harness(tmp_path)
+    (tmp_path / "policy.yaml").write_text(
+        POLICY.replace("MODE", "automatic").replace("objective: balance", "objective: power-save")
+        + "  power: {min_active_hosts: 1, grace_period_s: 0, reserve_hosts: 0, "
+        + f"allow_off_with_stopped_guests: {str(allowed).lower()}}}\n"
+    )
+    cfg = tmp_path / "balancerd.yaml"
+    cfg.write_text(
+        cfg.read_text().replace(
+            "uri: 'qemu+tcp://10.0.0.3/system'",
+            "uri: 'qemu+tcp://10.0.0.3/system', power: {driver: command, "
+            "on_command: [/bin/true], off_command: [/bin/true]}",
+        )
+    )
+    h.hv.add_vm("h3", SimVm("off", vcpus=1, mem_bytes=GIB, state="shutoff"))
+    h.daemon.reload()
+    h.daemon.start(schedule_jobs=False)
+    try:
+        h.collect(3)
+        report = h.daemon.cycle_once()
+        assert report is not None
+        offs = [p for p in report.power if p.action == "off" and p.host == "h3" and p.ok]
+        assert bool(offs) is allowed, report.power
+        assert ("h3" in h.daemon.power.powered_off()) is allowed
+    finally:
+        h.daemon.shutdown()

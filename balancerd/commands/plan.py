@@ -80,6 +80,7 @@ def plan_json(
                 "from": m.src,
                 "to": m.dst,
                 "wave": m.wave,
+                "offline": m.offline,  # a stopped guest: its definition moves cold
                 "mem_bytes": m.mem_bytes,
                 "expected_s": round(m.expected_s, 2),
                 **_why_json(why_of.get((m.vm, m.src, m.dst, m.wave))),
@@ -132,8 +133,10 @@ def render_plan(out: dict[str, Any]) -> str:
         lines.append(f"{len(out['moves'])} moves:")
         name = score_name(str(out["objective"]))
         for m in out["moves"]:
+            stopped = " (stopped guest, cold)" if m.get("offline") else ""
             lines.append(
-                f"  wave {m['wave']}: {m['vm']} {m['from']} -> {m['to']} (~{m['expected_s']} s)"
+                f"  wave {m['wave']}: {m['vm']} {m['from']} -> {m['to']} "
+                f"(~{m['expected_s']} s){stopped}"
             )
             if "why" in m:
                 cost = m["cost"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from balancerd.config import load_config
 from balancerd.daemon_state import read_daemon_status
-from balancerd.model import Snapshot
+from balancerd.model import Snapshot, Vm, blockers_text
 from balancerd.units import GIB, MIB
 from balancerd.wiring import open_hypervisor, sample_snapshot
 
@@ -54,12 +54,36 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
                         "mem_bytes": v.mem_bytes,
                         "cpu_util": round(v.cpu_util, 4),
                         "cpu_cores": round(v.cpu_cores, 4),
+                        "blockers": _blockers_json(v),
                     }
                     for v in vms
+                ],
+                # defined but not running: no load now; moved cold when the host drains
+                "stopped_vms": [
+                    {
+                        "name": v.name,
+                        "uuid": v.uuid,
+                        "state": v.state,
+                        "vcpus": v.vcpus,
+                        "mem_bytes": v.mem_bytes,
+                        "blockers": _blockers_json(v),
+                    }
+                    for v in snapshot.stopped_on(h.name)
                 ],
             }
         )
     return {"hosts": hosts}
+
+
+def _blockers_json(v: Vm) -> list[dict[str, str]]:
+    return [{"kind": str(b.kind), "detail": b.detail} for b in v.blockers]
+
+
+def _guest_line(v: Vm, cpu: str) -> str:
+    line = f"  - {v.name:<20} {v.state:<8} {v.vcpus} vCPU {v.mem_bytes / MIB:>7.0f} MiB {cpu}"
+    if v.blockers:
+        line += f"  unmovable ({blockers_text(v.blockers)})"
+    return line
 
 
 def render_table(snapshot: Snapshot) -> str:
@@ -74,15 +98,16 @@ def render_table(snapshot: Snapshot) -> str:
             lines.append(f"{h.name:<12} {'no':<4}  ({h.error})")
             continue
         guest_pct = 100 * usage[h.name][0]
+        stopped = snapshot.stopped_on(h.name)
         lines.append(
             f"{h.name:<12} {'yes':<4} {h.cpus:>4} {100 * h.cpu_util:>5.1f}% {guest_pct:>6.1f}% "
             f"{h.mem_bytes / GIB:>8.1f} {100 * h.mem_util:>5.1f}%  {len(vms)}"
+            + (f" (+{len(stopped)} stopped)" if stopped else "")
         )
         for v in vms:
-            lines.append(
-                f"  - {v.name:<20} {v.state:<8} {v.vcpus} vCPU {v.mem_bytes / MIB:>7.0f} MiB "
-                f"cpu {100 * v.cpu_util:5.1f}%"
-            )
+            lines.append(_guest_line(v, f"cpu {100 * v.cpu_util:5.1f}%"))
+        for v in stopped:
+            lines.append(_guest_line(v, "stopped"))
     return "\n".join(lines)
 
 

@@ -494,7 +494,11 @@ class ControlHandlers:
             and h.name not in policy.constraints.exclude_hosts
         ]
         snapshot = d.rt.snapshot
-        guests = sorted(v.name for v in snapshot.vms_on(host)) if snapshot is not None else []
+        guests = (
+            sorted(v.name for v in (*snapshot.vms_on(host), *snapshot.stopped_on(host)))
+            if snapshot is not None
+            else []
+        )
         if new:
             log.info("drain host=%s by=%s reason=%s", host, peer.name, reason or "-")
             d.request_cycle()  # decide now, not a whole cycle interval later
@@ -575,7 +579,8 @@ class ControlHandlers:
         running = latest.plan if latest.plan_at_s > latest.decided_at_s else None
         if running is not None and latest.plan_at_s < since_s:
             running = None  # (a cycle that started before the drain)
-        for v in snapshot.vms_on(host):
+        # stopped guests too: a drain moves them cold, the host is not empty before
+        for v in (*snapshot.vms_on(host), *snapshot.stopped_on(host)):
             why, stuck = self._why_still_there(
                 v.name, host, report, inputs, fresh, in_flight, running
             )
@@ -625,7 +630,7 @@ class ControlHandlers:
                     return f"planned to {move.dst}, not executed: {held}", False
                 return f"planned to {move.dst}", False
         for note in report.plan.notes:
-            if note.startswith(f"guest {vm} "):
+            if note.startswith((f"guest {vm} ", f"stopped guest {vm} ")):
                 return note, True
         if inputs is not None:
             rules = standing_rules(vm, inputs.policy)

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from balancerd.backoff import BackoffTable
 from balancerd.collect import (
+    STOPPED_STATES,
     Capacity,
     SampleHistory,
     build_snapshot,
@@ -753,7 +754,9 @@ class Daemon:
                 self.rt.drivers,
                 self.power,
                 now_s,
-                still_empty=self._still_empty,
+                still_empty=lambda host: self._still_empty(
+                    host, policy.power.allow_off_with_stopped_guests
+                ),
                 fence=self._fence_power,
             )
             text = self.power.to_json(boot_id())
@@ -768,15 +771,18 @@ class Daemon:
             return str(exc)
         return ""
 
-    def _still_empty(self, host: str) -> str:
+    def _still_empty(self, host: str, stopped_may_stay: bool = False) -> str:
         """Right before a power-off: what keeps ``host`` busy now ("" if nothing). Lists
-        its domains again (running or defined-but-stopped) and counts moves in flight."""
+        its domains again (running, and defined-but-stopped unless ``stopped_may_stay``:
+        spec.power.allow_off_with_stopped_guests) and counts moves in flight."""
         if any(host in (m["src"], m["dst"]) for m in self.stats.summary()["in_flight"]):
             return "a migration in flight touches it"
         try:
             domains = self.rt.hypervisor.domains(host)
         except BalancerdError as exc:
             return f"cannot list its guests: {exc}"
+        if stopped_may_stay:
+            domains = {vm: st for vm, st in domains.items() if st not in STOPPED_STATES}
         if domains:
             listed = ", ".join(f"{vm} ({state})" for vm, state in sorted(domains.items()))
             return f"it holds {listed}"

@@ -17,7 +17,7 @@ from balancerd.errors import HypervisorError
 from balancerd.execute.converge import Mode, StallRules, mode_of
 from balancerd.execute.journal import JournalStore
 from balancerd.execute.monitor import MonitorResult, run_migration
-from balancerd.execute.preflight import preflight
+from balancerd.execute.preflight import preflight, preflight_stopped
 from balancerd.execute.reconcile import settle
 from balancerd.hypervisor.base import Hypervisor, JobStats, MigrationRequest
 from balancerd.model import Move
@@ -251,28 +251,75 @@ def _after_unexpected(run: _Run, exc: Exception) -> MoveResult:
     return run.result(FAILED, Mode.NONE, "; ".join([why, *actions, where]))
 
 
+def _record_intent(run: _Run, vm_uuid: str, vm_state: str) -> MoveResult | None:
+    """Journal the intent before anything is attempted; the skip result if it cannot be."""
+    e, m = run.e, run.m
+    if e.journal is None:
+        return None
+    try:
+        run.entry = e.journal.begin(
+            m.vm, vm_uuid, m.src, m.dst, vm_state, migration_id=run.migration_id
+        )
+    except (sqlite3.Error, OSError) as exc:  # e.g. the state directory is full
+        why = f"cannot record the intent in the journal ({exc}): not attempted"
+        return run.result(SKIPPED, Mode.NONE, why, skip_kind=SkipKind.JOURNAL)
+    except CoordinationError as exc:  # the fenced intent was refused: we do not lead
+        why = f"intent not recorded, not attempted: {exc}"
+        return run.result(SKIPPED, Mode.NONE, why, skip_kind=SkipKind.NOT_LEADER)
+    return None
+
+
+def _move_stopped(run: _Run) -> MoveResult:
+    """A stopped guest: libvirt moves its definition (offline, persist on the destination,
+    undefine on the source); it must end defined on exactly one host. A failure or a
+    half-done move (defined on both) is settled at once, else left for reconcile."""
+    e, m = run.e, run.m
+    e.on_start(m, run.migration_id)
+    e.progress(m, None, "offline migration of a stopped guest")
+    req = MigrationRequest(
+        vm=m.vm,
+        src=m.src,
+        dst=m.dst,
+        live=False,
+        bandwidth_mib_s=e.mig.bandwidth_mib_s,
+        max_downtime_ms=0,
+        auto_converge=False,
+        offline=True,
+    )
+    error = ""
+    try:
+        e.hv.migrate(req)
+    except HypervisorError as exc:
+        error = str(exc)
+    e.heartbeat()
+    try:
+        actions, where = settle(e.hv, m.vm, m.src, m.dst, was_running=False, vm_uuid=run.vm_uuid)
+        states = _states(e.hv, m.vm, m.src, m.dst)
+    except HypervisorError as exc:
+        why = "; ".join(x for x in (error, f"state unknown ({exc}); left for reconcile") if x)
+        return run.result(FAILED, Mode.NONE, why, keep_open=True)
+    detail = "; ".join([*actions, where])
+    if states[m.dst] is not None and states[m.src] is None and not error:
+        return run.result(MIGRATED, MigrationMode.DEFINITION, "stopped guest moved; " + detail)
+    return run.result(FAILED, Mode.NONE, "; ".join(x for x in (error, detail) if x))
+
+
 def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, settle, cold fallback, verify, in order)
     e, m = run.e, run.m
     hv, mig = e.hv, e.mig
     e.progress(m, None, "preflight")
-    pf = preflight(hv, m, mig, e.headroom_bytes)
+    pf = preflight_stopped(hv, m) if m.offline else preflight(hv, m, mig, e.headroom_bytes)
     e.heartbeat()
     if not pf.ok or pf.facts is None:
         return run.result(SKIPPED, Mode.NONE, pf.reason, skip_kind=pf.kind)
     facts = pf.facts
     run.state_before = facts.state
     run.vm_uuid = facts.uuid
-    if e.journal is not None:
-        try:
-            run.entry = e.journal.begin(
-                m.vm, facts.uuid, m.src, m.dst, facts.state, migration_id=run.migration_id
-            )
-        except (sqlite3.Error, OSError) as exc:  # e.g. the state directory is full
-            why = f"cannot record the intent in the journal ({exc}): not attempted"
-            return run.result(SKIPPED, Mode.NONE, why, skip_kind=SkipKind.JOURNAL)
-        except CoordinationError as exc:  # the fenced intent was refused: we do not lead
-            why = f"intent not recorded, not attempted: {exc}"
-            return run.result(SKIPPED, Mode.NONE, why, skip_kind=SkipKind.NOT_LEADER)
+    not_recorded = _record_intent(run, facts.uuid, facts.state)
+    if not_recorded is not None:
+        return not_recorded
+    if m.offline:
+        return _move_stopped(run)
     entry = run.entry
     e.on_start(m, run.migration_id)
     rules = StallRules.for_vm(mig, m.vm)

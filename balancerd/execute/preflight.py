@@ -15,6 +15,9 @@ Decisions documented here:
     protocol has no facts for them).
   * memory: destination free memory now >= guest memory + the policy's per-host headroom.
   * a guest no longer on the source (moved by an operator) is skipped, never failed.
+  * a device that blocks migration (host device, mdev, shmem, virtiofs, a non-migratable
+    CPU: hypervisor/libvirt.py migration_blockers) refuses the move as ``unmovable``;
+    local disks and CD-ROMs are left to the path check (the destination may have them).
   * TLS (``spec.migration.tls``): the stream is encrypted when the source can send
     (QEMU's ca-cert.pem) and the destination receive (ca-cert.pem, server-cert.pem,
     server-key.pem in /etc/pki/qemu) a TLS stream. ``required`` refuses a move between
@@ -37,14 +40,16 @@ from dataclasses import dataclass
 
 from balancerd.errors import HypervisorError
 from balancerd.hypervisor.base import DomainFacts, HostFacts, Hypervisor
-from balancerd.model import Move
-from balancerd.outcomes import SkipKind
+from balancerd.model import Move, blockers_text
+from balancerd.outcomes import BlockerKind, SkipKind
 from balancerd.policy.model import Migration, MigrationCompression, MigrationTls, OnStall
 from balancerd.units import MIB
 
 log = logging.getLogger(__name__)
 
 SAFE_CACHE_MODES = ("none", "directsync")
+# Judged by the disk path check below (the destination may have the file after all)
+STORAGE_BLOCKERS = (BlockerKind.LOCAL_DISK, BlockerKind.HOST_CDROM)
 MIGRATABLE_STATES = ("running", "paused")
 
 
@@ -155,6 +160,9 @@ def check(  # noqa: C901 (one branch per preflight requirement, in the order the
         return Refusal(SkipKind.NOT_RUNNING, f"guest is {facts.state}, not running")
     if facts.in_job:
         return Refusal(SkipKind.IN_JOB, "guest is already in a job (another migration or save?)")
+    devices = [b for b in facts.blockers if b.kind not in STORAGE_BLOCKERS]
+    if devices:
+        return Refusal(SkipKind.UNMOVABLE, f"cannot live-migrate: {blockers_text(tuple(devices))}")
     if not mig.allow_backward:
         if dst.libvirt_version < src.libvirt_version:
             return Refusal(
@@ -292,3 +300,38 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
         compression=method,
         notes=tuple(notes),
     )
+
+
+def preflight_stopped(hv: Hypervisor, move: Move) -> PreflightResult:
+    """A stopped guest's move (its definition only): it must still be defined and shut off
+    on the source, its name free on the destination, and every disk path visible there
+    (it will start there from the same files)."""
+    vm, s, d = move.vm, move.src, move.dst
+    try:
+        src_state = hv.domain_state(s, vm)
+        on_dst = hv.domain_state(d, vm)
+    except HypervisorError as exc:
+        return PreflightResult.refused(
+            Refusal(SkipKind.HOST_DOWN, f"{exc.host} does not answer: {exc.detail}")
+        )
+    if src_state is None:
+        where = f" (already on {d})" if on_dst is not None else ""
+        return PreflightResult.refused(Refusal(SkipKind.GONE, f"guest is no longer on {s}{where}"))
+    if src_state != "shutoff":
+        return PreflightResult.refused(
+            Refusal(SkipKind.STALE, f"guest is {src_state} now, not stopped: moved live if at all")
+        )
+    if on_dst is not None:
+        return PreflightResult.refused(
+            Refusal(SkipKind.NAME_TAKEN, f"a domain named {vm} already exists on {d} ({on_dst})")
+        )
+    try:
+        facts = hv.domain_facts(s, vm)
+        missing = [k.path for k in facts.disks if k.path and not hv.path_visible(d, k.path)]
+    except HypervisorError as exc:
+        return PreflightResult.refused(Refusal(SkipKind.HOST_DOWN, f"could not read facts: {exc}"))
+    if missing:
+        return PreflightResult.refused(
+            Refusal(SkipKind.DISK_MISSING, f"disk {missing[0]} not found on {d}"), facts
+        )
+    return PreflightResult(True, "", facts)

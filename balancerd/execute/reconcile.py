@@ -15,6 +15,8 @@ waited for; then the guest's state on source and destination decides:
   absent    paused        resume the destination; if it is still an incoming job, leave
                           it alone and the entry open (settled at the next look)
   one running, the other absent: nothing to do.
+  defined on both, one shut off (a stopped guest's move half done): the shut-off copy is
+                          undefined; both shut off: the source's (the destination keeps it).
 
 A guest in post-copy is never destroyed on either host nor resumed on the source: its
 newest state is on the destination, the rest of its memory on the source. An active
@@ -122,8 +124,9 @@ def settle(
                 return None
         return st
 
-    if state(src) is not None:
+    if state(src) not in (None, "shutoff"):
         actions += _end_job(hv, src, vm, heartbeat, wait_s)
+    actions += _one_definition(hv, vm, src, dst, state(src), state(dst))
     for host in (src, dst):
         if hv.domain_state(host, vm) is not None and hv.postcopy_state(host, vm) == "failed":
             raise HypervisorError(
@@ -166,8 +169,28 @@ def settle(
     elif d:
         where = f"{vm} is {d} on {dst}"
     else:
-        where = f"{vm} found on neither {src} nor {dst}"
-    return actions, where
+        where = _where_stopped(hv, vm, src, dst)
+    return list(dict.fromkeys(actions)), where  # state() may say "left alone" twice
+
+
+def _one_definition(
+    hv: Hypervisor, vm: str, src: str, dst: str, on_src: str | None, on_dst: str | None
+) -> list[str]:
+    """Defined on both hosts with one copy shut off (a stopped guest's move half done, or
+    a definition left behind): the shut-off copy goes; both shut off, the source's (the
+    destination's is the move's aim)."""
+    if on_src is None or on_dst is None or "shutoff" not in (on_src, on_dst):
+        return []
+    drop = src if on_src == "shutoff" else dst
+    hv.destroy(drop, vm)
+    return [f"undefined the shut-off copy on {drop}"]
+
+
+def _where_stopped(hv: Hypervisor, vm: str, src: str, dst: str) -> str:
+    defined = [h for h in (src, dst) if hv.domain_state(h, vm) is not None]
+    if len(defined) == 1:
+        return f"{vm} is defined on {defined[0]}, not running"
+    return f"{vm} found on neither {src} nor {dst}"
 
 
 def reconcile(

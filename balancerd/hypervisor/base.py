@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from balancerd.model import HostSample
+from balancerd.model import Blocker, HostSample
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class DomainFacts:
     persistent: bool
     in_job: bool
     virt_type: str = "kvm"  # <domain type=...>: kvm | qemu (TCG); CPU checks depend on it
+    blockers: tuple[Blocker, ...] = ()  # what in its definition stops a live migration
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class MigrationRequest:
     compression: str = ""  # "": none; else a VIR_MIGRATE_PARAM_COMPRESSION method
     # Resume a failed post-copy (VIR_MIGRATE_POSTCOPY_RESUME, libvirt >= 8.5)
     postcopy_resume: bool = False
+    # A stopped guest: move only its definition (VIR_MIGRATE_OFFLINE), it stays shut off
+    offline: bool = False
 
 
 class Hypervisor(Protocol):

@@ -26,7 +26,7 @@ from balancerd.hypervisor.base import (
     JobStats,
     MigrationRequest,
 )
-from balancerd.model import HostSample, VmSample
+from balancerd.model import Blocker, HostSample, VmSample
 from balancerd.units import NS
 
 
@@ -47,6 +47,8 @@ class SimVm:
     in_job: bool = False  # some other job (save, snapshot, ...) runs on the domain
     incoming: bool = False  # the paused target end of an incoming migration
     tags: tuple[str, ...] = ()  # as libvirt's balancerd metadata would give them
+    # what in its definition blocks a live migration (the adapter reads it from the XML)
+    blockers: tuple[Blocker, ...] = ()
 
 
 @dataclass
@@ -162,6 +164,7 @@ class SimHypervisor:
                             in_job=v.in_job,
                             incoming=v.incoming,
                             tags=v.tags,
+                            blockers=v.blockers,
                         )
                         for v in h.vms.values()
                     ),
@@ -184,6 +187,7 @@ class SimHypervisor:
             persistent=v.persistent,
             in_job=v.in_job,
             virt_type=v.virt_type,
+            blockers=v.blockers,
         )
 
     def host_facts(self, host: str) -> HostFacts:
@@ -213,10 +217,13 @@ class SimHypervisor:
     def migrate(self, req: MigrationRequest) -> None:
         src = self._host(req.src, "migrate")
         dst = self._host(req.dst, "migrate")
-        vm = src.vms.pop(req.vm, None)
+        vm = src.vms.get(req.vm)
         if vm is None:
             raise HypervisorError(req.src, "migrate", f"no guest {req.vm}")
-        dst.vms[vm.name] = vm
+        if req.offline != (vm.state == "shutoff"):  # as libvirt: offline <=> not active
+            what = "offline migration of an active" if req.offline else "migration of a stopped"
+            raise HypervisorError(req.src, "migrate", f"{what} domain {req.vm}")
+        dst.vms[vm.name] = src.vms.pop(req.vm)
 
     def job_stats(self, host: str, vm: str, completed: bool = False) -> JobStats | None:
         self._vm(host, vm, "job stats")

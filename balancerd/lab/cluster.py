@@ -74,6 +74,7 @@ class GuestSpec:
     disk: str = ""
     disk_cache: str = "none"
     bridge: bool = False  # a NIC on the bridge "guestbr" that every lab host has
+    shmem: bool = False  # an ivshmem device, which blocks live migration
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,8 @@ class Lab:
             "policy": policy,
             **({"pki_dir": str(client_pki(self.root))} if spec.tls else {}),
             "state_dir": str(self.root / "state"),
+            # what every lab host sees at one path: disks elsewhere are local to a host
+            "shared_storage": [str(self.shared_dir)],
             "metrics": {"listen": spec.metrics_listen},
             # Lab pace: a demo shows decisions within a minute (production: 15 s / 300 s).
             "collect_interval_s": 2,
@@ -418,6 +421,7 @@ class Lab:
             disk_path=disk_path,
             disk_cache=g.disk_cache,
             bridge=g.bridge,
+            shmem=g.shmem,
         )
         xml = domain_xml(
             lab_name=self.name,

@@ -21,6 +21,7 @@ class GuestDevices:
     disk_path: str = ""  # "" = no disk
     disk_cache: str = "none"
     bridge: bool = False
+    shmem: bool = False  # an ivshmem-plain device: libvirt refuses to migrate the guest
 
 
 def guest_uuid(lab_name: str, guest: str) -> str:
@@ -66,6 +67,13 @@ def domain_xml(
             f"      <source bridge='{GUEST_BRIDGE}'/>\n"
             "      <model type='virtio'/>\n"
             "    </interface>\n"
+        )
+    if devices.shmem:
+        nic += (
+            f"    <shmem name='{name}-shm'>\n"
+            "      <model type='ivshmem-plain'/>\n"
+            "      <size unit='M'>4</size>\n"
+            "    </shmem>\n"
         )
     return (
         "<domain type='qemu'>\n"

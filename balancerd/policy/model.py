@@ -137,6 +137,8 @@ class Power:
     reserve_hosts: int = 0  # kept on and empty beyond what the placement needs
     grace_period_s: float = 300.0  # empty this long before it is powered off
     min_off_s: float = 900.0  # off at least this long (against flapping)
+    # false: a host holding defined-but-stopped guests stays on (they could not be started)
+    allow_off_with_stopped_guests: bool = False
     host_models: Mapping[str, PowerModel] = field(default_factory=dict)  # host -> watts
     default_model: PowerModel = field(default_factory=PowerModel)
 

@@ -378,6 +378,11 @@ SPEC = obj(
                     "min_off_s": fld(
                         seconds(YEAR_S, zero=True), "seconds a host stays off at least"
                     ),
+                    "allow_off_with_stopped_guests": fld(
+                        Flag(),
+                        "power off a host that holds defined-but-stopped guests (default "
+                        "false: it stays on so they can be started)",
+                    ),
                     "default_model": fld(_power_model(), "watts of hosts not in host_models"),
                     "host_models": fld(
                         MapOf(_power_model(), key_doc="host name", key=NAME), "host -> its watts"

@@ -7,7 +7,8 @@ the small memory it needs (when each host became empty, when it was switched off
 
 Rules:
 - a host with guests (in the snapshot, in the target placement, or busy with a migration)
-  is never powered off, nor is a host that does not answer (its guests are unknown);
+  is never powered off, nor is a host that does not answer (its guests are unknown), nor
+  (unless ``allow_off_with_stopped_guests``) one that holds defined-but-stopped guests;
 - a host is powered off only if the plan lists it, it has been empty for
   ``grace_period_s``, and afterwards at least ``max(1, min_active_hosts)`` hosts stay
   active and ``reserve_hosts`` empty hosts stay on;
@@ -80,6 +81,11 @@ def decide_power(  # noqa: C901 (power rules in order: off candidates, floors, r
 
     target_hosts = set(plan.target.host_of.values())
     guests = {v.host for v in snapshot.vms} | target_hosts | set(busy)
+    # stopped guests hold their host (even those a drain moves now: the move may fail)
+    stopped: dict[str, list[str]] = {}
+    if not power.allow_off_with_stopped_guests:
+        for v in snapshot.stopped:
+            stopped.setdefault(v.host, []).append(v.name)
 
     def off_for_s(host: str) -> float:
         since = history[host].off_since_s if host in history else None
@@ -106,6 +112,11 @@ def decide_power(  # noqa: C901 (power rules in order: off candidates, floors, r
         if host in need_on or host in eligible_names(eligible):
             continue
         reason = _why_not_off(host, is_on(host), up(host), host in guests, can_switch(host))
+        if not reason and host in stopped:
+            reason = (
+                f"holds stopped guest(s) {', '.join(sorted(stopped[host]))} "
+                "(spec.power.allow_off_with_stopped_guests is false)"
+            )
         if reason:
             held[host] = reason
             continue

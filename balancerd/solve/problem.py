@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from balancerd.model import Capacity, Snapshot
+from balancerd.model import Capacity, Snapshot, blockers_text
 from balancerd.policy.model import Policy
 from balancerd.speed import demand_per_vcpu, speed_factors, too_slow, uniform
 from balancerd.units import GIB as GIB  # re-exported: ilp.py, explain.py import it here
@@ -351,6 +351,7 @@ def _movability(
     maint = set(c.maintenance)
     excl_hosts = set(c.exclude_hosts)
     excl_vms = set(c.exclude_vms)
+    blocked = {v.name: v.blockers for v in snapshot.vms if v.blockers}
     n = len(guests.names)
     movable = [True] * n
     must_move = [False] * n
@@ -360,7 +361,15 @@ def _movability(
         if hosts.names[hi] in maint or (a is not None and hi not in a):
             must_move[g] = True
         name = guests.names[g]
-        if name in excl_vms or hosts.names[hi] in excl_hosts or not snapshot.hosts[hi].up:
+        if name in blocked:
+            # fixed in place: it still counts on its host, and the operator reads why
+            movable[g] = False
+            what = "must leave" if must_move[g] else "stays on"
+            guests.notes.append(
+                f"guest {name} {what} host {hosts.names[hi]} but cannot be live-migrated "
+                f"({blockers_text(blocked[name])})"
+            )
+        elif name in excl_vms or hosts.names[hi] in excl_hosts or not snapshot.hosts[hi].up:
             movable[g] = False
         elif not must_move[g]:
             t = last_moved_s.get(name)

@@ -80,6 +80,8 @@ def verify(  # noqa: C901 (the independent verifier: one branch per rule, delibe
                 add("excluded", f"guest {vm} moved off excluded host {src}")
             if vm in c.exclude_vms:
                 add("excluded", f"excluded guest {vm} moved {src} -> {h}")
+            if vms[vm].blockers:
+                add("unmovable", f"guest {vm} moved {src} -> {h} but cannot be live-migrated")
             need = demand_per_vcpu(vms[vm], factor)
             if too_slow(need, factor.get(h, 1.0)):
                 add(
