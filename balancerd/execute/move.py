@@ -17,7 +17,7 @@ from balancerd.errors import HypervisorError
 from balancerd.execute.converge import Mode, StallRules, mode_of
 from balancerd.execute.journal import JournalStore
 from balancerd.execute.monitor import MonitorResult, run_migration
-from balancerd.execute.preflight import preflight
+from balancerd.execute.preflight import CheckTiming, preflight
 from balancerd.execute.reconcile import settle
 from balancerd.hypervisor.base import Hypervisor, JobStats, MigrationRequest
 from balancerd.model import Move
@@ -48,6 +48,7 @@ class MoveResult:
     parallel_connections: int = 0  # streams used (0: one)
     compression: str = ""  # method used ("": uncompressed)
     predicted_s: float | None = None  # the prediction the plan had for this move
+    preflight: tuple[CheckTiming, ...] = ()  # seconds per preflight step, in order
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class MoveResult:
             "paused_ms": None if self.paused_ms is None else round(self.paused_ms, 1),
             "parallel_connections": self.parallel_connections,
             "compression": self.compression or "none",
+            "preflight_s": {c.check: round(c.elapsed_s, 3) for c in self.preflight},
         }
 
     def line(self) -> str:
@@ -170,7 +172,7 @@ class _Run:
         self.migration_id = new_migration_id()
         self.what = f"{move.vm} {move.src}->{move.dst}"
         self.notes: list[str] = []  # what preflight did not use, and why
-        self.stream: dict[str, Any] = {}  # parallel_connections, compression of the job
+        self.stream: dict[str, Any] = {}  # preflight timings; streams, compression of the job
         self.log_fields = {
             "VM": move.vm,
             "HOST": move.src,
@@ -257,6 +259,7 @@ def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, se
     e.progress(m, None, "preflight")
     pf = preflight(hv, m, mig, e.headroom_bytes)
     e.heartbeat()
+    run.stream = {"preflight": pf.timings}
     if not pf.ok or pf.facts is None:
         return run.result(SKIPPED, Mode.NONE, pf.reason, skip_kind=pf.kind)
     facts = pf.facts
@@ -280,7 +283,7 @@ def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, se
         rules = replace(rules, postcopy=False)  # the hosts cannot: pause-and-complete
     run.notes.extend(pf.notes)
     parallel = mig.parallel_connections if mig.parallel_connections >= 2 else 0
-    run.stream = {"parallel_connections": parallel, "compression": pf.compression}
+    run.stream = {**run.stream, "parallel_connections": parallel, "compression": pf.compression}
     req = MigrationRequest(
         vm=m.vm,
         src=m.src,

@@ -56,7 +56,13 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from balancerd.errors import HypervisorError
-from balancerd.hypervisor.base import DomainFacts, HostFacts, JobStats, MigrationRequest
+from balancerd.hypervisor.base import (
+    DestinationFacts,
+    DomainFacts,
+    HostFacts,
+    JobStats,
+    MigrationRequest,
+)
 from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
 from balancerd.model import HostSample
 from balancerd.units import MIB
@@ -513,6 +519,13 @@ class ScriptedHypervisor(SimHypervisor):
         self._enter(host, "path_visible", "", path)
         with self._lock:
             return super().path_visible(host, path)
+
+    def destination_facts(
+        self, host: str, vm: str, cpu_xml: str, virt_type: str, paths: Sequence[str]
+    ) -> DestinationFacts:
+        self._enter(host, "destination_facts", vm, cpu_xml, virt_type, tuple(paths))
+        with self._lock:
+            return super().destination_facts(host, vm, cpu_xml, virt_type, paths)
 
     def migrate(self, req: MigrationRequest) -> None:
         self._enter(req.src, "migrate", req.vm, req)
