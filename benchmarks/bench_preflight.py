@@ -14,9 +14,12 @@ cache='writeback' (preflight must refuse it), guest ``ok`` a shared disk with ca
   baseline          `virsh hostname` round trip: what a warm host answers in
   refused, warm     the migrate again, median
   refused, restart  the same right after both libvirtds restarted
+  status/plan       `status --json` and `plan --json`: sampled as before (3 samples 1 s
+                    apart: the baseline), one-shot without a daemon, from a running daemon
   passing, warm     preflight() of ``ok`` in process, per step, median
 
-Targets (issue 14): refused migrate <= 3 s warm, passing preflight <= 1 s. With
+Targets (issue 14): refused migrate <= 3 s warm, passing preflight <= 1 s, plan and
+status about a second on warm hosts. With
 ``--write`` the table replaces its section in docs/benchmarks.md.
 """
 
@@ -75,6 +78,53 @@ def migrate_refused(config: Path) -> tuple[float, dict[str, float], str]:
         raise SystemExit(f"migrate wb: exit {p.returncode}\n{p.stdout}\n{p.stderr}")
     result = json.loads(p.stdout)[0]
     return elapsed, result["preflight_s"], result["skip_kind"]
+
+
+def cli(config: Path, *args: str) -> tuple[float, dict[str, object]]:
+    """(seconds, JSON) of one `balancerd ARGS --config CONFIG --json` in a new process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "balancerd.cli", *args, "--config", str(config), "--json"]
+    t = time.monotonic()
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    elapsed = time.monotonic() - t
+    if p.returncode != 0:
+        raise SystemExit(f"{args}: exit {p.returncode}\n{p.stderr[-2000:]}")
+    return elapsed, json.loads(p.stdout)
+
+
+def snapshot_rows(config: Path) -> list[tuple[str, str, str]]:
+    """`status` and `plan`: sampled as before (3 samples 1 s apart, the old default), one-shot
+    without a daemon, and from a running daemon's snapshot."""
+    rows = []
+    for cmd in ("status", "plan"):
+        for label, extra in (
+            ("3 samples 1 s apart (the old default)", ("--samples", "3", "--interval", "1")),
+            ("no daemon", ()),
+        ):
+            t, out = cli(config, cmd, *extra)
+            kind = out["snapshot"]["kind"]  # type: ignore[index]
+            rows.append((f"`{cmd} --json`, {label}", f"snapshot: {kind}", f"{t:.2f} s"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "balancerd.cli", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while cli(config, "status")[1]["snapshot"]["kind"] != "daemon":  # type: ignore[index]
+            if time.monotonic() > deadline:
+                raise SystemExit("the daemon never served a snapshot")
+            time.sleep(1)
+        for cmd in ("status", "plan"):
+            t, out = cli(config, cmd)
+            kind = out["snapshot"]["kind"]  # type: ignore[index]
+            rows.append((f"`{cmd} --json`, daemon running", f"snapshot: {kind}", f"{t:.2f} s"))
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+    return rows
 
 
 def restart_libvirtds(lab: Lab) -> None:
@@ -140,6 +190,8 @@ def main() -> None:
                 f"{again[0]:.2f} s",
             )
         )
+
+        rows += snapshot_rows(config_path)
 
         config = load_config(config_path)
         hv = open_hypervisor(config)
