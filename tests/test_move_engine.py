@@ -294,6 +294,18 @@ ROWS = [
         calls=(("destroy", "a", 0), ("resume", "a", 0)),
     ),
     Row(
+        "the destination's libvirtd dies right after the switch, before QEMU switched: "
+        "libvirt resumes the source, settled as a failed live migration",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        (Script((*stalling(), Stall(until_postcopy=True), Fail()), on_postcopy="pending"),),
+        mig={"on_stall": "postcopy", "allow_cold": False},
+        reason="no cold fallback",
+        calls=(("start_postcopy", "a", 1), ("destroy", "a", 0), ("resume", "b", 0)),
+    ),
+    Row(
         "stall of a no_pause guest",
         FAILED,
         M.NONE,

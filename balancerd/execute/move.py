@@ -333,7 +333,7 @@ def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, se
 
     # The live job did not complete: first make sure the guest runs on exactly one host.
     live_error = live.abort_reason or _failure(live.error, f"live migration of {run.what}")
-    if live.postcopy_for_s is not None:
+    if live.postcopy_for_s is not None and not _postcopy_never_began(hv, m):
         return _after_postcopy_failure(run, req, live, live_error)
     if not live.returned:
         return run.result(
@@ -380,6 +380,18 @@ def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, se
 
     e.progress(m, None, f"{live_error}; trying a cold migration")
     return _cold(run, req, rules, facts.state, live_error, progress)
+
+
+def _postcopy_never_began(hv: Hypervisor, m: Move) -> bool:
+    """Whether a job that failed after migrateStartPostCopy never got to post-copy: QEMU
+    switches at the end of its current pass, and a job that fails before (seen in the lab
+    when the destination's libvirtd was killed right after the switch) leaves the guest
+    running on the source, resumed by libvirt, with no post-copy state: an ordinary failed
+    live migration, settled as one."""
+    try:
+        return hv.postcopy_state(m.src, m.vm) == "" and hv.domain_state(m.src, m.vm) == "running"
+    except HypervisorError:
+        return False
 
 
 # Recovery attempts of a post-copy that failed (VIR_MIGRATE_POSTCOPY_RESUME), and the wait

@@ -156,8 +156,12 @@ class Script:
     # does not end); "refuse" raises (a job in its completion phase cannot be aborted);
     # "complete" raises and the job completes (it was past the point of no return)
     on_abort: Literal["fail", "ignore", "refuse", "complete"] = "fail"
-    # start_postcopy(): "complete" pulls the rest at once; "steps" goes on by the steps
-    on_postcopy: Literal["complete", "steps"] = "complete"
+    # start_postcopy(): "complete" pulls the rest at once; "steps" goes on by the steps;
+    # "pending" accepts the request but QEMU has not switched yet (it does at the end of
+    # its current pass): the job goes on by the steps in pre-copy, and a Fail leaves the
+    # guest running on the source (seen in the lab when the destination's libvirtd died
+    # right after migrateStartPostCopy)
+    on_postcopy: Literal["complete", "steps", "pending"] = "complete"
     postcopy_downtime_ms: float = 40.0
 
 
@@ -589,7 +593,7 @@ class ScriptedHypervisor(SimHypervisor):
                 raise HypervisorError(
                     host, "start_postcopy", "post-copy can only be started after enabling it"
                 )
-            if job.hanging:
+            if job.hanging or job.script.on_postcopy == "pending":
                 return
             job.postcopy = True
             self.hosts[host].vms[vm].state = "paused"
