@@ -292,6 +292,7 @@ ROWS = [
         reason="recovery needs both hosts",
         invariant=False,
         calls=(("destroy", "a", 0), ("resume", "a", 0)),
+        engine={"postcopy_host_wait_s": 0.3},  # waited for, then left for reconcile
     ),
     Row(
         "the destination's libvirtd dies right after the switch, before QEMU switched: "
@@ -983,3 +984,40 @@ def test_a_guest_left_paused_for_reconcile_is_resumed_once_the_destination_is_ba
     (rec,) = reconcile(hv, journal, wait_s=WAIT_S)
     assert rec.outcome == "settled" and rec.actions == ("resumed on a",)
     assert journal.open_entries() == [] and hv.guest_problems(VM) == []
+
+
+def test_a_failed_postcopy_waits_for_the_destination_to_answer_then_recovers(
+    journal: Journal,
+) -> None:
+    """The destination's libvirtd dies in post-copy (QEMU goes on): the engine waits for it
+    to answer again, then resumes the post-copy (VIR_MIGRATE_POSTCOPY_RESUME)."""
+    hv = cluster()
+    back = threading.Timer(0.3, hv.heal, args=("b",))
+    try:
+        broken = Script(
+            (*stalling(), Stall(until_postcopy=True), Unreachable("dst"), PostcopyFails()),
+            on_postcopy="steps",
+        )
+        hv.script(VM, broken, Script())
+        mig = replace(MIG, on_stall="postcopy")
+        lines: list[str] = []
+        engine = Engine(
+            hv=hv,
+            mig=mig,
+            journal=journal,
+            sample_interval_s=0.01,
+            postcopy_host_wait_s=30,
+            progress=lambda _m, _s, msg: lines.append(msg),
+        )
+        back.start()
+        r = run_move(engine, Move(VM, "a", "b", 1 * GIB, 1.0))
+        assert (r.outcome, r.mode) == (MIGRATED, M.POSTCOPY), r
+        assert "recovered the post-copy (attempt 1)" in r.reason
+        assert "post-copy failed; waiting for b to answer" in lines
+        assert hv.placement(VM) == ON_B
+        assert journal.open_entries() == []
+        resumes = [c for c in hv.calls_to("migrate") if c.args[0].postcopy_resume]
+        assert len(resumes) == 1
+    finally:
+        back.cancel()
+        hv.release_all()

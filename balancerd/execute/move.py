@@ -120,6 +120,9 @@ class Engine:
     # before a cold fallback. Set when balancerd stops.
     cancelled: Callable[[], str] = field(default=_not_cancelled)
     sample_interval_s: float = 1.0
+    # How long a host that stops answering in a failed post-copy is waited for (its
+    # libvirtd died or restarts while QEMU goes on) before the move is left to reconcile.
+    postcopy_host_wait_s: float = 60.0
     # False: no live attempt, migrate cold at once (benchmarks; guests known not to converge)
     live: bool = True
 
@@ -412,20 +415,30 @@ def _after_postcopy_failure(
     hv = e.hv
     entry = run.entry
     mode = mode_of(live.ladder, live.history, live=True)
-    states = _states(hv, m.vm, m.src, m.dst)
-    if _alive(states[m.dst]) and states[m.src] is None:
-        return _verified(run, live, mode, run.state_before, note=f"{error}; completed anyway")
     hint = (
         f"post-copy of {run.what} failed: {error}; the guest's memory is split between "
         f"{m.src} (paused) and {m.dst}; neither copy was touched"
     )
-    deadline = time.monotonic() + POSTCOPY_FAILED_WAIT_S
+    # A host whose libvirtd died (QEMU goes on) is waited for: recovery needs both ends.
+    back_by = time.monotonic() + e.postcopy_host_wait_s
+    failed_by: float | None = None  # set once both hosts answer
+    waiting_for = ""
     pc_src = pc_dst = ""
     while True:
+        states = _states(hv, m.vm, m.src, m.dst)
+        if _alive(states[m.dst]) and states[m.src] is None:
+            return _verified(run, live, mode, run.state_before, note=f"{error}; completed anyway")
         try:
             pc_src = hv.postcopy_state(m.src, m.vm)
             pc_dst = hv.postcopy_state(m.dst, m.vm)
         except HypervisorError as exc:
+            if time.monotonic() < back_by:
+                if waiting_for != exc.host:
+                    waiting_for = exc.host
+                    e.progress(m, None, f"post-copy failed; waiting for {exc.host} to answer")
+                e.heartbeat()
+                time.sleep(min(1.0, e.postcopy_host_wait_s / 10))
+                continue
             return run.result(
                 FAILED,
                 Mode.NONE,
@@ -434,7 +447,9 @@ def _after_postcopy_failure(
                 "answers)",
                 keep_open=True,
             )
-        if (pc_src, pc_dst) == ("failed", "failed") or time.monotonic() >= deadline:
+        if failed_by is None:
+            failed_by = time.monotonic() + POSTCOPY_FAILED_WAIT_S
+        if (pc_src, pc_dst) == ("failed", "failed") or time.monotonic() >= failed_by:
             break
         e.heartbeat()
         time.sleep(0.5)
