@@ -292,7 +292,7 @@ ROWS = [
         reason="recovery needs both hosts",
         invariant=False,
         calls=(("destroy", "a", 0), ("resume", "a", 0)),
-        engine={"postcopy_host_wait_s": 0.3},  # waited for, then left for reconcile
+        engine={"host_back_wait_s": 0.3},  # waited for, then left for reconcile
     ),
     Row(
         "the destination's libvirtd dies right after the switch, before QEMU switched: "
@@ -1006,7 +1006,7 @@ def test_a_failed_postcopy_waits_for_the_destination_to_answer_then_recovers(
             mig=mig,
             journal=journal,
             sample_interval_s=0.01,
-            postcopy_host_wait_s=30,
+            host_back_wait_s=30,
             progress=lambda _m, _s, msg: lines.append(msg),
         )
         back.start()
@@ -1018,6 +1018,33 @@ def test_a_failed_postcopy_waits_for_the_destination_to_answer_then_recovers(
         assert journal.open_entries() == []
         resumes = [c for c in hv.calls_to("migrate") if c.args[0].postcopy_resume]
         assert len(resumes) == 1
+    finally:
+        back.cancel()
+        hv.release_all()
+
+
+def test_a_destination_silent_at_verification_is_waited_for(journal: Journal) -> None:
+    """The destination's libvirtd dies during post-copy and QEMU finishes the job (seen in
+    the lab): the guest is verified once the destination answers again, not failed."""
+    hv = cluster()
+    back = threading.Timer(0.3, hv.heal, args=("b",))
+    try:
+        hv.script(
+            VM,
+            Script(
+                (*stalling(), Stall(until_postcopy=True), Unreachable("dst"), Complete()),
+                on_postcopy="steps",
+            ),
+        )
+        mig = replace(MIG, on_stall="postcopy")
+        engine = Engine(
+            hv=hv, mig=mig, journal=journal, sample_interval_s=0.01, host_back_wait_s=30
+        )
+        back.start()
+        r = run_move(engine, Move(VM, "a", "b", 1 * GIB, 1.0))
+        assert (r.outcome, r.mode) == (MIGRATED, M.POSTCOPY), r
+        assert hv.placement(VM) == ON_B
+        assert journal.open_entries() == []
     finally:
         back.cancel()
         hv.release_all()

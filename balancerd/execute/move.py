@@ -120,9 +120,10 @@ class Engine:
     # before a cold fallback. Set when balancerd stops.
     cancelled: Callable[[], str] = field(default=_not_cancelled)
     sample_interval_s: float = 1.0
-    # How long a host that stops answering in a failed post-copy is waited for (its
-    # libvirtd died or restarts while QEMU goes on) before the move is left to reconcile.
-    postcopy_host_wait_s: float = 60.0
+    # How long a host that stops answering after the guest left its source (its libvirtd
+    # died or restarts while QEMU goes on: a failed post-copy, or the verification) is
+    # waited for before the move is left to reconcile or failed.
+    host_back_wait_s: float = 60.0
     # False: no live attempt, migrate cold at once (benchmarks; guests known not to converge)
     live: bool = True
 
@@ -420,7 +421,7 @@ def _after_postcopy_failure(
         f"{m.src} (paused) and {m.dst}; neither copy was touched"
     )
     # A host whose libvirtd died (QEMU goes on) is waited for: recovery needs both ends.
-    back_by = time.monotonic() + e.postcopy_host_wait_s
+    back_by = time.monotonic() + e.host_back_wait_s
     failed_by: float | None = None  # set once both hosts answer
     waiting_for = ""
     pc_src = pc_dst = ""
@@ -437,7 +438,7 @@ def _after_postcopy_failure(
                     waiting_for = exc.host
                     e.progress(m, None, f"post-copy failed; waiting for {exc.host} to answer")
                 e.heartbeat()
-                time.sleep(min(1.0, e.postcopy_host_wait_s / 10))
+                time.sleep(min(1.0, e.host_back_wait_s / 10))
                 continue
             return run.result(
                 FAILED,
@@ -542,6 +543,15 @@ def _verified(
     hv = e.hv
     hosts = list(dict.fromkeys([m.dst, m.src, *hv.host_names()]))
     states = _states(hv, m.vm, *hosts)
+    if states[m.dst] == "unreachable":
+        # Seen in the lab: the destination's libvirtd killed during post-copy; QEMU finished
+        # the job and the source dropped its copy. The restarted libvirtd shows it running.
+        e.progress(m, None, f"waiting for {m.dst} to answer to verify the guest")
+        back_by = time.monotonic() + e.host_back_wait_s
+        while states[m.dst] == "unreachable" and time.monotonic() < back_by:
+            e.heartbeat()
+            time.sleep(min(1.0, e.host_back_wait_s / 10))
+            states = _states(hv, m.vm, *hosts)
     problems = []
     if states[m.dst] == "paused" and state_before != "paused":
         # libvirt resumes the guest after a pause-and-complete; make sure it did.
