@@ -1048,3 +1048,38 @@ def test_a_destination_silent_at_verification_is_waited_for(journal: Journal) ->
     finally:
         back.cancel()
         hv.release_all()
+
+
+def test_a_postcopy_the_destination_finished_alone_is_completed(journal: Journal) -> None:
+    """Seen in the lab: the destination's libvirtd dies in post-copy, QEMU finishes the job,
+    the source QEMU exits but libvirt keeps its definition (shut off). Once the destination
+    answers, the guest is verified there and the stale source definition removed."""
+    hv = cluster()
+
+    def qemu_finished_then_libvirtd_back() -> None:
+        with hv._lock:  # what the hosts show then (no protocol call does this)
+            hv.hosts["a"].vms[VM].state = "shutoff"
+            hv.hosts["b"].vms[VM].state = "running"
+            hv._postcopy.clear()
+        hv.heal("b")
+
+    back = threading.Timer(0.3, qemu_finished_then_libvirtd_back)
+    try:
+        broken = Script(
+            (*stalling(), Stall(until_postcopy=True), Unreachable("dst"), PostcopyFails()),
+            on_postcopy="steps",
+        )
+        hv.script(VM, broken)
+        mig = replace(MIG, on_stall="postcopy")
+        engine = Engine(
+            hv=hv, mig=mig, journal=journal, sample_interval_s=0.01, host_back_wait_s=30
+        )
+        back.start()
+        r = run_move(engine, Move(VM, "a", "b", 1 * GIB, 1.0))
+        assert (r.outcome, r.mode) == (MIGRATED, M.POSTCOPY), r
+        assert "removed the stale definition on a" in r.reason
+        assert hv.placement(VM) == ON_B
+        assert journal.open_entries() == []
+    finally:
+        back.cancel()
+        hv.release_all()
