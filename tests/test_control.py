@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from balancerd.config import Config
+from balancerd.config import Config, load_config
 from balancerd.control_client import (
     ControlBadRequest,
     ControlError,
@@ -38,6 +38,7 @@ from balancerd.notify import Notifier
 from balancerd.operator import OPERATOR_FILE
 from balancerd.outcomes import MoveOutcome, SkipKind
 from balancerd.units import GIB
+from balancerd.wiring import daemon_snapshot
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -525,5 +526,37 @@ def test_drain_moves_a_stopped_guest_and_names_an_unmovable_one(
         (g,) = status["guests"]
         assert g["vm"] == "vm0" and g["stuck"], g
         assert "cannot be live-migrated (hostdev: pci 0000:03:00.0)" in g["why"], g
+    finally:
+        h.daemon.shutdown()
+
+
+# --- the snapshot for plan / status -------------------------------------------------------
+
+
+def test_plan_and_status_take_the_running_daemons_snapshot(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BALANCERD_CONTROL_SOCKET", str(harness.sock))
+    found = daemon_snapshot(load_config(harness.config))
+    assert found is not None
+    snapshot, source = found
+    assert snapshot == harness.daemon.latest().snapshot  # every field, through JSON
+    assert source.kind == "daemon" and source.age_s is not None
+    assert "smoothed over 2 samples" in source.detail
+
+
+def test_without_a_daemon_there_is_no_daemon_snapshot(
+    tmp_path: Path, sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BALANCERD_CONTROL_SOCKET", str(sock_dir / "none.sock"))
+    assert daemon_snapshot(load_config(write_config(tmp_path, "automatic"))) is None
+
+
+def test_a_daemon_without_a_snapshot_yet_says_so(tmp_path: Path, sock_dir: Path) -> None:
+    h = Harness(tmp_path, sock_dir)
+    h.daemon.start(schedule_jobs=False)
+    try:
+        with pytest.raises(ControlError, match="no snapshot yet"):
+            h.ask("snapshot")
     finally:
         h.daemon.shutdown()

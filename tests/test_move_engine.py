@@ -292,6 +292,19 @@ ROWS = [
         reason="recovery needs both hosts",
         invariant=False,
         calls=(("destroy", "a", 0), ("resume", "a", 0)),
+        engine={"host_back_wait_s": 0.3},  # waited for, then left for reconcile
+    ),
+    Row(
+        "the destination's libvirtd dies right after the switch, before QEMU switched: "
+        "libvirt resumes the source, settled as a failed live migration",
+        FAILED,
+        M.NONE,
+        ON_A,
+        "closed",
+        (Script((*stalling(), Stall(until_postcopy=True), Fail()), on_postcopy="pending"),),
+        mig={"on_stall": "postcopy", "allow_cold": False},
+        reason="no cold fallback",
+        calls=(("start_postcopy", "a", 1), ("destroy", "a", 0), ("resume", "b", 0)),
     ),
     Row(
         "stall of a no_pause guest",
@@ -654,7 +667,7 @@ ROWS = [
         M.NONE,
         ON_A,
         "none",
-        setup=lambda hv: hv.fail("b", ops=["host_facts"]),
+        setup=lambda hv: hv.fail("b", ops=["destination_facts"]),
         skip_kind=SkipKind.HOST_DOWN,
         reason="destination b does not answer",
     ),
@@ -664,7 +677,7 @@ ROWS = [
         M.NONE,
         ON_A,
         "none",
-        setup=lambda hv: hv.hang("b", ops=["host_facts"], timeout_s=0.05),
+        setup=lambda hv: hv.hang("b", ops=["destination_facts"], timeout_s=0.05),
         skip_kind=SkipKind.HOST_DOWN,
         reason="no answer within",
     ),
@@ -991,3 +1004,102 @@ def test_a_guest_left_paused_for_reconcile_is_resumed_once_the_destination_is_ba
     (rec,) = reconcile(hv, journal, wait_s=WAIT_S)
     assert rec.outcome == "settled" and rec.actions == ("resumed on a",)
     assert journal.open_entries() == [] and hv.guest_problems(VM) == []
+
+
+def test_a_failed_postcopy_waits_for_the_destination_to_answer_then_recovers(
+    journal: Journal,
+) -> None:
+    """The destination's libvirtd dies in post-copy (QEMU goes on): the engine waits for it
+    to answer again, then resumes the post-copy (VIR_MIGRATE_POSTCOPY_RESUME)."""
+    hv = cluster()
+    back = threading.Timer(0.3, hv.heal, args=("b",))
+    try:
+        broken = Script(
+            (*stalling(), Stall(until_postcopy=True), Unreachable("dst"), PostcopyFails()),
+            on_postcopy="steps",
+        )
+        hv.script(VM, broken, Script())
+        mig = replace(MIG, on_stall="postcopy")
+        lines: list[str] = []
+        engine = Engine(
+            hv=hv,
+            mig=mig,
+            journal=journal,
+            sample_interval_s=0.01,
+            host_back_wait_s=30,
+            progress=lambda _m, _s, msg: lines.append(msg),
+        )
+        back.start()
+        r = run_move(engine, Move(VM, "a", "b", 1 * GIB, 1.0))
+        assert (r.outcome, r.mode) == (MIGRATED, M.POSTCOPY), r
+        assert "recovered the post-copy (attempt 1)" in r.reason
+        assert "post-copy failed; waiting for b to answer" in lines
+        assert hv.placement(VM) == ON_B
+        assert journal.open_entries() == []
+        resumes = [c for c in hv.calls_to("migrate") if c.args[0].postcopy_resume]
+        assert len(resumes) == 1
+    finally:
+        back.cancel()
+        hv.release_all()
+
+
+def test_a_destination_silent_at_verification_is_waited_for(journal: Journal) -> None:
+    """The destination's libvirtd dies during post-copy and QEMU finishes the job (seen in
+    the lab): the guest is verified once the destination answers again, not failed."""
+    hv = cluster()
+    back = threading.Timer(0.3, hv.heal, args=("b",))
+    try:
+        hv.script(
+            VM,
+            Script(
+                (*stalling(), Stall(until_postcopy=True), Unreachable("dst"), Complete()),
+                on_postcopy="steps",
+            ),
+        )
+        mig = replace(MIG, on_stall="postcopy")
+        engine = Engine(
+            hv=hv, mig=mig, journal=journal, sample_interval_s=0.01, host_back_wait_s=30
+        )
+        back.start()
+        r = run_move(engine, Move(VM, "a", "b", 1 * GIB, 1.0))
+        assert (r.outcome, r.mode) == (MIGRATED, M.POSTCOPY), r
+        assert hv.placement(VM) == ON_B
+        assert journal.open_entries() == []
+    finally:
+        back.cancel()
+        hv.release_all()
+
+
+def test_a_postcopy_the_destination_finished_alone_is_completed(journal: Journal) -> None:
+    """Seen in the lab: the destination's libvirtd dies in post-copy, QEMU finishes the job,
+    the source QEMU exits but libvirt keeps its definition (shut off). Once the destination
+    answers, the guest is verified there and the stale source definition removed."""
+    hv = cluster()
+
+    def qemu_finished_then_libvirtd_back() -> None:
+        with hv._lock:  # what the hosts show then (no protocol call does this)
+            hv.hosts["a"].vms[VM].state = "shutoff"
+            hv.hosts["b"].vms[VM].state = "running"
+            hv._postcopy.clear()
+        hv.heal("b")
+
+    back = threading.Timer(0.3, qemu_finished_then_libvirtd_back)
+    try:
+        broken = Script(
+            (*stalling(), Stall(until_postcopy=True), Unreachable("dst"), PostcopyFails()),
+            on_postcopy="steps",
+        )
+        hv.script(VM, broken)
+        mig = replace(MIG, on_stall="postcopy")
+        engine = Engine(
+            hv=hv, mig=mig, journal=journal, sample_interval_s=0.01, host_back_wait_s=30
+        )
+        back.start()
+        r = run_move(engine, Move(VM, "a", "b", 1 * GIB, 1.0))
+        assert (r.outcome, r.mode) == (MIGRATED, M.POSTCOPY), r
+        assert "removed the stale definition on a" in r.reason
+        assert hv.placement(VM) == ON_B
+        assert journal.open_entries() == []
+    finally:
+        back.cancel()
+        hv.release_all()

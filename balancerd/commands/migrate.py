@@ -12,6 +12,7 @@ import json
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TextIO
 
 from balancerd.config import Config, load_config
@@ -79,17 +80,27 @@ def report_reconciliations(recs: list[Reconciliation], out: TextIO) -> None:
         )
 
 
+def _state_or_error(hv: Hypervisor, host: str, vm: str) -> str | HypervisorError | None:
+    try:
+        return hv.domain_state(host, vm)
+    except HypervisorError as exc:
+        return exc
+
+
 def find_guest(hv: Hypervisor, vm: str) -> str:
-    """The host where ``vm`` runs (or is paused); raises MigrationError if none."""
+    """The host where ``vm`` runs (or is paused); raises MigrationError if none. The hosts
+    are asked in parallel: each first contact opens a connection (seconds on a libvirtd
+    that just started), and N hosts must not cost N of them in a row."""
+    hosts = list(hv.host_names())
     found = []
     unreachable = []
-    for host in hv.host_names():
-        try:
-            state = hv.domain_state(host, vm)
-        except HypervisorError as exc:
-            unreachable.append(f"{host} ({exc.detail})")
-            continue
-        if state in ("running", "paused", "blocked"):
+    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        states = pool.map(lambda h: _state_or_error(hv, h, vm), hosts)
+        answers = list(zip(hosts, states, strict=True))
+    for host, state in answers:
+        if isinstance(state, HypervisorError):
+            unreachable.append(f"{host} ({state.detail})")
+        elif state in ("running", "paused", "blocked"):
             found.append(host)
     if len(found) == 1:
         return found[0]

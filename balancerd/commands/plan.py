@@ -28,15 +28,20 @@ from balancerd.rationale import MoveWhy, explain_moves, score_name
 from balancerd.saved_plan import plan_document
 from balancerd.selectors import resolve_policy
 from balancerd.statefiles import atomic_write
-from balancerd.wiring import open_hypervisor, sample_snapshot
+from balancerd.wiring import cluster_snapshot
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="daemon config file (YAML)")
     parser.add_argument("--policy", help="policy file (default: the config's policy)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--samples", type=int, default=3, help="samples to smooth over (>= 2)")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        help="sample the hosts this many times (>= 2) and smooth; default: the running "
+        "daemon's latest snapshot, else one read of every host (a one-shot sample)",
+    )
+    parser.add_argument("--interval", type=float, help="seconds between samples (default 1)")
     parser.add_argument(
         "--save",
         metavar="FILE",
@@ -169,11 +174,8 @@ def run(args: argparse.Namespace) -> int:
     operator = operator_state(config)
     drained = operator.drained()
     policy = operator.apply_to(policy)
-    hypervisor = open_hypervisor(config)
-    try:
-        snapshot = sample_snapshot(hypervisor, config, max(2, args.samples), args.interval)
-    finally:
-        hypervisor.close()
+    snapshot, source = cluster_snapshot(config, args.samples, args.interval)
+    print(f"snapshot: {source.detail}", file=sys.stderr)
     policy = resolve_policy(policy, snapshot)  # selectors -> names, as decide() does
     planning, planning_policy, notes = set_aside_duplicates(snapshot, policy)
     plan = decide(planning, planning_policy)
@@ -181,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     whys = explain_moves(planning, planning_policy, plan, drained=drained)
     out = plan_json(plan, snapshot, policy, whys)
     out["drained"] = list(drained)
+    out["snapshot"] = source.to_json()
     if args.save:
         doc = plan_document(plan, snapshot, policy, whys, created_at_s=time.time(), drained=drained)
         path = Path(args.save)

@@ -10,18 +10,19 @@ from balancerd.config import load_config
 from balancerd.daemon_state import read_daemon_status
 from balancerd.model import Snapshot, Vm, blockers_text
 from balancerd.units import GIB, MIB
-from balancerd.wiring import open_hypervisor, sample_snapshot
+from balancerd.wiring import cluster_snapshot
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="daemon config file (YAML)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
-        "--samples", type=int, default=3, help="samples to smooth over (default 3, >= 2)"
+        "--samples",
+        type=int,
+        help="sample the hosts this many times (>= 2) and smooth; default: the running "
+        "daemon's latest snapshot, else one read of every host (a one-shot sample)",
     )
-    parser.add_argument(
-        "--interval", type=float, default=1.0, help="seconds between samples (default 1)"
-    )
+    parser.add_argument("--interval", type=float, help="seconds between samples (default 1)")
 
 
 def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
@@ -113,17 +114,15 @@ def render_table(snapshot: Snapshot) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    hypervisor = open_hypervisor(config)
-    try:
-        snapshot = sample_snapshot(hypervisor, config, max(2, args.samples), args.interval)
-    finally:
-        hypervisor.close()
+    snapshot, source = cluster_snapshot(config, args.samples, args.interval)
     daemon = read_daemon_status(config.state_dir)
     if args.json:
         out = snapshot_json(snapshot)
         out["daemon"] = daemon
+        out["snapshot"] = source.to_json()
         print(json.dumps(out, indent=2))
     else:
+        print(f"snapshot: {source.detail}")
         print(render_table(snapshot))
         if daemon:
             print()

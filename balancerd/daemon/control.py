@@ -54,6 +54,7 @@ from balancerd.saved_plan import (
     valid_moves,
 )
 from balancerd.selectors import resolve_policy
+from balancerd.snapshot_codec import snapshot_to_json
 
 if TYPE_CHECKING:
     from balancerd.daemon.core import Daemon
@@ -69,6 +70,7 @@ SOCKET_MODE = 0o660
 # Label values of balancerd_control_requests_total.
 COMMANDS = (
     "status",
+    "snapshot",
     "drain",
     "undrain",
     "drain-status",
@@ -424,6 +426,7 @@ class ControlHandlers:
     def __call__(self, cmd: str, args: dict[str, Any], peer: Peer, emit: Emit) -> dict[str, Any]:
         handler = {
             "status": self.status,
+            "snapshot": self.snapshot,
             "drain": self.drain,
             "undrain": self.undrain,
             "drain-status": self.drain_status,
@@ -466,6 +469,18 @@ class ControlHandlers:
             **d.operator.to_json(),
             "last_cycle": None if report is None else report.summary(),
             "in_flight": d.stats.summary().get("in_flight", []),
+        }
+
+    def snapshot(self, _args: dict[str, Any], _peer: Peer, _emit: Emit) -> dict[str, Any]:
+        """The latest smoothed snapshot, for ``plan`` and ``status`` (no host is asked)."""
+        latest = self.d.latest()
+        if latest.snapshot is None or latest.taken_at_mono is None:
+            raise ControlFault("failed", "no snapshot yet: the daemon is starting")
+        return {
+            "snapshot": snapshot_to_json(latest.snapshot),
+            "age_s": round(time.monotonic() - latest.taken_at_mono, 1),
+            "window": self.d.config.smoothing_window,
+            "interval_s": self.d.config.collect_interval_s,
         }
 
     def _host(self, args: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from balancerd.errors import HypervisorError
 from balancerd.execute.converge import Mode, StallRules, mode_of
 from balancerd.execute.journal import JournalStore
 from balancerd.execute.monitor import MonitorResult, run_migration
-from balancerd.execute.preflight import preflight, preflight_stopped
+from balancerd.execute.preflight import CheckTiming, preflight, preflight_stopped
 from balancerd.execute.reconcile import settle
 from balancerd.hypervisor.base import Hypervisor, JobStats, MigrationRequest
 from balancerd.model import Move
@@ -48,6 +48,7 @@ class MoveResult:
     parallel_connections: int = 0  # streams used (0: one)
     compression: str = ""  # method used ("": uncompressed)
     predicted_s: float | None = None  # the prediction the plan had for this move
+    preflight: tuple[CheckTiming, ...] = ()  # seconds per preflight step, in order
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class MoveResult:
             "paused_ms": None if self.paused_ms is None else round(self.paused_ms, 1),
             "parallel_connections": self.parallel_connections,
             "compression": self.compression or "none",
+            "preflight_s": {c.check: round(c.elapsed_s, 3) for c in self.preflight},
         }
 
     def line(self) -> str:
@@ -118,6 +120,10 @@ class Engine:
     # before a cold fallback. Set when balancerd stops.
     cancelled: Callable[[], str] = field(default=_not_cancelled)
     sample_interval_s: float = 1.0
+    # How long a host that stops answering after the guest left its source (its libvirtd
+    # died or restarts while QEMU goes on: a failed post-copy, or the verification) is
+    # waited for before the move is left to reconcile or failed.
+    host_back_wait_s: float = 60.0
     # False: no live attempt, migrate cold at once (benchmarks; guests known not to converge)
     live: bool = True
 
@@ -170,7 +176,7 @@ class _Run:
         self.migration_id = new_migration_id()
         self.what = f"{move.vm} {move.src}->{move.dst}"
         self.notes: list[str] = []  # what preflight did not use, and why
-        self.stream: dict[str, Any] = {}  # parallel_connections, compression of the job
+        self.stream: dict[str, Any] = {}  # preflight timings; streams, compression of the job
         self.log_fields = {
             "VM": move.vm,
             "HOST": move.src,
@@ -310,6 +316,7 @@ def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, se
     e.progress(m, None, "preflight")
     pf = preflight_stopped(hv, m) if m.offline else preflight(hv, m, mig, e.headroom_bytes)
     e.heartbeat()
+    run.stream = {"preflight": pf.timings}
     if not pf.ok or pf.facts is None:
         return run.result(SKIPPED, Mode.NONE, pf.reason, skip_kind=pf.kind)
     facts = pf.facts
@@ -327,7 +334,7 @@ def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, se
         rules = replace(rules, postcopy=False)  # the hosts cannot: pause-and-complete
     run.notes.extend(pf.notes)
     parallel = mig.parallel_connections if mig.parallel_connections >= 2 else 0
-    run.stream = {"parallel_connections": parallel, "compression": pf.compression}
+    run.stream = {**run.stream, "parallel_connections": parallel, "compression": pf.compression}
     req = MigrationRequest(
         vm=m.vm,
         src=m.src,
@@ -377,7 +384,7 @@ def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, se
 
     # The live job did not complete: first make sure the guest runs on exactly one host.
     live_error = live.abort_reason or _failure(live.error, f"live migration of {run.what}")
-    if live.postcopy_for_s is not None:
+    if live.postcopy_for_s is not None and not _postcopy_never_began(hv, m):
         return _after_postcopy_failure(run, req, live, live_error)
     if not live.returned:
         return run.result(
@@ -426,6 +433,18 @@ def _run_move(run: _Run) -> MoveResult:  # noqa: C901 (the move ladder: live, se
     return _cold(run, req, rules, facts.state, live_error, progress)
 
 
+def _postcopy_never_began(hv: Hypervisor, m: Move) -> bool:
+    """Whether a job that failed after migrateStartPostCopy never got to post-copy: QEMU
+    switches at the end of its current pass, and a job that fails before (seen in the lab
+    when the destination's libvirtd was killed right after the switch) leaves the guest
+    running on the source, resumed by libvirt, with no post-copy state: an ordinary failed
+    live migration, settled as one."""
+    try:
+        return hv.postcopy_state(m.src, m.vm) == "" and hv.domain_state(m.src, m.vm) == "running"
+    except HypervisorError:
+        return False
+
+
 # Recovery attempts of a post-copy that failed (VIR_MIGRATE_POSTCOPY_RESUME), and the wait
 # for the failed state to show on both ends first.
 POSTCOPY_RECOVERY_ATTEMPTS = 2
@@ -444,20 +463,30 @@ def _after_postcopy_failure(
     hv = e.hv
     entry = run.entry
     mode = mode_of(live.ladder, live.history, live=True)
-    states = _states(hv, m.vm, m.src, m.dst)
-    if _alive(states[m.dst]) and states[m.src] is None:
-        return _verified(run, live, mode, run.state_before, note=f"{error}; completed anyway")
     hint = (
         f"post-copy of {run.what} failed: {error}; the guest's memory is split between "
         f"{m.src} (paused) and {m.dst}; neither copy was touched"
     )
-    deadline = time.monotonic() + POSTCOPY_FAILED_WAIT_S
+    # A host whose libvirtd died (QEMU goes on) is waited for: recovery needs both ends.
+    back_by = time.monotonic() + e.host_back_wait_s
+    failed_by: float | None = None  # set once both hosts answer
+    waiting_for = ""
     pc_src = pc_dst = ""
     while True:
+        states = _states(hv, m.vm, m.src, m.dst)
+        if _alive(states[m.dst]) and states[m.src] is None:
+            return _verified(run, live, mode, run.state_before, note=f"{error}; completed anyway")
         try:
             pc_src = hv.postcopy_state(m.src, m.vm)
             pc_dst = hv.postcopy_state(m.dst, m.vm)
         except HypervisorError as exc:
+            if time.monotonic() < back_by:
+                if waiting_for != exc.host:
+                    waiting_for = exc.host
+                    e.progress(m, None, f"post-copy failed; waiting for {exc.host} to answer")
+                e.heartbeat()
+                time.sleep(min(1.0, e.host_back_wait_s / 10))
+                continue
             return run.result(
                 FAILED,
                 Mode.NONE,
@@ -466,7 +495,20 @@ def _after_postcopy_failure(
                 "answers)",
                 keep_open=True,
             )
-        if (pc_src, pc_dst) == ("failed", "failed") or time.monotonic() >= deadline:
+        if _alive(states[m.dst]) and pc_dst == "" and states[m.src] == "shutoff":
+            # Seen in the lab (destination libvirtd killed in post-copy, back 10 s later):
+            # QEMU finished the transfer, the destination runs the guest ("migrated"), the
+            # source QEMU exited but libvirt failed the job and kept its definition.
+            note = f"{error}; completed anyway"
+            try:
+                hv.destroy(m.src, m.vm)
+                note += f"; removed the stale definition on {m.src}"
+            except HypervisorError as exc:
+                note += f"; the stale definition on {m.src} stays: {exc}"
+            return _verified(run, live, mode, run.state_before, note=note)
+        if failed_by is None:
+            failed_by = time.monotonic() + POSTCOPY_FAILED_WAIT_S
+        if (pc_src, pc_dst) == ("failed", "failed") or time.monotonic() >= failed_by:
             break
         e.heartbeat()
         time.sleep(0.5)
@@ -559,6 +601,15 @@ def _verified(
     hv = e.hv
     hosts = list(dict.fromkeys([m.dst, m.src, *hv.host_names()]))
     states = _states(hv, m.vm, *hosts)
+    if states[m.dst] == "unreachable":
+        # Seen in the lab: the destination's libvirtd killed during post-copy; QEMU finished
+        # the job and the source dropped its copy. The restarted libvirtd shows it running.
+        e.progress(m, None, f"waiting for {m.dst} to answer to verify the guest")
+        back_by = time.monotonic() + e.host_back_wait_s
+        while states[m.dst] == "unreachable" and time.monotonic() < back_by:
+            e.heartbeat()
+            time.sleep(min(1.0, e.host_back_wait_s / 10))
+            states = _states(hv, m.vm, *hosts)
     problems = []
     if states[m.dst] == "paused" and state_before != "paused":
         # libvirt resumes the guest after a pause-and-complete; make sure it did.

@@ -1,8 +1,12 @@
 """Preflight checks before one move: the live-migration requirements, checked, not assumed.
 
 ``check()`` is pure: facts in, the first problem out. ``preflight()`` gathers the facts
-through the Hypervisor protocol (destination facts are read *now*, not from a snapshot).
-A failed check skips the step; nothing is attempted.
+through the Hypervisor protocol (destination facts are read *now*, not from a snapshot),
+cheapest first, and stops at the first refusal: the guest on its source and the checks
+that need nothing else (``source_refusal``: state, job, cache modes), then everything on
+the destination in one call (one connection, one timeout), then the source host. A
+refused guest with a writeback disk never touches the destination. Each step's time is
+in ``PreflightResult.timings``. A failed check skips the step; nothing is attempted.
 
 Decisions documented here:
   * cache mode: ``none`` and ``directsync`` pass (both bypass the host page cache, the
@@ -35,8 +39,9 @@ Decisions documented here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 from balancerd.errors import HypervisorError
 from balancerd.hypervisor.base import DomainFacts, HostFacts, Hypervisor
@@ -61,6 +66,20 @@ class Refusal:
     reason: str  # e.g. "disk /x.qcow2 not found on host2"
 
 
+# The steps of one preflight, in the order they run (see preflight()).
+STEP_SOURCE_GUEST = "source guest"  # guest state + definition on the source
+STEP_SOURCE_CHECKS = "source checks"  # state, job, cache modes (pure)
+STEP_DESTINATION = "destination"  # host, CPU, disk paths, name taken: one call
+STEP_SOURCE_HOST = "source host"  # versions, certificates, host identity
+STEP_HOST_CHECKS = "host checks"  # same host, versions, TLS, CPU, disks, NICs, memory (pure)
+
+
+@dataclass(frozen=True)
+class CheckTiming:
+    check: str  # one of the STEP_* names
+    elapsed_s: float
+
+
 @dataclass(frozen=True)
 class PreflightResult:
     ok: bool
@@ -71,6 +90,7 @@ class PreflightResult:
     postcopy: bool = False  # both hosts can take part in a post-copy
     compression: str = ""  # the VIR_MIGRATE_PARAM_COMPRESSION method ("": uncompressed)
     notes: tuple[str, ...] = ()  # what was asked for and not used, and why
+    timings: tuple[CheckTiming, ...] = ()  # per step, in the order run
 
     @classmethod
     def refused(cls, refusal: Refusal, facts: DomainFacts | None = None) -> PreflightResult:
@@ -134,7 +154,33 @@ def compression_choice(mig: Migration, src: HostFacts, dst: HostFacts) -> tuple[
     return method, ""
 
 
-def check(  # noqa: C901 (one branch per preflight requirement, in the order they are checked)
+def source_refusal(move: Move, facts: DomainFacts, mig: Migration) -> Refusal | None:
+    """The checks that need only the guest as read on its source, cheapest first: they
+    run before anything is asked of the destination (a refusal here never touches it)."""
+    if facts.state not in MIGRATABLE_STATES:
+        return Refusal(SkipKind.NOT_RUNNING, f"guest is {facts.state}, not running")
+    if facts.in_job:
+        return Refusal(SkipKind.IN_JOB, "guest is already in a job (another migration or save?)")
+    devices = [b for b in facts.blockers if b.kind not in STORAGE_BLOCKERS]
+    if devices:
+        return Refusal(SkipKind.UNMOVABLE, f"cannot live-migrate: {blockers_text(tuple(devices))}")
+    for disk in facts.disks:
+        if (
+            disk.cache not in SAFE_CACHE_MODES
+            and not disk.readonly
+            and move.vm not in mig.unsafe_cache_vms
+        ):
+            return Refusal(
+                SkipKind.CACHE_MODE,
+                (
+                    f"disk {disk.path or disk.target} has cache='{disk.cache}' (must be 'none'; "
+                    f"list the guest in unsafe_cache_vms to accept the risk)"
+                ),
+            )
+    return None
+
+
+def check(
     move: Move,
     facts: DomainFacts,
     src: HostFacts,
@@ -147,6 +193,9 @@ def check(  # noqa: C901 (one branch per preflight requirement, in the order the
 ) -> Refusal | None:
     """The first failed requirement for ``move``, or None when every check passes."""
     vm, d = move.vm, move.dst
+    first = source_refusal(move, facts, mig)
+    if first is not None:
+        return first
     if src.name == dst.name or (src.host_uuid and src.host_uuid == dst.host_uuid):
         return Refusal(
             SkipKind.SAME_HOST,
@@ -156,13 +205,6 @@ def check(  # noqa: C901 (one branch per preflight requirement, in the order the
         return Refusal(
             SkipKind.SAME_HOST, f"{src.name} and {d} report the same host name {src.hostname!r}"
         )
-    if facts.state not in MIGRATABLE_STATES:
-        return Refusal(SkipKind.NOT_RUNNING, f"guest is {facts.state}, not running")
-    if facts.in_job:
-        return Refusal(SkipKind.IN_JOB, "guest is already in a job (another migration or save?)")
-    devices = [b for b in facts.blockers if b.kind not in STORAGE_BLOCKERS]
-    if devices:
-        return Refusal(SkipKind.UNMOVABLE, f"cannot live-migrate: {blockers_text(tuple(devices))}")
     if not mig.allow_backward:
         if dst.libvirt_version < src.libvirt_version:
             return Refusal(
@@ -189,18 +231,6 @@ def check(  # noqa: C901 (one branch per preflight requirement, in the order the
     for disk in facts.disks:
         if disk.path and not copy_storage and not path_visible.get(disk.path, False):
             return Refusal(SkipKind.DISK_MISSING, f"disk {disk.path} not found on {d}")
-        if (
-            disk.cache not in SAFE_CACHE_MODES
-            and not disk.readonly
-            and vm not in mig.unsafe_cache_vms
-        ):
-            return Refusal(
-                SkipKind.CACHE_MODE,
-                (
-                    f"disk {disk.path or disk.target} has cache='{disk.cache}' (must be 'none'; "
-                    f"list the guest in unsafe_cache_vms to accept the risk)"
-                ),
-            )
     for iface in facts.interfaces:
         if iface.kind == "network" and iface.source not in dst.networks:
             return Refusal(SkipKind.NETWORK, f"network {iface.source!r} not active on {d}")
@@ -218,26 +248,63 @@ def check(  # noqa: C901 (one branch per preflight requirement, in the order the
     return None
 
 
-def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -> PreflightResult:
-    """Gather the facts for ``move`` from the hosts and check them."""
+class _Timer:
+    """Per-step wall time of one preflight (I/O side: the clock lives here, not in check)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._last = clock()
+        self.steps: list[CheckTiming] = []
+
+    def lap(self, step: str) -> None:
+        now = self._clock()
+        self.steps.append(CheckTiming(step, now - self._last))
+        self._last = now
+
+
+def preflight(
+    hv: Hypervisor,
+    move: Move,
+    mig: Migration,
+    headroom_bytes: int,
+    clock: Callable[[], float] = time.monotonic,
+) -> PreflightResult:
+    """Gather the facts for ``move`` from the hosts and check them, cheapest first: the
+    guest on its source (one call), then the destination (one call: one connection, one
+    timeout), then the source host; it stops at the first refusal. Each step's time is in
+    the result's ``timings`` (and logged at debug level)."""
+    t = _Timer(clock)
+    result = _preflight(hv, move, mig, headroom_bytes, t)
+    result = replace(result, timings=tuple(t.steps))
+    log.debug(
+        "preflight vm=%s src=%s dst=%s ok=%s %s",
+        move.vm,
+        move.src,
+        move.dst,
+        result.ok,
+        " ".join(f"{c.check.replace(' ', '_')}={c.elapsed_s:.3f}s" for c in result.timings),
+    )
+    return result
+
+
+def _preflight(
+    hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int, t: _Timer
+) -> PreflightResult:
     vm, s, d = move.vm, move.src, move.dst
     if s == d:
         return PreflightResult.refused(
             Refusal(SkipKind.SAME_HOST, f"source and destination are the same host ({s})")
         )
     try:
-        dst = hv.host_facts(d)
-    except HypervisorError as exc:
-        return PreflightResult.refused(
-            Refusal(SkipKind.HOST_DOWN, f"destination {d} does not answer: {exc.detail}")
-        )
-    try:
         src_state = hv.domain_state(s, vm)
+        facts = hv.domain_facts(s, vm) if src_state is not None else None
     except HypervisorError as exc:
         return PreflightResult.refused(
             Refusal(SkipKind.HOST_DOWN, f"source {s} does not answer: {exc.detail}")
         )
-    if src_state is None:
+    finally:
+        t.lap(STEP_SOURCE_GUEST)
+    if facts is None:
         where = ""
         try:
             if hv.domain_state(d, vm) is not None:
@@ -245,21 +312,36 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
         except HypervisorError:
             pass
         return PreflightResult.refused(Refusal(SkipKind.GONE, f"guest is no longer on {s}{where}"))
+    first = source_refusal(move, facts, mig)
+    t.lap(STEP_SOURCE_CHECKS)
+    if first is not None:
+        return PreflightResult.refused(first, facts)
+    paths = () if vm in mig.copy_storage_vms else tuple(k.path for k in facts.disks if k.path)
+    try:
+        dst_facts = hv.destination_facts(d, vm, facts.cpu_xml, facts.virt_type, paths)
+    except HypervisorError as exc:
+        return PreflightResult.refused(
+            Refusal(SkipKind.HOST_DOWN, f"destination {d} does not answer: {exc.detail}"), facts
+        )
+    finally:
+        t.lap(STEP_DESTINATION)
+    if dst_facts.existing_state is not None:
+        return PreflightResult.refused(
+            Refusal(
+                SkipKind.NAME_TAKEN,
+                f"a domain named {vm} already exists on {d} ({dst_facts.existing_state})",
+            ),
+            facts,
+        )
     try:
         src = hv.host_facts(s)
-        facts = hv.domain_facts(s, vm)
-        cpu_ok = hv.cpu_compatible(d, facts.cpu_xml, facts.virt_type) if facts.cpu_xml else True
-        if vm in mig.copy_storage_vms:
-            visible: dict[str, bool] = {}
-        else:
-            visible = {k.path: hv.path_visible(d, k.path) for k in facts.disks if k.path}
-        on_dst = hv.domain_state(d, vm)
     except HypervisorError as exc:
-        return PreflightResult.refused(Refusal(SkipKind.HOST_DOWN, f"could not read facts: {exc}"))
-    if on_dst is not None:
         return PreflightResult.refused(
-            Refusal(SkipKind.NAME_TAKEN, f"a domain named {vm} already exists on {d} ({on_dst})")
+            Refusal(SkipKind.HOST_DOWN, f"source {s} does not answer: {exc.detail}"), facts
         )
+    finally:
+        t.lap(STEP_SOURCE_HOST)
+    dst = dst_facts.host
     problem = check(
         move,
         facts,
@@ -267,9 +349,10 @@ def preflight(hv: Hypervisor, move: Move, mig: Migration, headroom_bytes: int) -
         dst,
         mig=mig,
         headroom_bytes=headroom_bytes,
-        cpu_ok=cpu_ok,
-        path_visible=visible,
+        cpu_ok=dst_facts.cpu_ok,
+        path_visible=dict(dst_facts.path_visible),
     )
+    t.lap(STEP_HOST_CHECKS)
     if problem is not None:
         return PreflightResult.refused(problem, facts)
     tls = use_tls(mig, src, dst)

@@ -71,6 +71,18 @@ class HostFacts:
 
 
 @dataclass(frozen=True)
+class DestinationFacts:
+    """Everything preflight reads on a destination, read in one call (one connection, one
+    timeout): the host, whether the guest's CPU runs there, which disk paths it sees, and
+    the state of a domain of the guest's name already there (None: no such domain)."""
+
+    host: HostFacts
+    cpu_ok: bool
+    path_visible: tuple[tuple[str, bool], ...]  # (path, seen there) per asked path
+    existing_state: str | None
+
+
+@dataclass(frozen=True)
 class JobStats:
     """One sample of a running (or just finished) migration job on the source."""
 
@@ -130,6 +142,13 @@ class Hypervisor(Protocol):
 
     def path_visible(self, host: str, path: str) -> bool:
         """Whether ``host`` sees a storage volume / file at exactly ``path``."""
+        ...
+
+    def destination_facts(
+        self, host: str, vm: str, cpu_xml: str, virt_type: str, paths: Sequence[str]
+    ) -> DestinationFacts:
+        """host_facts, cpu_compatible, path_visible per path and domain_state of ``vm`` on
+        ``host`` as one call: one connection and one timeout for the whole read."""
         ...
 
     def migrate(self, req: MigrationRequest) -> None:

@@ -28,6 +28,7 @@ import libvirt
 from balancerd.config import HostConfig
 from balancerd.errors import HypervisorError
 from balancerd.hypervisor.base import (
+    DestinationFacts,
     DiskFacts,
     DomainFacts,
     HostFacts,
@@ -113,6 +114,7 @@ class _HostConn:
     last_error: str = ""
     host_uuid: str = ""  # cached from capabilities, per connection
     core_speed_mhz: int = 0  # nominal (TSC) frequency from capabilities; 0 = not reported
+    caps_read: bool = False  # host_uuid and core_speed_mhz read on this connection
 
 
 class LibvirtHypervisor:
@@ -159,17 +161,28 @@ class LibvirtHypervisor:
         try:
             conn = libvirt.open(connect_uri(st.cfg))
             conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
-            caps = ET.fromstring(conn.getCapabilities())  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
         except libvirt.libvirtError as exc:
             self._mark_failed(st, f"connect to {st.cfg.uri}: {exc}")
             raise HypervisorError(st.cfg.name, "connect", f"{st.cfg.uri}: {exc}") from _bare(exc)
         with self._lock:
             st.conn = conn
             st.failures = 0
-            st.host_uuid = caps.findtext("host/uuid", default="")
-            st.core_speed_mhz = _nominal_mhz(caps)
+            st.caps_read = False
         log.info("connected host=%s uri=%s", st.cfg.name, st.cfg.uri)
         return conn
+
+    def _read_caps(self, st: _HostConn, conn: Any) -> None:
+        """Host UUID and nominal core speed from the capabilities, once per connection.
+        Read only by the calls that need them: a freshly started libvirtd answers its first
+        getCapabilities only after probing the host (4-8 s seen in the lab), while a guest
+        lookup answers at once, so a preflight that refuses on the source never waits."""
+        if st.caps_read:
+            return
+        caps = ET.fromstring(conn.getCapabilities())  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
+        with self._lock:
+            st.host_uuid = caps.findtext("host/uuid", default="")
+            st.core_speed_mhz = _nominal_mhz(caps)
+            st.caps_read = True
 
     def _mark_failed(self, st: _HostConn, error: str) -> None:
         with self._lock:
@@ -187,10 +200,10 @@ class LibvirtHypervisor:
         """Run ``fn(conn)`` for ``host`` on a worker with a timeout; map every failure."""
         st = self._state(host)
         # Connecting happens on the worker too, so a host that never answers costs one timeout.
-        # A first connection gets three: a freshly started libvirtd probes QEMU's
-        # capabilities on its first getCapabilities (3-5 s seen in the lab).
+        # Until the capabilities were read on a connection a call gets three: a freshly
+        # started libvirtd probes the host on its first getCapabilities (4-8 s in the lab).
         limit_s = timeout_s if timeout_s is not None else self._timeout_s
-        if st.conn is None:
+        if st.conn is None or not st.caps_read:
             limit_s *= 3
         future = self._pool.submit(lambda: fn(self._connect(st)))
         try:
@@ -223,7 +236,7 @@ class LibvirtHypervisor:
     def sample_all(self) -> tuple[HostSample, ...]:
         """All hosts in parallel; each gets at most the timeout, failures come back down."""
         futures = {name: self._pool.submit(self.sample_host, name) for name in self._hosts}
-        first = any(st.conn is None for st in self._hosts.values())
+        first = any(not st.caps_read for st in self._hosts.values())
         deadline = time.monotonic() + self._timeout_s * (3 if first else 1) + 1.0
         samples = []
         for name, future in futures.items():
@@ -247,8 +260,12 @@ class LibvirtHypervisor:
     def sample_host(self, host: str) -> HostSample:
         st = self._state(host)
         cache = self._blocker_cache[host]
-        # connects lazily on the worker
-        raw = self._call(host, "sample", lambda conn: _read_host(conn, cache))
+
+        def read(conn: Any) -> dict[str, Any]:
+            self._read_caps(st, conn)
+            return _read_host(conn, cache)
+
+        raw = self._call(host, "sample", read)  # connects lazily on the worker
         return HostSample(
             name=host,
             uri=st.cfg.uri,
@@ -291,42 +308,54 @@ class LibvirtHypervisor:
 
     def host_facts(self, host: str) -> HostFacts:
         st = self._state(host)
+        return self._call(host, "read host facts", lambda conn: self._host_facts(st, conn))
 
-        def read(conn: Any) -> HostFacts:
-            mem = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
-            free_kib = mem.get("free", 0) + mem.get("buffers", 0) + mem.get("cached", 0)
-            return HostFacts(
-                name=host,
-                hostname=conn.getHostname(),
-                host_uuid=st.host_uuid,
-                libvirt_version=conn.getLibVersion(),
-                hypervisor_version=conn.getVersion(),
-                mem_free_bytes=free_kib * 1024,
-                networks=tuple(sorted(conn.listNetworks())),
-                bridges=_bridges(conn),
-                migration_tls_server=all(
-                    _file_visible(conn, f"{QEMU_TLS_DIR}/{name}")
-                    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem")
-                ),
-                migration_tls_client=_file_visible(conn, f"{QEMU_TLS_DIR}/ca-cert.pem"),
-                postcopy_problem=self._postcopy_refused.get(host)
-                or postcopy_version_problem(conn.getLibVersion(), conn.getVersion()),
-                compression_methods=compression_methods(conn.getLibVersion()),
+    def _host_facts(self, st: _HostConn, conn: Any) -> HostFacts:
+        self._read_caps(st, conn)
+        host = st.cfg.name
+        mem = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+        free_kib = mem.get("free", 0) + mem.get("buffers", 0) + mem.get("cached", 0)
+        lib_version, qemu_version = conn.getLibVersion(), conn.getVersion()
+        return HostFacts(
+            name=host,
+            hostname=conn.getHostname(),
+            host_uuid=st.host_uuid,
+            libvirt_version=lib_version,
+            hypervisor_version=qemu_version,
+            mem_free_bytes=free_kib * 1024,
+            networks=tuple(sorted(conn.listNetworks())),
+            bridges=_bridges(conn),
+            migration_tls_server=all(
+                _file_visible(conn, f"{QEMU_TLS_DIR}/{name}")
+                for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+            ),
+            migration_tls_client=_file_visible(conn, f"{QEMU_TLS_DIR}/ca-cert.pem"),
+            postcopy_problem=self._postcopy_refused.get(host)
+            or postcopy_version_problem(lib_version, qemu_version),
+            compression_methods=compression_methods(lib_version),
+        )
+
+    def destination_facts(
+        self, host: str, vm: str, cpu_xml: str, virt_type: str, paths: Sequence[str]
+    ) -> DestinationFacts:
+        st = self._state(host)
+
+        def read(conn: Any) -> DestinationFacts:
+            return DestinationFacts(
+                host=self._host_facts(st, conn),
+                cpu_ok=_cpu_compatible(conn, cpu_xml, virt_type),
+                path_visible=tuple((p, _file_visible(conn, p)) for p in paths),
+                existing_state=_domain_state(conn, vm),
             )
 
-        return self._call(host, "read host facts", read)
+        return self._call(host, f"read destination facts for {vm}", read)
 
     def cpu_compatible(self, host: str, cpu_xml: str, virt_type: str = "kvm") -> bool:
         if not cpu_xml:
             return True  # the hypervisor's default CPU model runs everywhere it runs
-
-        def compare(conn: Any) -> bool:
-            # Compare against what the destination's hypervisor can provide for this virt
-            # type (for TCG that is not the physical CPU), not against the host CPU itself.
-            result = conn.compareHypervisorCPU(None, None, None, virt_type, cpu_xml, 0)
-            return bool(result != libvirt.VIR_CPU_COMPARE_INCOMPATIBLE)
-
-        return self._call(host, "compare CPU", compare)
+        return self._call(
+            host, "compare CPU", lambda conn: _cpu_compatible(conn, cpu_xml, virt_type)
+        )
 
     def path_visible(self, host: str, path: str) -> bool:
         """Storage volume lookup by path; where no pool holds the folder, a transient
@@ -458,16 +487,7 @@ class LibvirtHypervisor:
         return self._call(host, "list domains", read)
 
     def domain_state(self, host: str, vm: str) -> str | None:
-        def read(conn: Any) -> str | None:
-            try:
-                dom = conn.lookupByName(vm)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return None
-                raise
-            return _STATE_NAMES.get(dom.state()[0], "other")
-
-        return self._call(host, f"read state of {vm}", read)
+        return self._call(host, f"read state of {vm}", lambda conn: _domain_state(conn, vm))
 
     def destroy(self, host: str, vm: str) -> None:
         def kill(conn: Any) -> None:
@@ -571,6 +591,25 @@ def _file_visible(conn: Any, path: str) -> bool:
         return False
     finally:
         pool.destroy()
+
+
+def _cpu_compatible(conn: Any, cpu_xml: str, virt_type: str) -> bool:
+    if not cpu_xml:
+        return True  # the hypervisor's default CPU model runs everywhere it runs
+    # Compare against what the destination's hypervisor can provide for this virt type
+    # (for TCG that is not the physical CPU), not against the host CPU itself.
+    result = conn.compareHypervisorCPU(None, None, None, virt_type, cpu_xml, 0)
+    return bool(result != libvirt.VIR_CPU_COMPARE_INCOMPATIBLE)
+
+
+def _domain_state(conn: Any, vm: str) -> str | None:
+    try:
+        dom = conn.lookupByName(vm)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+    return _STATE_NAMES.get(dom.state()[0], "other")
 
 
 def _bare(exc: BaseException) -> BaseException:

@@ -56,7 +56,13 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from balancerd.errors import HypervisorError
-from balancerd.hypervisor.base import DomainFacts, HostFacts, JobStats, MigrationRequest
+from balancerd.hypervisor.base import (
+    DestinationFacts,
+    DomainFacts,
+    HostFacts,
+    JobStats,
+    MigrationRequest,
+)
 from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
 from balancerd.model import HostSample
 from balancerd.units import MIB
@@ -150,8 +156,12 @@ class Script:
     # does not end); "refuse" raises (a job in its completion phase cannot be aborted);
     # "complete" raises and the job completes (it was past the point of no return)
     on_abort: Literal["fail", "ignore", "refuse", "complete"] = "fail"
-    # start_postcopy(): "complete" pulls the rest at once; "steps" goes on by the steps
-    on_postcopy: Literal["complete", "steps"] = "complete"
+    # start_postcopy(): "complete" pulls the rest at once; "steps" goes on by the steps;
+    # "pending" accepts the request but QEMU has not switched yet (it does at the end of
+    # its current pass): the job goes on by the steps in pre-copy, and a Fail leaves the
+    # guest running on the source (seen in the lab when the destination's libvirtd died
+    # right after migrateStartPostCopy)
+    on_postcopy: Literal["complete", "steps", "pending"] = "complete"
     # what the finished job reports as downtime (None: libvirt 9.0 reports none for post-copy)
     postcopy_downtime_ms: float | None = 40.0
 
@@ -515,6 +525,13 @@ class ScriptedHypervisor(SimHypervisor):
         with self._lock:
             return super().path_visible(host, path)
 
+    def destination_facts(
+        self, host: str, vm: str, cpu_xml: str, virt_type: str, paths: Sequence[str]
+    ) -> DestinationFacts:
+        self._enter(host, "destination_facts", vm, cpu_xml, virt_type, tuple(paths))
+        with self._lock:
+            return super().destination_facts(host, vm, cpu_xml, virt_type, paths)
+
     def migrate(self, req: MigrationRequest) -> None:
         self._enter(req.src, "migrate", req.vm, req)
         with self._changed:
@@ -577,7 +594,7 @@ class ScriptedHypervisor(SimHypervisor):
                 raise HypervisorError(
                     host, "start_postcopy", "post-copy can only be started after enabling it"
                 )
-            if job.hanging:
+            if job.hanging or job.script.on_postcopy == "pending":
                 return
             job.postcopy = True
             self.hosts[host].vms[vm].state = "paused"

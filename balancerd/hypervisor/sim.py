@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from balancerd.errors import HypervisorError
 from balancerd.hypervisor.base import (
+    DestinationFacts,
     DiskFacts,
     DomainFacts,
     HostFacts,
@@ -213,6 +214,16 @@ class SimHypervisor:
     def path_visible(self, host: str, path: str) -> bool:
         h = self._host(host, "storage lookup")
         return h.visible_paths is None or path in h.visible_paths
+
+    def destination_facts(
+        self, host: str, vm: str, cpu_xml: str, virt_type: str, paths: Sequence[str]
+    ) -> DestinationFacts:
+        return DestinationFacts(
+            host=SimHypervisor.host_facts(self, host),
+            cpu_ok=SimHypervisor.cpu_compatible(self, host, cpu_xml, virt_type),
+            path_visible=tuple((p, SimHypervisor.path_visible(self, host, p)) for p in paths),
+            existing_state=SimHypervisor.domain_state(self, host, vm),
+        )
 
     def migrate(self, req: MigrationRequest) -> None:
         src = self._host(req.src, "migrate")

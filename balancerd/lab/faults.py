@@ -470,6 +470,32 @@ def row_dst_libvirtd_killed(env: Env) -> RowResult:
     return _finish(env, r, before)
 
 
+def row_dst_libvirtd_killed_postcopy(env: Env) -> RowResult:
+    """The destination's libvirtd dies while QEMU is in post-copy (source paused in
+    post-copy, guest running on the destination); it comes back 10 s later."""
+    # 10 MiB/s: the rest after the switch (up to the guest's 96 MiB) takes seconds.
+    d, before = _drain_until_job(env, DIRTY, stall_samples=3, bandwidth=10, on_stall="postcopy")
+    wait_until(
+        lambda: "post-copy" in env.virsh("host1", "domstate", "--reason", "dirty", check=False),
+        180,
+        "the source paused in post-copy",
+        step_s=0.1,
+    )
+    env.lab.kill_libvirtd("host2")
+    time.sleep(10)
+    env.lab.start_libvirtd("host2")
+    line = wait_until(lambda: result_line(d, "dirty"), 240, "the move's result")
+    r = RowResult(
+        "dst-libvirtd-killed-postcopy",
+        "destination libvirtd SIGKILL, back after 10 s",
+        "post-copy (source paused in post-copy)",
+        f"{outcome_of(line)}; guest on {env.lab.guest_host('dirty')}",
+    )
+    if not d.alive():
+        r.problems.append("daemon died")
+    return _finish(env, r, before)
+
+
 def row_src_libvirtd_restarted(env: Env) -> RowResult:
     d, before = _drain_until_job(env, DIRTY)
     env.lab.kill_libvirtd("host1")
@@ -790,6 +816,7 @@ ROWS: dict[str, Row] = {
     "sigkill-pause": row_sigkill_pause,
     "sigterm-migrating": row_sigterm_migrating,
     "dst-libvirtd-killed": row_dst_libvirtd_killed,
+    "dst-libvirtd-killed-postcopy": row_dst_libvirtd_killed_postcopy,
     "src-libvirtd-restarted": row_src_libvirtd_restarted,
     "link-cut": row_link_cut,
     "link-squeezed": row_link_squeezed,
