@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from balancerd.model import Vm
+from balancerd.policy.model import Migration, OnStall
+from balancerd.units import MIB
+
 MAX_PASSES = 30
 # Fixed cost of one migration (connect, prepare the destination, confirm): calibrated
 # from finished migrations by ``calibrate_setup``; this is the lab's quiet-guest figure.
@@ -114,6 +118,33 @@ def predict(
         seconds_low=min(link.setup_s + lo, cap),
         seconds_high=min(link.setup_s + hi, cap),
     )
+
+
+def link_of(m: Migration, vm: str = "") -> Link:
+    """The policy's migration settings as a Link; ``vm`` in no_pause_vms ends by abort."""
+    on_stall = m.on_stall
+    if on_stall == OnStall.PAUSE and vm in m.no_pause_vms:
+        on_stall = OnStall.ABORT
+    return Link(
+        bandwidth_bytes_s=max(m.bandwidth_mib_s, 1e-3) * MIB,
+        max_downtime_ms=m.max_downtime_ms,
+        max_time_s=m.max_time_s,
+        on_stall=str(on_stall),
+        stall_s=float(m.stall_samples * (1 + len(m.downtime_steps_ms))),
+    )
+
+
+def predict_vm(v: Vm, m: Migration) -> Estimate:
+    """One guest's migration under the policy (its sampled dirty rate, else unknown)."""
+    return predict(v.mem_bytes, v.dirty_rate_bytes_s, link_of(m, v.name))
+
+
+FALLBACK_NAMES = {"pause": "pause-and-complete", "postcopy": "post-copy", "abort": "abort"}
+
+
+def fallback(m: Migration, vm: str = "") -> str:
+    """How a migration of ``vm`` that does not converge ends, in words."""
+    return FALLBACK_NAMES.get(link_of(m, vm).on_stall, "abort")
 
 
 def calibrate_setup(
