@@ -12,7 +12,8 @@ from collections.abc import Collection, Mapping, Sequence
 from balancerd.config import HostConfig
 from balancerd.model import Capacity as Capacity  # re-exported: daemon.py imports it here
 from balancerd.model import Host, HostSample, Snapshot, Vm, VmSample
-from balancerd.units import NS
+from balancerd.predict import DirtySample, pick_for_sampling
+from balancerd.units import MIB, NS
 
 ClusterSample = tuple[HostSample, ...]  # one sample_all(): every host at about one instant
 
@@ -65,15 +66,20 @@ def build_snapshot(
     window: int = 4,
     capacity: Mapping[str, Capacity] | None = None,
     powered_off: Collection[str] = (),
+    dirty: Mapping[str, DirtySample] | None = None,
 ) -> Snapshot:
     """The latest cluster sample, with utilizations averaged over the last ``window``
     intervals of ``history`` (oldest first). Hosts that are down keep ``up=False`` and
-    contribute no guests: their guests are unknown, not gone."""
+    contribute no guests: their guests are unknown, not gone. ``dirty``: each guest's
+    last measured dirty rate (``SampleHistory.dirty``); without it, what the hypervisor
+    reports (age unknown)."""
     if not history:
         return Snapshot(taken_at_s=0.0, hosts=(), vms=())
     recent = list(history)[-(window + 1) :]
     latest = recent[-1]
+    taken_at_s = max(h.sampled_at_s for h in latest)
     capacity = capacity or {}
+    dirty = dirty or {}
     hosts: list[Host] = []
     vms: list[Vm] = []
     for hs in latest:
@@ -101,9 +107,10 @@ def build_snapshot(
                 vcpus=v.vcpus,
                 mem_bytes=v.mem_bytes,
                 cpu_util=_mean(_vm_cpu_utils(recent, hs.name, v.uuid)[-window:]),
-                dirty_rate_bytes_s=v.dirty_rate_bytes_s,
+                dirty_rate_bytes_s=d.rate_bytes_s if d else v.dirty_rate_bytes_s,
+                dirty_rate_age_s=taken_at_s - d.at_s if d else None,
             )
-            for v in hs.vms
+            for v, d in ((v, dirty.get(v.name)) for v in hs.vms)
             # shut-off guests use nothing; an incoming migration target is counted at its source
             if v.state not in ("shutoff", "crashed") and not v.incoming
         ]
@@ -131,7 +138,6 @@ def build_snapshot(
                 hypervisor_version=hs.hypervisor_version,
             )
         )
-    taken_at_s = max(h.sampled_at_s for h in latest)
     return Snapshot(taken_at_s=taken_at_s, hosts=tuple(hosts), vms=tuple(vms))
 
 
@@ -141,15 +147,87 @@ class SampleHistory:
     def __init__(self, window: int) -> None:
         self.window = window
         self._samples: deque[ClusterSample] = deque(maxlen=window + 1)
+        self.dirty: dict[str, DirtySample] = {}  # guest -> its last measured dirty rate
+        self._dirty_started: dict[str, float] = {}  # guest -> when its calc was started
 
     def add(self, sample: ClusterSample) -> None:
         self._samples.append(sample)
+        self.dirty = merge_dirty_rates(self.dirty, sample)
+
+    def latest_at_s(self) -> float:
+        return max((h.sampled_at_s for h in self._samples[-1]), default=0.0) if self else 0.0
+
+    def record_dirty_rate(self, vm: str, rate_bytes_s: float) -> None:
+        """What a finished migration measured (as of the latest sample). The executor's
+        thread calls this while collect may run: the dict is replaced, never changed."""
+        old = self.dirty.get(vm)
+        sample = DirtySample(rate_bytes_s, self.latest_at_s(), old.calc_id if old else 0)
+        self.dirty = {**self.dirty, vm: sample}
+
+    def due_for_dirty_rate(self) -> dict[str, str]:
+        """Guest -> host of the few running guests whose dirty rate to measure now (the
+        rotation of predict.pick_for_sampling; none whose calculation is under way)."""
+        if not self:
+            return {}
+        now_s = self.latest_at_s()
+        where: dict[str, str] = {}
+        mem: dict[str, int] = {}
+        for hs in self._samples[-1]:
+            for v in hs.vms if hs.up else ():
+                started = self._dirty_started.get(v.name)
+                if (
+                    v.state == "running"
+                    and not v.in_job
+                    and not v.incoming
+                    and (started is None or now_s - started >= DIRTY_CALC_PENDING_S)
+                ):
+                    where[v.name] = hs.name
+                    mem[v.name] = v.mem_bytes
+        due = pick_for_sampling(
+            mem,
+            self.dirty,
+            now_s,
+            per_cycle=DIRTY_PER_CYCLE,
+            max_age_s=DIRTY_MAX_AGE_S,
+            min_mem_bytes=DIRTY_MIN_MEM_BYTES,
+        )
+        for vm in due:
+            self._dirty_started[vm] = now_s
+        return {vm: where[vm] for vm in due}
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def samples(self) -> tuple[ClusterSample, ...]:
         return tuple(self._samples)
+
+
+# Dirty-rate sampling (libvirt calc-dirty-rate): a 1 s calculation on at most two guests
+# per collect, each re-measured after 10 min, none below 256 MiB (quick to move anyway).
+DIRTY_CALC_S = 1
+DIRTY_PER_CYCLE = 2
+DIRTY_MAX_AGE_S = 600.0
+DIRTY_MIN_MEM_BYTES = 256 * MIB
+DIRTY_CALC_PENDING_S = 30.0  # a calculation started this recently is still awaited
+
+
+def merge_dirty_rates(
+    cache: Mapping[str, DirtySample], cluster: ClusterSample
+) -> dict[str, DirtySample]:
+    """``cache`` with the measurements ``cluster`` reports that it has not seen yet (a new
+    calculation id), stamped with the sample's time. Guests no up host reports are
+    dropped once every host is up (a down host's guests are unknown, not gone)."""
+    out = dict(cache)
+    seen: set[str] = set()
+    for hs in cluster:
+        for v in hs.vms if hs.up else ():
+            seen.add(v.name)
+            old = out.get(v.name)
+            if v.dirty_rate_bytes_s is not None and (old is None or old.calc_id != v.dirty_calc_id):
+                out[v.name] = DirtySample(v.dirty_rate_bytes_s, hs.sampled_at_s, v.dirty_calc_id)
+    if all(hs.up for hs in cluster):
+        out = {vm: d for vm, d in out.items() if vm in seen}
+    return out
 
 
 def capacity_from_config(hosts: Sequence[HostConfig]) -> dict[str, Capacity]:

@@ -163,6 +163,7 @@ def calibrate_setup(
 class DirtySample:
     rate_bytes_s: float
     at_s: float  # monotonic time of the measurement
+    calc_id: int = 0  # the hypervisor's id of its last dirty-rate calculation seen
 
 
 def pick_for_sampling(

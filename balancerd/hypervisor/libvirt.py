@@ -36,6 +36,7 @@ from balancerd.hypervisor.base import (
     MigrationRequest,
 )
 from balancerd.model import HostSample, VmSample
+from balancerd.units import MIB
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -404,6 +405,14 @@ class LibvirtHypervisor:
 
         return self._call(host, f"read post-copy state of {vm}", read)
 
+    def start_dirty_rate(self, host: str, vm: str, seconds: int) -> None:
+        # QEMU samples pages for ``seconds`` in the background; sample_all reads the result
+        self._call(
+            host,
+            f"start dirty-rate calculation of {vm}",
+            lambda conn: conn.lookupByName(vm).startDirtyRateCalc(max(1, seconds), 0),
+        )
+
     def suspend(self, host: str, vm: str) -> None:
         self._call(host, f"suspend {vm}", lambda conn: conn.lookupByName(vm).suspend())
 
@@ -580,7 +589,8 @@ def _read_host(conn: Any) -> dict[str, Any]:
         libvirt.VIR_DOMAIN_STATS_STATE
         | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
         | libvirt.VIR_DOMAIN_STATS_BALLOON
-        | libvirt.VIR_DOMAIN_STATS_VCPU,
+        | libvirt.VIR_DOMAIN_STATS_VCPU
+        | _STATS_DIRTYRATE,
         0,
     )
     vms = []
@@ -588,6 +598,7 @@ def _read_host(conn: Any) -> dict[str, Any]:
         state = s.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
         reason = s.get("state.reason", 0)
         mem_kib = s.get("balloon.current") or s.get("balloon.maximum") or dom.maxMemory()
+        dirty_mib_s, dirty_id = _dirty_rate(s)
         vms.append(
             VmSample(
                 name=dom.name(),
@@ -597,6 +608,8 @@ def _read_host(conn: Any) -> dict[str, Any]:
                 mem_bytes=int(mem_kib) * 1024,
                 cpu_time_ns=int(s.get("cpu.time", 0)),
                 incoming=state == libvirt.VIR_DOMAIN_PAUSED and reason in _INCOMING_PAUSE_REASONS,
+                dirty_rate_bytes_s=None if dirty_mib_s is None else dirty_mib_s * MIB,
+                dirty_calc_id=dirty_id,
             )
         )
     return {
@@ -613,6 +626,22 @@ def _read_host(conn: Any) -> dict[str, Any]:
         "hypervisor_version": int(conn.getVersion()),
         "vms": vms,
     }
+
+
+# VIR_DOMAIN_STATS_DIRTYRATE (libvirt >= 7.2); 0 where the binding lacks it
+_STATS_DIRTYRATE = int(getattr(libvirt, "VIR_DOMAIN_STATS_DIRTYRATE", 0))
+_DIRTYRATE_MEASURED = 2  # dirtyrate.calc_status: 0 unstarted, 1 measuring, 2 measured
+
+
+def _dirty_rate(s: dict[str, Any]) -> tuple[float | None, int]:
+    """(MiB/s, id) of the guest's last finished dirty-rate calculation; the id is its
+    start time (a new one is a new measurement); (None, 0) when there is none."""
+    if s.get("dirtyrate.calc_status") != _DIRTYRATE_MEASURED:
+        return None, 0
+    rate = s.get("dirtyrate.megabytes_per_second")
+    if rate is None:
+        return None, 0
+    return float(rate), int(s.get("dirtyrate.calc_start_time", 0)) or 1
 
 
 def _nominal_mhz(caps: ET.Element) -> int:

@@ -46,6 +46,9 @@ class SimVm:
     persistent: bool = True
     in_job: bool = False  # some other job (save, snapshot, ...) runs on the domain
     incoming: bool = False  # the paused target end of an incoming migration
+    dirty_rate_bytes_s: float = 0.0  # how fast the guest dirties memory
+    # the last start_dirty_rate result: (rate, measurement id); a migration drops it
+    dirty_measured: tuple[float, int] | None = None
 
 
 @dataclass
@@ -78,6 +81,7 @@ class SimHypervisor:
     def __init__(self, hosts: Sequence[SimHost]) -> None:
         self.hosts = {h.name: h for h in hosts}
         self.clock_s = 0.0
+        self.dirty_calcs = 0
 
     # --- driving the simulation ------------------------------------------------------
 
@@ -158,6 +162,8 @@ class SimHypervisor:
                             cpu_time_ns=v.cpu_time_ns,
                             in_job=v.in_job,
                             incoming=v.incoming,
+                            dirty_rate_bytes_s=v.dirty_measured[0] if v.dirty_measured else None,
+                            dirty_calc_id=v.dirty_measured[1] if v.dirty_measured else 0,
                         )
                         for v in h.vms.values()
                     ),
@@ -211,6 +217,7 @@ class SimHypervisor:
         vm = src.vms.pop(req.vm, None)
         if vm is None:
             raise HypervisorError(req.src, "migrate", f"no guest {req.vm}")
+        vm.dirty_measured = None  # a new QEMU on the destination has measured nothing
         dst.vms[vm.name] = vm
 
     def job_stats(self, host: str, vm: str, completed: bool = False) -> JobStats | None:
@@ -226,6 +233,12 @@ class SimHypervisor:
     def postcopy_state(self, host: str, vm: str) -> str:
         self._vm(host, vm, "post-copy state")
         return ""
+
+    def start_dirty_rate(self, host: str, vm: str, seconds: int) -> None:
+        """Measured at once (the simulated guest's rate); the id counts measurements."""
+        v = self._vm(host, vm, "start dirty-rate calculation")
+        self.dirty_calcs += 1
+        v.dirty_measured = (v.dirty_rate_bytes_s, self.dirty_calcs)
 
     def suspend(self, host: str, vm: str) -> None:
         self._vm(host, vm, "suspend").state = "paused"
