@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 
 from balancerd.config import HostConfig
 from balancerd.model import Capacity as Capacity  # re-exported: daemon.py imports it here
@@ -109,6 +110,7 @@ def build_snapshot(
                 cpu_util=_mean(_vm_cpu_utils(recent, hs.name, v.uuid)[-window:]),
                 dirty_rate_bytes_s=d.rate_bytes_s if d else v.dirty_rate_bytes_s,
                 dirty_rate_age_s=taken_at_s - d.at_s if d else None,
+                dirty_working_set_bytes=d.working_set_bytes if d else None,
             )
             for v, d in ((v, dirty.get(v.name)) for v in hs.vms)
             # shut-off guests use nothing; an incoming migration target is counted at its source
@@ -160,13 +162,14 @@ class SampleHistory:
     def record_dirty_rate(self, vm: str, rate_bytes_s: float) -> None:
         """What a finished migration measured (as of the latest sample). The executor's
         thread calls this while collect may run: the dict is replaced, never changed."""
-        old = self.dirty.get(vm)
-        sample = DirtySample(rate_bytes_s, self.latest_at_s(), old.calc_id if old else 0)
+        old = self.dirty.get(vm) or DirtySample(0.0, 0.0)
+        sample = replace(old, rate_bytes_s=rate_bytes_s, at_s=self.latest_at_s())
         self.dirty = {**self.dirty, vm: sample}
 
-    def due_for_dirty_rate(self) -> dict[str, str]:
-        """Guest -> host of the few running guests whose dirty rate to measure now (the
-        rotation of predict.pick_for_sampling; none whose calculation is under way)."""
+    def due_for_dirty_rate(self) -> dict[str, tuple[str, int]]:
+        """Guest -> (host, seconds) of the few running guests to measure now, none whose
+        calculation is under way: first a long one (DIRTY_SPAN_S) after each new short
+        one, to see the working set; then the rotation of predict.pick_for_sampling."""
         if not self:
             return {}
         now_s = self.latest_at_s()
@@ -183,17 +186,21 @@ class SampleHistory:
                 ):
                     where[v.name] = hs.name
                     mem[v.name] = v.mem_bytes
-        due = pick_for_sampling(
-            mem,
+        span = sorted(vm for vm in where if vm in self.dirty and not self.dirty[vm].spanned)
+        out = {vm: (where[vm], DIRTY_SPAN_S) for vm in span[:DIRTY_PER_CYCLE]}
+        rest = {vm: m for vm, m in mem.items() if vm not in out}
+        for vm in pick_for_sampling(
+            rest,
             self.dirty,
             now_s,
-            per_cycle=DIRTY_PER_CYCLE,
+            per_cycle=DIRTY_PER_CYCLE - len(out),
             max_age_s=DIRTY_MAX_AGE_S,
             min_mem_bytes=DIRTY_MIN_MEM_BYTES,
-        )
-        for vm in due:
+        ):
+            out[vm] = (where[vm], DIRTY_CALC_S)
+        for vm in out:
             self._dirty_started[vm] = now_s
-        return {vm: where[vm] for vm in due}
+        return out
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -203,8 +210,12 @@ class SampleHistory:
 
 
 # Dirty-rate sampling (libvirt calc-dirty-rate): a 1 s calculation on at most two guests
-# per collect, each re-measured after 10 min, none below 256 MiB (quick to move anyway).
+# per collect, each re-measured after 10 min, none below 256 MiB (quick to move anyway);
+# each followed by an 8 s one: a guest that rewrites a small buffer shows a lower rate
+# over the longer span, and the distinct pages it dirtied are its working set.
 DIRTY_CALC_S = 1
+DIRTY_SPAN_S = 8
+SATURATED = 0.8  # the long rate below this share of the short one: the working set is full
 DIRTY_PER_CYCLE = 2
 DIRTY_MAX_AGE_S = 600.0
 DIRTY_MIN_MEM_BYTES = 256 * MIB
@@ -215,16 +226,28 @@ def merge_dirty_rates(
     cache: Mapping[str, DirtySample], cluster: ClusterSample
 ) -> dict[str, DirtySample]:
     """``cache`` with the measurements ``cluster`` reports that it has not seen yet (a new
-    calculation id), stamped with the sample's time. Guests no up host reports are
-    dropped once every host is up (a down host's guests are unknown, not gone)."""
+    calculation id), stamped with the sample's time: a short one is the rate; a long one
+    after it gives the working set where it saturated (distinct pages over the span).
+    Guests no up host reports are dropped once every host is up (a down host's guests
+    are unknown, not gone)."""
     out = dict(cache)
     seen: set[str] = set()
     for hs in cluster:
         for v in hs.vms if hs.up else ():
             seen.add(v.name)
             old = out.get(v.name)
-            if v.dirty_rate_bytes_s is not None and (old is None or old.calc_id != v.dirty_calc_id):
-                out[v.name] = DirtySample(v.dirty_rate_bytes_s, hs.sampled_at_s, v.dirty_calc_id)
+            rate = v.dirty_rate_bytes_s
+            if rate is None or (old is not None and old.calc_id == v.dirty_calc_id):
+                continue
+            if old is not None and v.dirty_calc_s > DIRTY_CALC_S:
+                saturated = rate < SATURATED * old.rate_bytes_s
+                ws = rate * v.dirty_calc_s if saturated else None
+                out[v.name] = replace(
+                    old, calc_id=v.dirty_calc_id, working_set_bytes=ws, spanned=True
+                )
+            else:
+                prev_ws = old.working_set_bytes if old is not None else None
+                out[v.name] = DirtySample(rate, hs.sampled_at_s, v.dirty_calc_id, prev_ws)
     if all(hs.up for hs in cluster):
         out = {vm: d for vm, d in out.items() if vm in seen}
     return out

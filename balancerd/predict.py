@@ -136,7 +136,13 @@ def link_of(m: Migration, vm: str = "") -> Link:
 
 def predict_vm(v: Vm, m: Migration) -> Estimate:
     """One guest's migration under the policy (its sampled dirty rate, else unknown)."""
-    return predict(v.mem_bytes, v.dirty_rate_bytes_s, link_of(m, v.name))
+    ws = v.dirty_working_set_bytes
+    return predict(
+        v.mem_bytes,
+        v.dirty_rate_bytes_s,
+        link_of(m, v.name),
+        working_set_bytes=None if ws is None else int(ws),
+    )
 
 
 FALLBACK_NAMES = {"pause": "pause-and-complete", "postcopy": "post-copy", "abort": "abort"}
@@ -164,6 +170,8 @@ class DirtySample:
     rate_bytes_s: float
     at_s: float  # monotonic time of the measurement
     calc_id: int = 0  # the hypervisor's id of its last dirty-rate calculation seen
+    working_set_bytes: float | None = None  # what a long calculation saw it rewrite
+    spanned: bool = False  # a long calculation followed the rate's (short) one
 
 
 def pick_for_sampling(

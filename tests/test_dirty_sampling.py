@@ -4,7 +4,12 @@ the rate a finished migration measured taking over."""
 
 from __future__ import annotations
 
-from balancerd.collect import DIRTY_CALC_S, SampleHistory, build_snapshot, merge_dirty_rates
+from balancerd.collect import (
+    DIRTY_SPAN_S,
+    SampleHistory,
+    build_snapshot,
+    merge_dirty_rates,
+)
 from balancerd.execute.move import measured_dirty_rate
 from balancerd.hypervisor.base import JobStats, MigrationRequest
 from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
@@ -17,17 +22,19 @@ def cluster() -> SimHypervisor:
     hv = SimHypervisor([SimHost("h1", 8, 2000, 64 << 30), SimHost("h2", 8, 2000, 64 << 30)])
     for i, rate in enumerate((0.0, 20.0, 40.0)):
         hv.add_vm("h1", SimVm(f"g{i}", 2, 1 << 30, dirty_rate_bytes_s=rate * MIB))
+    # g2 keeps rewriting one 64 MiB buffer: 40 MiB/s over 1 s, 8 MiB/s over 8 s
+    hv.hosts["h1"].vms["g2"].dirty_working_set_bytes = 64 * MIB
     hv.add_vm("h2", SimVm("tiny", 1, 128 * MIB, dirty_rate_bytes_s=99 * MIB))
     return hv
 
 
-def collect(hv: SimHypervisor, history: SampleHistory) -> Snapshot:
+def collect(hv: SimHypervisor, history: SampleHistory, step_s: float = 10.0) -> Snapshot:
     """One collect as the daemon does it: sample, snapshot, start the calculations due."""
     history.add(hv.sample_all())
     snap = build_snapshot(history.samples(), dirty=history.dirty)
-    for vm, host in history.due_for_dirty_rate().items():
-        hv.start_dirty_rate(host, vm, DIRTY_CALC_S)
-    hv.advance(10.0, {})
+    for vm, (host, seconds) in history.due_for_dirty_rate().items():
+        hv.start_dirty_rate(host, vm, seconds)
+    hv.advance(step_s, {})
     return snap
 
 
@@ -44,16 +51,30 @@ def rates(snap: Snapshot) -> dict[str, tuple[float | None, float | None]]:
 def test_two_guests_per_collect_are_measured_in_rotation_and_small_ones_never() -> None:
     hv = cluster()
     h = SampleHistory(4)
-    first = collect(hv, h)
+    first = collect(hv, h, 40.0)
     assert all(r == (None, None) for r in rates(first).values())
-    second = rates(collect(hv, h))  # the two calculations started last time are read now
+    second = rates(collect(hv, h, 40.0))  # the calculations started last time are read now
     assert second["g0"] == (0.0, 0.0) and second["g1"] == (20.0, 0.0)
     assert second["g2"] == (None, None)
-    third = rates(collect(hv, h))
-    assert third["g2"] == (40.0, 0.0)
-    assert third["g0"] == (0.0, 10.0)  # the same measurement, ten seconds older
-    assert third["tiny"] == (None, None)  # below 256 MiB: not worth a calculation
-    assert hv.dirty_calcs == 3  # nothing re-measured within its max age
+    collect(hv, h, 40.0)  # g0 and g1 get their long calculation
+    fourth = rates(collect(hv, h, 40.0))
+    assert fourth["g2"] == (40.0, 0.0)
+    assert fourth["g0"] == (0.0, 80.0)  # the same measurement, older
+    assert fourth["tiny"] == (None, None)  # below 256 MiB: not worth a calculation
+    for _ in range(3):
+        collect(hv, h, 40.0)
+    assert hv.dirty_calcs == 6  # short + long each, nothing re-measured within its max age
+
+
+def test_a_long_calculation_shows_the_working_set_of_a_guest_rewriting_a_buffer() -> None:
+    hv = cluster()
+    h = SampleHistory(4)
+    for _ in range(6):
+        snap = collect(hv, h, 40.0)
+    ws = {v.name: v.dirty_working_set_bytes for v in snap.vms}
+    assert ws["g2"] == 64 * MIB  # 8 MiB/s over 8 s: it saturated
+    assert ws["g1"] is None  # 20 MiB/s over 8 s too: it did not
+    assert DIRTY_SPAN_S * 20 * MIB < 1 << 30
 
 
 def test_a_migration_measurement_replaces_an_older_calculation() -> None:

@@ -28,7 +28,6 @@ from prometheus_client import CollectorRegistry
 
 from balancerd.backoff import BackoffTable
 from balancerd.collect import (
-    DIRTY_CALC_S,
     Capacity,
     SampleHistory,
     build_snapshot,
@@ -507,9 +506,9 @@ class Daemon:
     def _sample_dirty_rates(self, hv: Hypervisor, history: SampleHistory) -> None:
         """Start the dirty-rate calculations due (a few guests per collect); the next
         samples carry their results. A failure only leaves that guest unmeasured."""
-        for vm, host in history.due_for_dirty_rate().items():
+        for vm, (host, seconds) in history.due_for_dirty_rate().items():
             try:
-                hv.start_dirty_rate(host, vm, DIRTY_CALC_S)
+                hv.start_dirty_rate(host, vm, seconds)
             except HypervisorError as exc:
                 log.info("dirty rate not measured vm=%s host=%s error=%s", vm, host, exc)
 

@@ -598,7 +598,7 @@ def _read_host(conn: Any) -> dict[str, Any]:
         state = s.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
         reason = s.get("state.reason", 0)
         mem_kib = s.get("balloon.current") or s.get("balloon.maximum") or dom.maxMemory()
-        dirty_mib_s, dirty_id = _dirty_rate(s)
+        dirty_mib_s, dirty_id, dirty_s = _dirty_rate(s)
         vms.append(
             VmSample(
                 name=dom.name(),
@@ -610,6 +610,7 @@ def _read_host(conn: Any) -> dict[str, Any]:
                 incoming=state == libvirt.VIR_DOMAIN_PAUSED and reason in _INCOMING_PAUSE_REASONS,
                 dirty_rate_bytes_s=None if dirty_mib_s is None else dirty_mib_s * MIB,
                 dirty_calc_id=dirty_id,
+                dirty_calc_s=dirty_s,
             )
         )
     return {
@@ -633,15 +634,14 @@ _STATS_DIRTYRATE = int(getattr(libvirt, "VIR_DOMAIN_STATS_DIRTYRATE", 0))
 _DIRTYRATE_MEASURED = 2  # dirtyrate.calc_status: 0 unstarted, 1 measuring, 2 measured
 
 
-def _dirty_rate(s: dict[str, Any]) -> tuple[float | None, int]:
-    """(MiB/s, id) of the guest's last finished dirty-rate calculation; the id is its
-    start time (a new one is a new measurement); (None, 0) when there is none."""
-    if s.get("dirtyrate.calc_status") != _DIRTYRATE_MEASURED:
-        return None, 0
+def _dirty_rate(s: dict[str, Any]) -> tuple[float | None, int, int]:
+    """(MiB/s, id, period s) of the guest's last finished dirty-rate calculation; the id
+    is its start time (a new one is a new measurement); (None, 0, 0) when there is none."""
     rate = s.get("dirtyrate.megabytes_per_second")
-    if rate is None:
-        return None, 0
-    return float(rate), int(s.get("dirtyrate.calc_start_time", 0)) or 1
+    if s.get("dirtyrate.calc_status") != _DIRTYRATE_MEASURED or rate is None:
+        return None, 0, 0
+    start = int(s.get("dirtyrate.calc_start_time", 0)) or 1
+    return float(rate), start, int(s.get("dirtyrate.calc_period", 0))
 
 
 def _nominal_mhz(caps: ET.Element) -> int:

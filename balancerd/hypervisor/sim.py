@@ -47,8 +47,9 @@ class SimVm:
     in_job: bool = False  # some other job (save, snapshot, ...) runs on the domain
     incoming: bool = False  # the paused target end of an incoming migration
     dirty_rate_bytes_s: float = 0.0  # how fast the guest dirties memory
-    # the last start_dirty_rate result: (rate, measurement id); a migration drops it
-    dirty_measured: tuple[float, int] | None = None
+    dirty_working_set_bytes: int = 0  # how much of it it keeps rewriting (0: all of it)
+    # the last start_dirty_rate result: (rate, measurement id, period); a migration drops it
+    dirty_measured: tuple[float, int, int] | None = None
 
 
 @dataclass
@@ -164,6 +165,7 @@ class SimHypervisor:
                             incoming=v.incoming,
                             dirty_rate_bytes_s=v.dirty_measured[0] if v.dirty_measured else None,
                             dirty_calc_id=v.dirty_measured[1] if v.dirty_measured else 0,
+                            dirty_calc_s=v.dirty_measured[2] if v.dirty_measured else 0,
                         )
                         for v in h.vms.values()
                     ),
@@ -235,10 +237,13 @@ class SimHypervisor:
         return ""
 
     def start_dirty_rate(self, host: str, vm: str, seconds: int) -> None:
-        """Measured at once (the simulated guest's rate); the id counts measurements."""
+        """Measured at once, as QEMU counts: distinct pages dirtied over ``seconds`` (at
+        most the working set) per second; the id counts measurements."""
         v = self._vm(host, vm, "start dirty-rate calculation")
         self.dirty_calcs += 1
-        v.dirty_measured = (v.dirty_rate_bytes_s, self.dirty_calcs)
+        ws = v.dirty_working_set_bytes or v.mem_bytes
+        rate = min(float(ws), v.dirty_rate_bytes_s * seconds) / seconds
+        v.dirty_measured = (rate, self.dirty_calcs, seconds)
 
     def suspend(self, host: str, vm: str) -> None:
         self._vm(host, vm, "suspend").state = "paused"
