@@ -146,8 +146,11 @@ def build_snapshot(
 class SampleHistory:
     """A bounded history of cluster samples (the one piece of state collection needs)."""
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, dirty_pending_s: float | None = None) -> None:
+        """``dirty_pending_s``: how long a started dirty-rate calculation is awaited
+        before the guest may be picked again (default DIRTY_CALC_PENDING_S)."""
         self.window = window
+        self.dirty_pending_s = DIRTY_CALC_PENDING_S if dirty_pending_s is None else dirty_pending_s
         self._samples: deque[ClusterSample] = deque(maxlen=window + 1)
         self.dirty: dict[str, DirtySample] = {}  # guest -> its last measured dirty rate
         self._dirty_started: dict[str, float] = {}  # guest -> when its calc was started
@@ -182,7 +185,7 @@ class SampleHistory:
                     v.state == "running"
                     and not v.in_job
                     and not v.incoming
-                    and (started is None or now_s - started >= DIRTY_CALC_PENDING_S)
+                    and (started is None or now_s - started >= self.dirty_pending_s)
                 ):
                     where[v.name] = hs.name
                     mem[v.name] = v.mem_bytes
