@@ -109,6 +109,8 @@ def predict(
     lo = _precopy(mem_bytes, max(0.0, dirty * (1 - unc)), ws, link)[0]
     hi = _precopy(mem_bytes, dirty + guess * unc, ws, link)[0]
     cap = link.max_time_s
+    # a lower rate may take longer (it converges slowly where the higher one stalls and ends)
+    lo, hi = min(lo, secs, hi), max(lo, secs, hi)
     return Estimate(
         seconds=min(link.setup_s + secs, cap),
         bytes_sent=int(sent),
