@@ -188,9 +188,11 @@ def main() -> int:
             print("  " + " | ".join(rows[-1]), flush=True)
             lab.destroy_guest(name)
         # Part 2: which of two equal guests the plan moves
-        start(lab, spec("pq", 0.0))
-        start(lab, spec("pd", 0.5))
-        snap = measure_dirty(hv, ["pq", "pd"])
+        # the dirtying one first (by name and start order): memory size alone ties, and
+        # the tie goes to the first
+        start(lab, spec("p1dirty", 0.5))
+        start(lab, spec("p2quiet", 0.0))
+        snap = measure_dirty(hv, ["p1dirty", "p2quiet"])
         policy = Policy(
             name="bench",
             resources=Resources(cpu_weight=0.0, memory_weight=1.0),
@@ -206,8 +208,8 @@ def main() -> int:
             print(plan_lines[-1], flush=True)
         rates = {v.name: (v.dirty_rate_bytes_s or 0) / MIB for v in snap.vms}
         plan_lines.append(
-            f"- measured dirty rates: pq {rates.get('pq', 0):.1f} MiB/s, "
-            f"pd {rates.get('pd', 0):.1f} MiB/s (both {MEM_MIB} MiB, on host1, host2 empty)"
+            f"- measured dirty rates: p1dirty {rates.get('p1dirty', 0):.1f} MiB/s, p2quiet "
+            f"{rates.get('p2quiet', 0):.1f} MiB/s (both {MEM_MIB} MiB, on host1, host2 empty)"
         )
         hv.close()
         gc.collect()  # free libvirt objects while the hosts still answer
