@@ -643,7 +643,7 @@ def _guest_problems(g: GuestSpec, host_names: list[str]) -> list[str]:
         problems.append(f"guest {g.name}: burn_pct {g.burn_pct} not in 0..100")
     if g.dirty_mib < 0 or g.dirty_mib >= g.mem_mib:
         problems.append(f"guest {g.name}: dirty_mib {g.dirty_mib} not in 0..mem_mib-1")
-    if g.fill_mib < 0 or g.fill_mib + g.dirty_mib >= g.mem_mib:
+    if g.fill_mib < 0 or (g.fill_mib and g.fill_mib + g.dirty_mib >= g.mem_mib):
         problems.append(f"guest {g.name}: fill_mib {g.fill_mib} + dirty_mib not below mem_mib")
     if g.dirty_mib_s < 0:
         problems.append(f"guest {g.name}: dirty_mib_s {g.dirty_mib_s} < 0")
