@@ -243,10 +243,15 @@ def merge_dirty_rates(
             if rate is None or (old is not None and old.calc_id == v.dirty_calc_id):
                 continue
             if old is not None and v.dirty_calc_s > DIRTY_CALC_S:
+                # saturated: the distinct pages are the working set; else the long span
+                # counted more pages than the short one: the better rate
                 saturated = rate < SATURATED * old.rate_bytes_s
-                ws = rate * v.dirty_calc_s if saturated else None
                 out[v.name] = replace(
-                    old, calc_id=v.dirty_calc_id, working_set_bytes=ws, spanned=True
+                    old,
+                    rate_bytes_s=old.rate_bytes_s if saturated else rate,
+                    calc_id=v.dirty_calc_id,
+                    working_set_bytes=rate * v.dirty_calc_s if saturated else None,
+                    spanned=True,
                 )
             else:
                 prev_ws = old.working_set_bytes if old is not None else None

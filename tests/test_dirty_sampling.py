@@ -5,6 +5,7 @@ the rate a finished migration measured taking over."""
 from __future__ import annotations
 
 from balancerd.collect import (
+    DIRTY_CALC_S,
     DIRTY_SPAN_S,
     SampleHistory,
     build_snapshot,
@@ -13,7 +14,7 @@ from balancerd.collect import (
 from balancerd.execute.move import measured_dirty_rate
 from balancerd.hypervisor.base import JobStats, MigrationRequest
 from balancerd.hypervisor.sim import SimHost, SimHypervisor, SimVm
-from balancerd.model import Snapshot
+from balancerd.model import HostSample, Snapshot, VmSample
 
 MIB = 2**20
 
@@ -105,3 +106,15 @@ def test_a_migration_measures_the_dirty_rate_after_the_first_sync() -> None:
     assert measured_dirty_rate([job(1, 0.0)]) is None
     seen = [job(1, 0.0), job(2, 30.0), job(3, 34.0), job(4, 32.0)]
     assert measured_dirty_rate(seen) == 32 * MIB
+
+
+def test_an_unsaturated_long_calculation_refines_a_coarse_short_one() -> None:
+    def sample(rate_mib_s: float, calc_id: int, seconds: int) -> tuple[HostSample, ...]:
+        v = VmSample("g", "g", "running", 1, 256 * MIB, 0, rate_mib_s * MIB, calc_id, seconds)
+        return (HostSample("h1", "sim:///h1", True, float(calc_id), vms=(v,)),)
+
+    # page sampling on a small guest over 1 s: one page is 2 MiB/s (lab: 2.0 for 6.4)
+    cache = merge_dirty_rates({}, sample(2.0, 1, DIRTY_CALC_S))
+    cache = merge_dirty_rates(cache, sample(6.4, 2, DIRTY_SPAN_S))
+    assert cache["g"].rate_bytes_s == 6.4 * MIB and cache["g"].working_set_bytes is None
+    assert cache["g"].at_s == 1.0  # aged from the first measurement of the pair

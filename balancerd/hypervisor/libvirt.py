@@ -406,14 +406,14 @@ class LibvirtHypervisor:
         return self._call(host, f"read post-copy state of {vm}", read)
 
     def start_dirty_rate(self, host: str, vm: str, seconds: int) -> None:
-        # QEMU counts for ``seconds`` in the background; sample_all reads the result.
-        # Dirty-bitmap mode counts every page (dirty logging for those seconds only):
-        # page sampling checks 512 pages per GiB, so on a 256 MiB guest one page more or
-        # less is 2 MiB/s (seen in the lab: 2.0 MiB/s for a guest dirtying 6.4).
+        # QEMU samples for ``seconds`` in the background; sample_all reads the result.
+        # Page sampling (512 pages per GiB: coarse on small guests over 1 s, hence the
+        # long calculation after it). Not dirty-bitmap mode: QEMU 7.2 under TCG crashed on
+        # it in the lab ("shutting down, reason=crashed").
         self._call(
             host,
             f"start dirty-rate calculation of {vm}",
-            lambda conn: conn.lookupByName(vm).startDirtyRateCalc(max(1, seconds), _DIRTY_MODE),
+            lambda conn: conn.lookupByName(vm).startDirtyRateCalc(max(1, seconds), 0),
         )
 
     def suspend(self, host: str, vm: str) -> None:
@@ -635,7 +635,6 @@ def _read_host(conn: Any) -> dict[str, Any]:
 # VIR_DOMAIN_STATS_DIRTYRATE (libvirt >= 7.2); 0 where the binding lacks it
 _STATS_DIRTYRATE = int(getattr(libvirt, "VIR_DOMAIN_STATS_DIRTYRATE", 0))
 _DIRTYRATE_MEASURED = 2  # dirtyrate.calc_status: 0 unstarted, 1 measuring, 2 measured
-_DIRTY_MODE = int(getattr(libvirt, "VIR_DOMAIN_DIRTYRATE_MODE_DIRTY_BITMAP", 0))
 
 
 def _dirty_rate(s: dict[str, Any]) -> tuple[float | None, int, int]:
