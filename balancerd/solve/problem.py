@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from balancerd.model import Capacity, Snapshot
 from balancerd.policy.model import Policy
-from balancerd.predict import fallback, predict_vm
+from balancerd.predict import Estimate, fallback, predict_vm
 from balancerd.speed import demand_per_vcpu, speed_factors, too_slow, uniform
 from balancerd.units import GIB as GIB  # re-exported: ilp.py, explain.py import it here
 from balancerd.units import MIB
@@ -385,11 +385,18 @@ def _predicted(
     snapshot: Snapshot, policy: Policy, guests: _Guests
 ) -> tuple[list[float], list[float], list[bool]]:
     """(cost in bytes at the bandwidth, seconds, converges) per guest (predict.py)."""
-    bw = max(policy.migration.bandwidth_mib_s, 1e-3) * MIB
+    mig = policy.migration
+    bw = max(mig.bandwidth_mib_s, 1e-3) * MIB
     vm_of = {v.name: v for v in snapshot.vms}
+    no_pause = set(mig.no_pause_vms)
+    seen: dict[tuple[int, float | None, float | None, bool], Estimate] = {}  # same inputs
     cost, secs, conv = [], [], []
     for name in guests.names:
-        e = predict_vm(vm_of[name], policy.migration)
+        v = vm_of[name]
+        key = (v.mem_bytes, v.dirty_rate_bytes_s, v.dirty_working_set_bytes, name in no_pause)
+        e = seen.get(key)
+        if e is None:
+            e = seen[key] = predict_vm(v, mig)
         cost.append(e.cost_s * bw)
         secs.append(e.seconds)
         conv.append(e.converges)
