@@ -10,7 +10,7 @@ import pytest
 
 from balancerd.decide import decide
 from balancerd.model import Host, Snapshot, Vm
-from balancerd.policy.model import Constraints, Limits, Migration, OnStall, Policy
+from balancerd.policy.model import Constraints, Limits, Migration, OnStall, Policy, Resources
 from balancerd.rationale import explain_moves
 
 GIB = 1024**3
@@ -25,9 +25,9 @@ def host(name: str) -> Host:
     return Host(name=name, uri=f"test:///{name}", up=True, cpus=8, mem_bytes=32 * GIB)
 
 
-def vm(name: str, on: str, dirty_mib_s: float | None) -> Vm:
+def vm(name: str, on: str, dirty_mib_s: float | None, mem_bytes: int = 4 * GIB) -> Vm:
     rate = None if dirty_mib_s is None else dirty_mib_s * MIB
-    return Vm(name, name, on, "running", 2, 4 * GIB, 0.8, dirty_rate_bytes_s=rate)
+    return Vm(name, name, on, "running", 2, mem_bytes, 0.8, dirty_rate_bytes_s=rate)
 
 
 @pytest.mark.parametrize("dirty_first", [True, False])
@@ -38,6 +38,18 @@ def test_of_two_equal_moves_the_plan_moves_the_quiet_guest(dirty_first: bool) ->
     snap = Snapshot(0.0, (host("h1"), host("h2")), tuple(guests))
     plan = decide(snap, POLICY)
     assert [(m.vm, m.dst) for m in plan.moves] == [("b-quiet", "h2")]
+
+
+def test_the_quiet_guest_goes_even_where_the_dirtying_one_is_smaller() -> None:
+    # memory-only balance: 4 GiB + 3.75 GiB on h1, either move leaves 4 GiB on one host;
+    # by bytes alone the smaller guest is cheaper, by predicted time the quiet one is
+    snap = Snapshot(
+        0.0,
+        (host("h1"), host("h2")),
+        (vm("a-dirty", "h1", 60.0, 3840 * MIB), vm("b-quiet", "h1", 0.0)),
+    )
+    pol = replace(POLICY, resources=Resources(cpu_weight=0.0, memory_weight=1.0))
+    assert [(m.vm, m.dst) for m in decide(snap, pol).moves] == [("b-quiet", "h2")]
 
 
 def test_a_guest_predicted_not_to_converge_stays_unless_a_rule_needs_it() -> None:

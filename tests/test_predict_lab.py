@@ -1,7 +1,7 @@
 """Planning with measured dirty rates on the real lab (libvirtd + QEMU in namespaces).
 
-Lab "bpt" on 10.77.22.0/24, two hosts. host1 holds a quiet guest and one rewriting a
-128 MiB buffer at half the migration bandwidth, both 256 MiB; host2 is empty. Under a
+Lab "bpt" on 10.77.22.0/24, two hosts. host1 holds a quiet 256 MiB guest and a 240 MiB one
+rewriting a 128 MiB buffer at half the migration bandwidth; host2 is empty. Under a
 memory-only balance policy moving either balances equally: the collector's dirty-rate
 calculations (libvirt calc-dirty-rate through the adapter) tell them apart, the plan moves
 the quiet one, and the engine moves it.
@@ -36,11 +36,12 @@ from balancerd.wiring import open_hypervisor
 pytestmark = pytest.mark.lab
 
 MIG = Migration(bandwidth_mib_s=32, max_downtime_ms=300, max_time_s=120)
-# the dirtying guest first (by name and start order): on memory size alone they tie, and
-# the tie would go to it
+# Memory-only balance: 256 + 240 MiB on host1, either move leaves 256 MiB on one host.
+# By bytes alone the smaller, dirtying guest is the cheaper move; by predicted time the
+# quiet one is.
 GUESTS = (
-    GuestSpec("busy", "host1", mem_mib=256, dirty_mib=128, dirty_mib_s=16),
-    GuestSpec("quiet", "host1", mem_mib=256),
+    GuestSpec("busy", "host1", mem_mib=240, dirty_mib=128, dirty_mib_s=16),
+    GuestSpec("quiet", "host1", mem_mib=256, fill_mib=96),
 )
 POLICY = Policy(
     name="lab-predict",
@@ -76,10 +77,11 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
                 timeout=120,
                 check=True,
             )
-        log = lab.console_log("busy")
         deadline = time.monotonic() + 90
-        while "dirtied" not in log.read_text(errors="replace") and time.monotonic() < deadline:
-            time.sleep(0.5)
+        for vm, mark in (("busy", "dirtied"), ("quiet", "filled")):
+            log = lab.console_log(vm)
+            while mark not in log.read_text(errors="replace") and time.monotonic() < deadline:
+                time.sleep(0.5)
         config = load_config(config_path)
         hv = open_hypervisor(config)
         yield Ctx(lab, config, hv)
