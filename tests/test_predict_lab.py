@@ -1,6 +1,6 @@
 """Planning with measured dirty rates on the real lab (libvirtd + QEMU in namespaces).
 
-Lab "bpt" on 10.77.22.0/24, two hosts. host1 holds a quiet 256 MiB guest and a 240 MiB one
+Lab "bpt" on 10.77.22.0/24, two hosts. host1 holds a quiet 272 MiB guest and a 256 MiB one
 rewriting a 128 MiB buffer at half the migration bandwidth; host2 is empty. Under a
 memory-only balance policy moving either balances equally: the collector's dirty-rate
 calculations (libvirt calc-dirty-rate through the adapter) tell them apart, the plan moves
@@ -36,12 +36,12 @@ from balancerd.wiring import open_hypervisor
 pytestmark = pytest.mark.lab
 
 MIG = Migration(bandwidth_mib_s=32, max_downtime_ms=300, max_time_s=120)
-# Memory-only balance: 256 + 240 MiB on host1, either move leaves 256 MiB on one host.
+# Memory-only balance: 272 + 256 MiB on host1, either move leaves 272 MiB on one host.
 # By bytes alone the smaller, dirtying guest is the cheaper move; by predicted time the
 # quiet one is.
 GUESTS = (
-    GuestSpec("busy", "host1", mem_mib=240, dirty_mib=128, dirty_mib_s=16),
-    GuestSpec("quiet", "host1", mem_mib=256, fill_mib=96),
+    GuestSpec("busy", "host1", mem_mib=256, dirty_mib=128, dirty_mib_s=16),
+    GuestSpec("quiet", "host1", mem_mib=272, fill_mib=96),
 )
 POLICY = Policy(
     name="lab-predict",
