@@ -245,6 +245,13 @@ def main() -> int:
         "",
         *table(head, rows),
         "",
+        "The prediction models QEMU's pre-copy and, for a guest whose passes stop shrinking, "
+        "the policy's on_stall ending; it does not model the engine's watermark rule (remaining "
+        f"data without a new low for {MIG.stall_samples} samples counts as a stall), which can "
+        "end a slowly converging guest (passes shrinking by 10-20 %) early by "
+        "pause-and-complete: a row predicted to converge that ran as paused-fallback took "
+        "less time than predicted for that reason.",
+        "",
         "Planning on the same lab (memory-only balance, either move balances equally; by "
         "bytes alone the smaller, dirtying guest would go):",
         "",
