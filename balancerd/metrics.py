@@ -69,6 +69,8 @@ MIGRATION_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.
 DOWNTIME_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 CYCLE_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SOLVER_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# measured / predicted migration time (predict.py): 1.0 is a perfect prediction
+PREDICTION_RATIO_BUCKETS = (0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.43, 2.0, 3.0)
 
 
 def label_class(value: str) -> str:
@@ -144,6 +146,11 @@ class _State:
     downtime_s: dict[str, _Histogram] = field(default_factory=dict)
     cycle_s: _Histogram = field(default_factory=lambda: _Histogram(CYCLE_BUCKETS_S))
     solver_s: _Histogram = field(default_factory=lambda: _Histogram(SOLVER_BUCKETS_S))
+    prediction_ratio: _Histogram = field(
+        default_factory=lambda: _Histogram(PREDICTION_RATIO_BUCKETS)
+    )
+    # the last migrated guest: (vm, predicted seconds, measured seconds)
+    last_prediction: tuple[str, float, float] | None = None
 
 
 class DaemonStats:
@@ -215,9 +222,10 @@ class DaemonStats:
         outcome: MoveOutcome,
         duration_s: float | None = None,
         downtime_s: float | None = None,
+        predicted_s: float | None = None,
     ) -> None:
         """One planned move ended. ``mode``: how it finally ran; duration and downtime are
-        observed for migrated guests."""
+        observed for migrated guests, and duration / the plan's ``predicted_s``."""
         with self._lock:
             self._s.in_flight.pop(vm, None)
             key = (mode.value, outcome.value)
@@ -231,6 +239,9 @@ class DaemonStats:
                 if downtime_s is not None:
                     hist = self._s.downtime_s.setdefault(mode.value, _Histogram(DOWNTIME_BUCKETS_S))
                     hist.observe(max(0.0, downtime_s))
+                if duration_s is not None and predicted_s is not None and predicted_s > 0:
+                    self._s.prediction_ratio.observe(duration_s / predicted_s)
+                    self._s.last_prediction = (vm, predicted_s, duration_s)
 
     def record_fallback(self, kind: FallbackKind) -> None:
         """A live migration gave way to another way of moving the guest."""
@@ -359,6 +370,8 @@ class DaemonStats:
                 downtime_s={k: _copy_hist(h) for k, h in s.downtime_s.items()},
                 cycle_s=_copy_hist(s.cycle_s),
                 solver_s=_copy_hist(s.solver_s),
+                prediction_ratio=_copy_hist(s.prediction_ratio),
+                last_prediction=s.last_prediction,
             )
 
 
@@ -613,6 +626,34 @@ def _event_families(s: _State) -> Iterator[Metric]:
     yield _histogram(
         "cycle_duration_seconds", "Duration of decide-and-act cycles.", {"": s.cycle_s}
     )
+    yield _histogram(
+        "migration_prediction_ratio",
+        "Measured / predicted duration of successful migrations (1 = exact).",
+        {"": s.prediction_ratio},
+    )
+    if s.last_prediction is not None:
+        vm, predicted, measured = s.last_prediction
+        for what, value in (("predicted", predicted), ("measured", measured)):
+            fam = GaugeMetricFamily(
+                _name(f"migration_last_{what}_seconds"),
+                f"The {what} duration of the last successful migration.",
+                labels=["vm"],
+            )
+            fam.add_metric([vm], value)
+            yield fam
+    dirty = GaugeMetricFamily(
+        _name("vm_dirty_rate_bytes_per_second"),
+        "Guest memory dirty rate, last measured (dirty-rate calculation or migration).",
+        labels=["vm"],
+    )
+    dirty_age = GaugeMetricFamily(
+        _name("vm_dirty_rate_age_seconds"), "Age of that measurement.", labels=["vm"]
+    )
+    for v in s.snapshot.vms if s.snapshot is not None else ():
+        if v.dirty_rate_bytes_s is not None:
+            dirty.add_metric([v.name], v.dirty_rate_bytes_s)
+            dirty_age.add_metric([v.name], _nan(v.dirty_rate_age_s))
+    yield from (dirty, dirty_age)
     if s.last_success_at_s is not None:
         yield GaugeMetricFamily(
             _name("last_success_timestamp_seconds"),

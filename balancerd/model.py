@@ -43,6 +43,8 @@ class VmSample:
     mem_bytes: int
     cpu_time_ns: int  # cumulative guest CPU time (counter)
     dirty_rate_bytes_s: float | None = None  # where libvirt reports one (calc-dirty-rate)
+    dirty_calc_id: int = 0  # identifies that measurement (libvirt: its start time)
+    dirty_calc_s: int = 0  # the period it measured over
     in_job: bool = False  # a libvirt job (e.g. migration) is running on this domain
     incoming: bool = False  # the domain is the paused target of an incoming migration
     tags: tuple[str, ...] = ()  # from the domain's balancerd metadata (policy selectors)
@@ -87,7 +89,10 @@ class Vm:
     vcpus: int
     mem_bytes: int
     cpu_util: float  # 0..1 of its own vCPUs (smoothed)
-    dirty_rate_bytes_s: float | None = None
+    dirty_rate_bytes_s: float | None = None  # last measured (dirty-rate calc or migration)
+    dirty_rate_age_s: float | None = None  # how old that measurement is
+    # what it keeps rewriting, where a long measurement showed it (None: not seen; whole mem)
+    dirty_working_set_bytes: float | None = None
     tags: tuple[str, ...] = ()  # from the domain's balancerd metadata (policy selectors)
     # why it cannot be migrated (host device, mdev, local-only disk, ...); empty: movable
     blockers: tuple[Blocker, ...] = ()

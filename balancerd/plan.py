@@ -21,25 +21,14 @@ from dataclasses import dataclass
 
 from balancerd.model import Move, Placement, Plan, Snapshot, SolverReport
 from balancerd.policy.model import Migration, Policy
-from balancerd.predict import Link, predict
+from balancerd.predict import link_of, predict
 from balancerd.solve.problem import HostCapacity, Problem, build_problem, power_weight
-from balancerd.units import MIB
 
 
 def expected_seconds(mem_bytes: int, dirty_rate_bytes_s: float | None, m: Migration) -> float:
     """The predicted migration time (predict.py: the pre-copy series; a guest that does not
     converge ends by on_stall), capped by max_time_s. Unknown dirty rate counts as none."""
     return predict(mem_bytes, dirty_rate_bytes_s, link_of(m)).seconds
-
-
-def link_of(m: Migration) -> Link:
-    return Link(
-        bandwidth_bytes_s=max(m.bandwidth_mib_s, 1e-3) * MIB,
-        max_downtime_ms=m.max_downtime_ms,
-        max_time_s=m.max_time_s,
-        on_stall=str(m.on_stall),
-        stall_s=float(m.stall_samples * (1 + len(m.downtime_steps_ms))),
-    )
 
 
 @dataclass
@@ -85,9 +74,10 @@ class _Orderer:
     """Reserved loads (a step holds its guest on both hosts while it runs), anti-affinity
     occupancy, and the pending steps, ranked: first the moves that free room others wait
     for, then those of the hosts with the longest queues (they bound the number of waves),
-    then the largest guests. The ranking is refreshed whenever a twentieth of the steps
-    has finished (or no wave could be formed), not after every wave: plans of thousands of
-    moves are ordered in about linear time."""
+    then the longest predicted migrations (a wave lasts as long as its longest step: long
+    steps share waves, short ones do not wait behind them). The ranking is refreshed
+    whenever a twentieth of the steps has finished (or no wave could be formed), not after
+    every wave: plans of thousands of moves are ordered in about linear time."""
 
     def __init__(
         self, p: Problem, snapshot: Snapshot, policy: Policy, uncounted: frozenset[str]
@@ -150,9 +140,9 @@ class _Orderer:
         for t in self.pending:
             queue[t.src] = queue.get(t.src, 0) + 1
             queue[t.dst] = queue.get(t.dst, 0) + 1
-        mem = self.p.mem
+        secs = self.p.move_s  # predicted duration: long steps share waves, short ones too
         self.pending.sort(
-            key=lambda s: (s.src not in awaited, -max(queue[s.src], queue[s.dst]), -mem[s.vm])
+            key=lambda s: (s.src not in awaited, -max(queue[s.src], queue[s.dst]), -secs[s.vm])
         )
         self.ranked_at = self.n_pending
 
@@ -200,7 +190,7 @@ class _Orderer:
                     src=p.hosts[s.src],
                     dst=p.hosts[s.dst],
                     mem_bytes=v.mem_bytes,
-                    expected_s=expected_seconds(v.mem_bytes, v.dirty_rate_bytes_s, self.mig),
+                    expected_s=p.move_s[s.vm],
                     wave=self.wave,
                 )
             )

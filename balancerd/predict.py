@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from balancerd.model import Vm
+from balancerd.policy.model import Migration, OnStall
+from balancerd.units import MIB
+
 MAX_PASSES = 30
 # Fixed cost of one migration (connect, prepare the destination, confirm): calibrated
 # from finished migrations by ``calibrate_setup``; this is the lab's quiet-guest figure.
@@ -105,6 +109,8 @@ def predict(
     lo = _precopy(mem_bytes, max(0.0, dirty * (1 - unc)), ws, link)[0]
     hi = _precopy(mem_bytes, dirty + guess * unc, ws, link)[0]
     cap = link.max_time_s
+    # a lower rate may take longer (it converges slowly where the higher one stalls and ends)
+    lo, hi = min(lo, secs, hi), max(lo, secs, hi)
     return Estimate(
         seconds=min(link.setup_s + secs, cap),
         bytes_sent=int(sent),
@@ -114,6 +120,39 @@ def predict(
         seconds_low=min(link.setup_s + lo, cap),
         seconds_high=min(link.setup_s + hi, cap),
     )
+
+
+def link_of(m: Migration, vm: str = "") -> Link:
+    """The policy's migration settings as a Link; ``vm`` in no_pause_vms ends by abort."""
+    on_stall = m.on_stall
+    if on_stall == OnStall.PAUSE and vm in m.no_pause_vms:
+        on_stall = OnStall.ABORT
+    return Link(
+        bandwidth_bytes_s=max(m.bandwidth_mib_s, 1e-3) * MIB,
+        max_downtime_ms=m.max_downtime_ms,
+        max_time_s=m.max_time_s,
+        on_stall=str(on_stall),
+        stall_s=float(m.stall_samples * (1 + len(m.downtime_steps_ms))),
+    )
+
+
+def predict_vm(v: Vm, m: Migration) -> Estimate:
+    """One guest's migration under the policy (its sampled dirty rate, else unknown)."""
+    ws = v.dirty_working_set_bytes
+    return predict(
+        v.mem_bytes,
+        v.dirty_rate_bytes_s,
+        link_of(m, v.name),
+        working_set_bytes=None if ws is None else int(ws),
+    )
+
+
+FALLBACK_NAMES = {"pause": "pause-and-complete", "postcopy": "post-copy", "abort": "abort"}
+
+
+def fallback(m: Migration, vm: str = "") -> str:
+    """How a migration of ``vm`` that does not converge ends, in words."""
+    return FALLBACK_NAMES.get(link_of(m, vm).on_stall, "abort")
 
 
 def calibrate_setup(
@@ -132,6 +171,9 @@ def calibrate_setup(
 class DirtySample:
     rate_bytes_s: float
     at_s: float  # monotonic time of the measurement
+    calc_id: int = 0  # the hypervisor's id of its last dirty-rate calculation seen
+    working_set_bytes: float | None = None  # what a long calculation saw it rewrite
+    spanned: bool = False  # a long calculation followed the rate's (short) one
 
 
 def pick_for_sampling(

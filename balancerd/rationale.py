@@ -9,8 +9,8 @@ from. A move that only pays off together with later ones (the second of two equa
 hosts) shows no change of its own; the plan's total is in ``score_before/after``.
 
 Cost: the guest's memory (what crosses the link), the planner's expected seconds, and the
-predicted downtime: ``max_downtime_ms`` for a guest that converges live, the top of the
-downtime ladder (or a pause-and-complete) for one that dirties memory near the bandwidth.
+predicted downtime (predict.py): ``max_downtime_ms`` for a guest that converges live, else
+what its fallback (pause-and-complete, post-copy, abort) stops it for.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from typing import Any
 
 from balancerd.model import Plan, Snapshot, Vm
 from balancerd.policy.model import Migration, Policy
+from balancerd.predict import fallback, predict_vm
 from balancerd.solve.core import score
 from balancerd.solve.problem import build_problem
-from balancerd.units import GIB, MIB
-
-# A dirty rate above this share of the bandwidth only converges through the stall ladder.
-STALL_SHARE = 0.8
+from balancerd.units import GIB
 
 
 @dataclass(frozen=True)
@@ -99,15 +97,15 @@ def score_name(objective: str) -> str:
 
 
 def predicted_downtime(vm: Vm | None, mig: Migration) -> tuple[float, str]:
-    """(milliseconds, note): the downtime a move of ``vm`` is predicted to cause."""
-    bw = max(mig.bandwidth_mib_s, 1e-3) * MIB
-    dirty = (vm.dirty_rate_bytes_s if vm is not None else None) or 0.0
-    if dirty < STALL_SHARE * bw:
+    """(milliseconds, note): the downtime a move of ``vm`` is predicted to cause
+    (predict.py): at most ``max_downtime_ms`` for a guest that converges live, else what
+    its fallback (on_stall; abort for no_pause_vms) stops it for."""
+    if vm is None:
         return float(mig.max_downtime_ms), "live"
-    top = float(max((mig.max_downtime_ms, *mig.downtime_steps_ms)))
-    if mig.on_stall == "pause" and (vm is None or vm.name not in mig.no_pause_vms):
-        return top, "may pause-and-complete (dirty rate near the bandwidth)"
-    return top, "may be aborted (dirty rate near the bandwidth)"
+    e = predict_vm(vm, mig)
+    if e.converges:
+        return float(mig.max_downtime_ms), "live"
+    return e.downtime_ms, f"does not converge: ends by {fallback(mig, vm.name)}"
 
 
 def explain_moves(

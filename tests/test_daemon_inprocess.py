@@ -410,3 +410,14 @@ def test_power_save_keeps_a_host_with_a_stopped_guest_on_unless_the_policy_allow
         assert ("h3" in h.daemon.power.powered_off()) is allowed
     finally:
         h.daemon.shutdown()
+
+
+def test_collect_measures_dirty_rates_and_metrics_show_them(harness: Harness) -> None:
+    harness.hv.hosts["h1"].vms["vm0"].dirty_rate_bytes_s = 40.0 * 2**20
+    harness.collect(1)  # starts calculations on two guests; the next collect reads them
+    snap = harness.daemon.collect_once()
+    rates = {v.name: v.dirty_rate_bytes_s for v in snap.vms}
+    assert rates["vm0"] == 40.0 * 2**20 and rates["vm1"] == 0.0
+    assert rates["vm2"] is None  # its turn is now (two per collect)
+    assert harness.metric("balancerd_vm_dirty_rate_bytes_per_second", vm="vm0") == 40.0 * 2**20
+    assert harness.hv.dirty_calcs == 4

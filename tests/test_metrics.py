@@ -7,6 +7,7 @@ import math
 import shutil
 import threading
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,27 @@ def test_real_prometheus_finds_data_for_every_dashboard_panel(tmp_path: Path) ->
             prom.wait_for('increase(balancerd_skipped_total{reason="network"}[5m]) > 0')
     finally:
         server.close()
+
+
+def test_prediction_against_measurement_and_dirty_rates() -> None:
+    stats = DaemonStats()
+    snap = snapshot({"web-1": "h1", "db-1": "h2"})
+    vms = tuple(
+        replace(v, dirty_rate_bytes_s=8.0 * 2**20, dirty_rate_age_s=30.0) if v.name == "db-1" else v
+        for v in snap.vms
+    )
+    stats.set_snapshot(replace(snap, vms=vms))
+    stats.migration_finished(
+        "web-1", Mode.LIVE, Outcome.MIGRATED, duration_s=12.0, downtime_s=0.1, predicted_s=10.0
+    )
+    stats.migration_finished("db-1", Mode.LIVE, Outcome.MIGRATED, duration_s=5.0)  # no prediction
+    s = scrape(stats)
+    h = "balancerd_migration_prediction_ratio_bucket"
+    assert value(s, h, le="1.1") == 0.0 and value(s, h, le="1.25") == 1.0  # 12 / 10 = 1.2
+    assert value(s, "balancerd_migration_prediction_ratio_count") == 1.0
+    assert value(s, "balancerd_migration_last_predicted_seconds", vm="web-1") == 10.0
+    assert value(s, "balancerd_migration_last_measured_seconds", vm="web-1") == 12.0
+    assert value(s, "balancerd_vm_dirty_rate_bytes_per_second", vm="db-1") == 8.0 * 2**20
+    assert value(s, "balancerd_vm_dirty_rate_age_seconds", vm="db-1") == 30.0
+    dirty = s["balancerd_vm_dirty_rate_bytes_per_second"]
+    assert [lab["vm"] for lab, _ in dirty] == ["db-1"]  # web-1 was never measured

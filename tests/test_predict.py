@@ -63,3 +63,11 @@ def test_sampling_rotates_skips_tiny_guests_and_fresh_samples() -> None:
 
 
 GIB = 1024 * MIB
+
+
+def test_the_range_holds_the_estimate_where_a_lower_rate_takes_longer() -> None:
+    # near the link's speed the measured rate stalls (and ends by pause), 30 % less
+    # converges slowly: the range still runs from its shortest to its longest
+    e = predict(384 * MIB, 38 * MIB, Link(32 * MIB, 300), working_set_bytes=128 * MIB)
+    assert e.seconds_low <= e.seconds <= e.seconds_high
+    assert e.seconds_low < e.seconds_high

@@ -52,7 +52,7 @@ from balancerd.daemon.reload import Loaded, load_all
 from balancerd.daemon.stats import StatsRecorder
 from balancerd.daemon.watchdog import Watchdog
 from balancerd.daemon_state import write_daemon_status
-from balancerd.errors import BalancerdError, ConfigError
+from balancerd.errors import BalancerdError, ConfigError, HypervisorError
 from balancerd.execute.executor import Hold, execute
 from balancerd.execute.move import Engine, MoveResult, run_move
 from balancerd.execute.reconcile import reconcile
@@ -472,7 +472,9 @@ class Daemon:
             # A host that is off reports nothing: plan with what it had when it was up.
             capacity=merge_capacity(self.known_capacity, capacity_from_config(config.hosts)),
             powered_off=self.power.powered_off(),
+            dirty=history.dirty,
         )
+        self._sample_dirty_rates(hv, history)
         for h in snapshot.hosts:
             if h.up:
                 self.known_capacity[h.name] = Capacity(
@@ -502,6 +504,15 @@ class Daemon:
                 self.scheduler.modify_job("cycle", next_run_time=datetime.now().astimezone())
         self._write_status("idle")
         return snapshot
+
+    def _sample_dirty_rates(self, hv: Hypervisor, history: SampleHistory) -> None:
+        """Start the dirty-rate calculations due (a few guests per collect); the next
+        samples carry their results. A failure only leaves that guest unmeasured."""
+        for vm, (host, seconds) in history.due_for_dirty_rate().items():
+            try:
+                hv.start_dirty_rate(host, vm, seconds)
+            except HypervisorError as exc:
+                log.info("dirty rate not measured vm=%s host=%s error=%s", vm, host, exc)
 
     def cycle_job(self) -> None:
         self.cycle_once()
@@ -716,6 +727,8 @@ class Daemon:
             r = run_move(e, move)
             if r.outcome is MoveOutcome.MIGRATED:
                 self.rt.last_moved_s[r.vm] = self._clock()
+            if r.dirty_rate_bytes_s is not None:  # what the migration measured
+                self.rt.history.record_dirty_rate(r.vm, r.dirty_rate_bytes_s)
             with self._lock:
                 self.backoff.record(r, self._clock())
             self.recorder.move_finished(r, policy.name)

@@ -60,6 +60,7 @@ class StatsRecorder:
                 r.outcome,
                 duration_s=r.seconds,
                 downtime_s=(r.downtime_ms or 0.0) / 1000.0,
+                predicted_s=r.predicted_s,
             )
         else:
             if r.outcome is MoveOutcome.SKIPPED:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,6 +50,7 @@ class MoveResult:
     compression: str = ""  # method used ("": uncompressed)
     predicted_s: float | None = None  # the prediction the plan had for this move
     preflight: tuple[CheckTiming, ...] = ()  # seconds per preflight step, in order
+    dirty_rate_bytes_s: float | None = None  # the guest's dirty rate during a live job
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,10 @@ class MoveResult:
             "parallel_connections": self.parallel_connections,
             "compression": self.compression or "none",
             "preflight_s": {c.check: round(c.elapsed_s, 3) for c in self.preflight},
+            "predicted_s": None if self.predicted_s is None else round(self.predicted_s, 2),
+            "dirty_rate_bytes_s": None
+            if self.dirty_rate_bytes_s is None
+            else round(self.dirty_rate_bytes_s),
         }
 
     def line(self) -> str:
@@ -204,6 +210,8 @@ class _Run:
         if self.notes and outcome is not MoveOutcome.SKIPPED:
             reason = "; ".join([*self.notes, reason]) if reason else "; ".join(self.notes)
         kw = {**self.stream, **kw}
+        if self.m.expected_s > 0:
+            kw.setdefault("predicted_s", self.m.expected_s)
         r = MoveResult(
             self.m.vm,
             self.m.src,
@@ -655,10 +663,18 @@ def _verified(
         "paused_ms": own_ms,
         "bytes_sent": src_stats.data_processed_bytes if src_stats else 0,
         "iterations": src_stats.iteration if src_stats else 0,
+        "dirty_rate_bytes_s": measured_dirty_rate(mon.history),
     }
     if problems:
         return run.result(FAILED, mode, "verification: " + "; ".join(problems), **kw)
     return run.result(MIGRATED, mode, note, **kw)
+
+
+def measured_dirty_rate(history: Sequence[JobStats]) -> float | None:
+    """The guest's dirty rate as the job saw it: the median over the samples taken after
+    QEMU's first dirty-bitmap sync (iteration >= 2); None before that (too short a job)."""
+    rates = [s.dirty_rate_bytes_s for s in history if s.iteration >= 2]
+    return statistics.median(rates) if rates else None
 
 
 def _completed_stats(hv: Hypervisor, host: str, vm: str) -> JobStats | None:

@@ -611,6 +611,11 @@ class ScriptedHypervisor(SimHypervisor):
         with self._lock:
             return self._postcopy.get((host, vm), "")
 
+    def start_dirty_rate(self, host: str, vm: str, seconds: int) -> None:
+        self._enter(host, "start_dirty_rate", vm, seconds)
+        with self._lock:
+            super().start_dirty_rate(host, vm, seconds)
+
     def suspend(self, host: str, vm: str) -> None:
         self._enter(host, "suspend", vm)
         with self._changed:

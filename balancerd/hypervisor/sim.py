@@ -50,6 +50,10 @@ class SimVm:
     tags: tuple[str, ...] = ()  # as libvirt's balancerd metadata would give them
     # what in its definition blocks a live migration (the adapter reads it from the XML)
     blockers: tuple[Blocker, ...] = ()
+    dirty_rate_bytes_s: float = 0.0  # how fast the guest dirties memory
+    dirty_working_set_bytes: int = 0  # how much of it it keeps rewriting (0: all of it)
+    # the last start_dirty_rate result: (rate, measurement id, period); a migration drops it
+    dirty_measured: tuple[float, int, int] | None = None
 
 
 @dataclass
@@ -83,6 +87,7 @@ class SimHypervisor:
     def __init__(self, hosts: Sequence[SimHost]) -> None:
         self.hosts = {h.name: h for h in hosts}
         self.clock_s = 0.0
+        self.dirty_calcs = 0
 
     # --- driving the simulation ------------------------------------------------------
 
@@ -166,6 +171,9 @@ class SimHypervisor:
                             incoming=v.incoming,
                             tags=v.tags,
                             blockers=v.blockers,
+                            dirty_rate_bytes_s=v.dirty_measured[0] if v.dirty_measured else None,
+                            dirty_calc_id=v.dirty_measured[1] if v.dirty_measured else 0,
+                            dirty_calc_s=v.dirty_measured[2] if v.dirty_measured else 0,
                         )
                         for v in h.vms.values()
                     ),
@@ -234,7 +242,9 @@ class SimHypervisor:
         if req.offline != (vm.state == "shutoff"):  # as libvirt: offline <=> not active
             what = "offline migration of an active" if req.offline else "migration of a stopped"
             raise HypervisorError(req.src, "migrate", f"{what} domain {req.vm}")
-        dst.vms[vm.name] = src.vms.pop(req.vm)
+        src.vms.pop(req.vm)
+        vm.dirty_measured = None  # a new QEMU on the destination has measured nothing
+        dst.vms[vm.name] = vm
 
     def job_stats(self, host: str, vm: str, completed: bool = False) -> JobStats | None:
         self._vm(host, vm, "job stats")
@@ -249,6 +259,15 @@ class SimHypervisor:
     def postcopy_state(self, host: str, vm: str) -> str:
         self._vm(host, vm, "post-copy state")
         return ""
+
+    def start_dirty_rate(self, host: str, vm: str, seconds: int) -> None:
+        """Measured at once, as QEMU counts: distinct pages dirtied over ``seconds`` (at
+        most the working set) per second; the id counts measurements."""
+        v = self._vm(host, vm, "start dirty-rate calculation")
+        self.dirty_calcs += 1
+        ws = v.dirty_working_set_bytes or v.mem_bytes
+        rate = min(float(ws), v.dirty_rate_bytes_s * seconds) / seconds
+        v.dirty_measured = (rate, self.dirty_calcs, seconds)
 
     def suspend(self, host: str, vm: str) -> None:
         self._vm(host, vm, "suspend").state = "paused"

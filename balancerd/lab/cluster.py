@@ -69,6 +69,8 @@ class GuestSpec:
     vcpus: int = 1
     burn_pct: int = 0  # % of ONE vCPU the guest keeps busy (duty cycle in guestload.c)
     dirty_mib: int = 0  # MiB rewritten in a loop (one byte per 4 KiB page): non-converging
+    dirty_mib_s: float = 0.0  # at most this many MiB/s of it (0: as fast as the vCPU can)
+    fill_mib: int = 0  # MiB written once and kept (touched memory a migration must send)
     # "" none | "shared": qcow2 under ROOT/shared (same path on every host)
     # | "local": under the host's private /var/lib/libvirt/images (absent on the others)
     disk: str = ""
@@ -431,6 +433,8 @@ class Lab:
             vcpus=g.vcpus,
             burn_pct=g.burn_pct,
             dirty_mib=g.dirty_mib,
+            dirty_mib_s=g.dirty_mib_s,
+            fill_mib=g.fill_mib,
             devices=devices,
         )
         xml_path = self.root / "domains" / f"{g.name}.xml"
@@ -643,6 +647,10 @@ def _guest_problems(g: GuestSpec, host_names: list[str]) -> list[str]:
         problems.append(f"guest {g.name}: burn_pct {g.burn_pct} not in 0..100")
     if g.dirty_mib < 0 or g.dirty_mib >= g.mem_mib:
         problems.append(f"guest {g.name}: dirty_mib {g.dirty_mib} not in 0..mem_mib-1")
+    if g.fill_mib < 0 or (g.fill_mib and g.fill_mib + g.dirty_mib >= g.mem_mib):
+        problems.append(f"guest {g.name}: fill_mib {g.fill_mib} + dirty_mib not below mem_mib")
+    if g.dirty_mib_s < 0:
+        problems.append(f"guest {g.name}: dirty_mib_s {g.dirty_mib_s} < 0")
     if g.disk not in DISK_KINDS:
         problems.append(f"guest {g.name}: disk {g.disk!r} not one of {DISK_KINDS}")
     return problems

@@ -43,12 +43,15 @@ def domain_xml(
     burn_pct: int,
     dirty_mib: int,
     devices: GuestDevices,
+    dirty_mib_s: float = 0.0,
+    fill_mib: int = 0,
 ) -> str:
     # TCG (type='qemu'): nested KVM is unreliable on these machines (see LAB-NOTES).
     # bd.lab names the lab dir in QEMU's command line, so leftovers can be found by it;
     cmdline = (
         f"console=ttyS0 quiet bd.lab={lab_dir} bd.name={name}"
-        f" bd.burn={burn_pct} bd.dirty={dirty_mib}"
+        f" bd.burn={burn_pct} bd.dirty={dirty_mib} bd.dirtyrate={dirty_mib_s:g}"
+        f" bd.fill={fill_mib}"
     )
     disk = ""
     if devices.disk_path:

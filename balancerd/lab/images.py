@@ -3,9 +3,10 @@
 - kernel: ``boot/vmlinuz-*`` from Debian's ``linux-image-*-cloud-amd64`` (``apt-get download``
   + ``dpkg -x``); boots in ~3 s under TCG with no disk. ``BALANCERD_LAB_KERNEL`` names another.
 - initramfs: ``busybox-static`` + ``guestload`` (guest/guestload.c, built with ``gcc -static``)
-  + an ``/init`` that reads ``bd.burn=`` / ``bd.dirty=`` / ``bd.name=`` from the kernel command
-  line, prints ``balancerd-lab-guest: /init running ...`` on the serial console and starts
-  guestload. Its file name carries a hash of its inputs, so a change rebuilds it.
+  + an ``/init`` that reads ``bd.burn=`` / ``bd.dirty=`` / ``bd.dirtyrate=`` / ``bd.fill=`` /
+  ``bd.name=`` from the kernel command line, prints ``balancerd-lab-guest: /init running ...``
+  on the serial console and starts guestload. Its file name carries a hash of its inputs, so a
+  change rebuilds it.
 
 The cache lives outside any lab dir (default /var/cache/balancerd-lab, or
 ``BALANCERD_LAB_CACHE``) and is shared by all labs on the machine; files are written
@@ -40,18 +41,20 @@ INIT_SCRIPT = """#!/bin/busybox sh
 /bin/busybox mount -t sysfs sys /sys
 /bin/busybox mount -t devtmpfs dev /dev
 /bin/busybox --install -s /bin
-burn=0; dirty=0; name=guest
+burn=0; dirty=0; dirtyrate=0; fill=0; name=guest
 for w in $(cat /proc/cmdline); do
   case "$w" in
     bd.burn=*) burn=${w#bd.burn=} ;;
     bd.dirty=*) dirty=${w#bd.dirty=} ;;
+    bd.dirtyrate=*) dirtyrate=${w#bd.dirtyrate=} ;;
+    bd.fill=*) fill=${w#bd.fill=} ;;
     bd.name=*) name=${w#bd.name=} ;;
   esac
 done
 echo "balancerd-lab-guest: /init running name=$name burn_pct=$burn dirty_mib=$dirty"
 ip link set lo up 2>/dev/null
 for dev in /sys/class/net/eth*; do [ -e "$dev" ] && ip link set "${dev##*/}" up; done
-/bin/guestload "$burn" "$dirty" &
+/bin/guestload "$burn" "$dirty" "$dirtyrate" "$fill" &
 while :; do
   sleep 60
   echo "balancerd-lab-guest: alive name=$name uptime_s=$(cut -d' ' -f1 /proc/uptime)"

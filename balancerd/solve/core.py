@@ -21,9 +21,11 @@ The objective, in tiers (each far above the next):
   then the load above the balanced level summed over hosts (in host capacities, divided by
   the number of hosts: lowering many equal maxima is progress even when ``z`` cannot move);
   power-save: the idle power of the hosts left on, in host-equivalents;
-  then ``migration_cost`` per GiB moved, counted in host-points (1/100 of one host's
-  capacity; for balance, of the whole cluster's ``z`` scale), so that at any cluster size
-  it orders equally good placements by the bytes they move and never blocks balancing.
+  then ``migration_cost`` per GiB-equivalent moved (the predicted migration time at the
+  policy's bandwidth, predict.py: a dirtying guest costs more than a quiet one of its size),
+  counted in host-points (1/100 of one host's capacity; for balance, of the whole cluster's
+  ``z`` scale), so that at any cluster size it orders equally good placements by what
+  their moves cost and never blocks balancing.
 """
 
 from __future__ import annotations
@@ -132,12 +134,13 @@ def measure(p: Problem, host_of: list[int], lb: tuple[float, float] | None = Non
             excess += p.w_cpu * max(0.0, c - lbc) + p.w_mem * max(0.0, m - lbm)
             hot += p.w_cpu * max(0.0, c - lbc - margin) + p.w_mem * max(0.0, m - lbm - margin)
     moves = 0
-    moved_bytes = soft = 0.0
+    moved_bytes = soft = cost = 0.0
     for g in range(p.n_guests):
         h = host_of[g]
         if h != p.cur[g]:
             moves += 1
             moved_bytes += p.mem[g]
+            cost += p.move_cost[g]
         elif p.must_move[g]:
             viol += 1.0
         bad, w = p.soft[g]
@@ -148,7 +151,7 @@ def measure(p: Problem, host_of: list[int], lb: tuple[float, float] | None = Non
             viol += 1.0
     for grp in p.anti:
         viol += len(grp) - len({host_of[g] for g in grp})
-    obj = PENALTY * viol + soft + migration_weight(p) * moved_bytes
+    obj = PENALTY * viol + soft + migration_weight(p) * cost
     if p.objective == "power-save":
         sc = power_on(p, host_of)
         for h in set(host_of):

@@ -37,6 +37,7 @@ class Unit:
     allowed: frozenset[int] | None
     anti: list[tuple[int, int]]  # (anti-affinity group id, members of this unit in it)
     avoid: frozenset[int] = frozenset()  # hosts a soft (should / should_not) rule dislikes
+    move_cost: float = 0.0  # predicted cost of moving it (Problem.move_cost): ties go cheap
 
 
 def build_units(p: Problem) -> tuple[list[Unit], list[int]]:  # noqa: C901 (grouping rules (affinity, pins, exclusions) in one pass)
@@ -80,6 +81,7 @@ def build_units(p: Problem) -> tuple[list[Unit], list[int]]:  # noqa: C901 (grou
                     allowed=p.allowed[g],
                     anti=[(gid, 1) for gid in anti_of[g]] if g in anti_of else [],
                     avoid=p.soft[g][0] if p.soft[g][1] > 0 else no_avoid,
+                    move_cost=p.move_cost[g],
                 )
             )
             continue
@@ -113,6 +115,7 @@ def build_units(p: Problem) -> tuple[list[Unit], list[int]]:  # noqa: C901 (grou
                 allowed=allowed,
                 anti=sorted(anti_count.items()),
                 avoid=frozenset().union(*(p.soft[g][0] for g in members if p.soft[g][1] > 0)),
+                move_cost=sum(p.move_cost[g] for g in members),
             )
         )
         for g in members:
@@ -205,7 +208,7 @@ def _pick_evictions(
 ) -> list[int]:
     """Fewest units whose removal takes ec cores and em bytes off host h."""
     chosen: list[int] = []
-    left = list(cands)
+    left = sorted(cands, key=lambda i: units[i].move_cost)  # of equal ones, the cheapest
     tc = p.cpu_total[h] or 1.0
     tm = p.mem_total[h] or 1.0
     need_c, need_m = ec, em
@@ -677,9 +680,9 @@ def _movers(
         if u.movable and i not in frozen and host_of[u.members[0]] == h:
             c = u.cpu if u.cpu < ec else ec
             m = u.mem if u.mem < em else em
-            scored.append((-(c / tc + m / tm), i))
+            scored.append((-(c / tc + m / tm), u.move_cost, i))
     scored.sort()
-    return [i for _, i in scored[:k]]
+    return [i for _, _, i in scored[:k]]
 
 
 def _move_unit(

@@ -164,7 +164,8 @@ def _assignment(m: _Model, max_moves: int, max_bytes: float) -> None:
             moved = [g for g in u.members if p.cur[g] != h]
             if moved:
                 b = sum(p.mem[g] for g in moved)
-                m.objective.append((v, mw * b + (len(moved) if polish else 0.0)))
+                cost = sum(p.move_cost[g] for g in moved)  # predicted time, in bytes
+                m.objective.append((v, mw * cost + (len(moved) if polish else 0.0)))
                 moves.append((v, float(len(moved))))
                 moved_bytes.append((v, b))
             bad = sum(1 for g in u.members if p.must_move[g] and p.cur[g] == h)

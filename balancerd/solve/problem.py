@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 from balancerd.model import Capacity, Snapshot, blockers_text
 from balancerd.policy.model import Policy
+from balancerd.predict import Estimate, fallback, predict_vm
 from balancerd.speed import demand_per_vcpu, speed_factors, too_slow, uniform
 from balancerd.units import GIB as GIB  # re-exported: ilp.py, explain.py import it here
+from balancerd.units import MIB
 
 EPS = 1e-9
 
@@ -49,6 +51,11 @@ class Problem:
     w_mem: float
     objective: str
     policy: Policy
+    # What moving each guest costs, in bytes at the policy's bandwidth: its predicted
+    # migration time (predict.py), plus the downtime of one that does not converge.
+    move_cost: list[float] = field(default_factory=list)
+    move_s: list[float] = field(default_factory=list)  # predicted seconds
+    converges: list[bool] = field(default_factory=list)  # pre-copy alone finishes
     host_index: dict[str, int] = field(default_factory=dict)
     guest_index: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -145,6 +152,8 @@ def build_problem(
     movable, must_move = _movability(
         snapshot, policy, hosts, guests, rules.allowed, last_moved_s or {}, now_s
     )
+    cost, secs, converges = _predicted(snapshot, policy, guests)
+    _hold_non_converging(policy, hosts, guests, converges, movable, must_move)
     c = policy.constraints
     return Problem(
         hosts=hosts.names,
@@ -171,6 +180,9 @@ def build_problem(
         w_mem=policy.resources.memory_weight,
         objective=policy.objective,
         policy=policy,
+        move_cost=cost,
+        move_s=secs,
+        converges=converges,
         host_index=hosts.index,
         guest_index=guests.index,
         notes=guests.notes,
@@ -376,6 +388,61 @@ def _movability(
             if t is not None and now_s - t < policy.hysteresis.cooldown_s:
                 movable[g] = False
     return movable, must_move
+
+
+def _predicted(
+    snapshot: Snapshot, policy: Policy, guests: _Guests
+) -> tuple[list[float], list[float], list[bool]]:
+    """(cost in bytes at the bandwidth, seconds, converges) per guest (predict.py)."""
+    mig = policy.migration
+    bw = max(mig.bandwidth_mib_s, 1e-3) * MIB
+    vm_of = {v.name: v for v in snapshot.vms}
+    no_pause = set(mig.no_pause_vms)
+    seen: dict[tuple[int, float | None, float | None, bool], Estimate] = {}  # same inputs
+    cost, secs, conv = [], [], []
+    for name in guests.names:
+        v = vm_of[name]
+        key = (v.mem_bytes, v.dirty_rate_bytes_s, v.dirty_working_set_bytes, name in no_pause)
+        e = seen.get(key)
+        if e is None:
+            e = seen[key] = predict_vm(v, mig)
+        cost.append(e.cost_s * bw)
+        secs.append(e.seconds)
+        conv.append(e.converges)
+    return cost, secs, conv
+
+
+def _hold_non_converging(
+    policy: Policy,
+    hosts: _Hosts,
+    guests: _Guests,
+    converges: list[bool],
+    movable: list[bool],
+    must_move: list[bool],
+) -> None:
+    """A guest predicted not to converge moves only when a hard rule needs it: it must
+    move (drain, placement rule) or its host is over a hard limit today."""
+    n_h = len(hosts.names)
+    cpu, mem, vcpu = [0.0] * n_h, [0.0] * n_h, [0.0] * n_h
+    for g, h in enumerate(guests.cur):
+        cpu[h] += guests.cpu[g]
+        mem[h] += guests.mem[g]
+        vcpu[h] += guests.vcpus[g]
+    over = [
+        cpu[h] > hosts.cpu_cap[h] + EPS
+        or mem[h] > hosts.mem_cap[h] + 0.5
+        or vcpu[h] > hosts.vcpu_cap[h]
+        for h in range(n_h)
+    ]
+    for g, ok in enumerate(converges):
+        if ok or not movable[g] or must_move[g] or over[guests.cur[g]]:
+            continue
+        movable[g] = False
+        guests.notes.append(
+            f"guest {guests.names[g]} stays: predicted not to converge at "
+            f"{policy.migration.bandwidth_mib_s:g} MiB/s (it would end by "
+            f"{fallback(policy.migration, guests.names[g])}); moved only when a hard rule needs it"
+        )
 
 
 def _groups(raw: tuple[tuple[str, ...], ...], guest_index: Mapping[str, int]) -> list[list[int]]:
