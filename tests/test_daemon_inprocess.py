@@ -412,6 +412,16 @@ def test_power_save_keeps_a_host_with_a_stopped_guest_on_unless_the_policy_allow
         h.daemon.shutdown()
 
 
+def test_no_dirty_rate_calculation_starts_on_a_guest_being_moved(harness: Harness) -> None:
+    """libvirt makes such a call wait on the domain's job lock past the host timeout (lab:
+    a post-copy lost its guest when the timeout closed the shared connection)."""
+    harness.daemon.stats.migration_started("vm0", "h1", "h2", "abc")
+    harness.collect(1)
+    harness.daemon.collect_once()
+    assert harness.hv.dirty_calcs > 0  # others were measured (vm0 is first in turn)
+    assert harness.hv.hosts["h1"].vms["vm0"].dirty_measured is None
+
+
 def test_collect_measures_dirty_rates_and_metrics_show_them(harness: Harness) -> None:
     harness.hv.hosts["h1"].vms["vm0"].dirty_rate_bytes_s = 40.0 * 2**20
     harness.collect(1)  # starts calculations on two guests; the next collect reads them
