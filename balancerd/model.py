@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from balancerd.speed import speed_factors
 
@@ -129,7 +130,15 @@ class Snapshot:
         return next((v for v in self.vms if v.name == name), None)
 
     def vms_on(self, host: str) -> tuple[Vm, ...]:
-        return tuple(v for v in self.vms if v.host == host)
+        return self._vms_by_host.get(host, ())
+
+    @cached_property
+    def _vms_by_host(self) -> dict[str, tuple[Vm, ...]]:
+        """Guests grouped by host once (vms_on per host was a scan of every guest)."""
+        groups: dict[str, list[Vm]] = {}
+        for v in self.vms:
+            groups.setdefault(v.host, []).append(v)
+        return {host: tuple(vms) for host, vms in groups.items()}
 
     def placement(self) -> Placement:
         return Placement({v.name: v.host for v in self.vms})
