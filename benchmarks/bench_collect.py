@@ -8,8 +8,11 @@ Each size runs in its own process (its RSS is its own): node files for N hosts x
 them, and the daemon's own collect job (``Daemon.collect_once``: every host sampled by the
 adapter's workers, the Snapshot built, capacity, power and demand history, metrics, the
 status file) run ``--cycles`` times back to back with the same objects: 120 cycles are an
-hour of 30 s collect intervals. Printed: the first cycle (it connects), seconds per cycle
-after it (median, p95), RSS after the first cycle and after the last, peak RSS, threads.
+hour of 30 s collect intervals (the daemon's clock is stepped 30 s per cycle, so what it
+keeps per interval grows as in that hour). Printed: the first cycle (it connects), seconds
+per cycle after it (median, p95), RSS at start, after the first cycle and after the last,
+and the test driver's own share: its fake hosts live inside this process (~115 KiB each),
+where a real daemon's hosts live in their libvirtd; measured alone in a bare process.
 
 The issue's case: ``balancerd status --json`` over ``--failing`` hosts whose connections
 are all refused at once (qemu+tcp to port 1 of 127.0.x.y), wall time and peak RSS.
@@ -25,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -75,14 +77,17 @@ def proc_status() -> dict[str, int]:
     return out
 
 
-def run_collect(hosts: int, guests: int, cycles: int) -> dict[str, Any]:
-    """In this process: the daemon's collect job over ``hosts`` test-driver hosts."""
+def run_collect(hosts: int, guests: int, cycles: int, interval_s: float) -> dict[str, Any]:
+    """In this process: the daemon's collect job over ``hosts`` test-driver hosts. The
+    daemon's clock advances ``interval_s`` per cycle, so what it keeps per interval (demand
+    history, power state) grows as over ``cycles`` real intervals."""
     from balancerd.daemon import Daemon
 
     with tempfile.TemporaryDirectory(prefix="bench-collect-") as tmp:
         folder = Path(tmp)
         config = write_config(folder, write_nodes(folder / "nodes", hosts, guests))
-        daemon = Daemon(str(config), serve_metrics=False, control_socket="")
+        clock = [0.0]
+        daemon = Daemon(str(config), serve_metrics=False, control_socket="", clock=lambda: clock[0])
         before = proc_status()
         t0 = time.perf_counter()
         snap = daemon.collect_once()
@@ -91,11 +96,11 @@ def run_collect(hosts: int, guests: int, cycles: int) -> dict[str, Any]:
         up = sum(h.up for h in snap.hosts)
         times = []
         for _ in range(cycles):
+            clock[0] += interval_s
             t0 = time.perf_counter()
             snap = daemon.collect_once()
             times.append(time.perf_counter() - t0)
         end = proc_status()
-        threads_end = threading.active_count()
         daemon.rt.hypervisor.close()
         return {
             "hosts": hosts,
@@ -110,8 +115,26 @@ def run_collect(hosts: int, guests: int, cycles: int) -> dict[str, Any]:
             "rss_end_mib": end["VmRSS"] / 1024,
             "peak_mib": end["VmHWM"] / 1024,
             "threads": end["Threads"],
-            "py_threads": threads_end,
         }
+
+
+def run_fake_hosts(hosts: int, guests: int) -> dict[str, Any]:
+    """What the test driver's in-process hosts cost by themselves: RSS growth of opening the
+    same node files in a bare process (with a real libvirtd each host's state lives there,
+    not in balancerd)."""
+    import libvirt
+
+    with tempfile.TemporaryDirectory(prefix="bench-collect-") as tmp:
+        nodes = write_nodes(Path(tmp), hosts, guests)
+        before = proc_status()["VmRSS"]
+        conns = [libvirt.open(uri) for _, uri in nodes]
+        for conn in conns:
+            conn.getCapabilities()
+            conn.getAllDomainStats(0, 0)
+        grown = proc_status()["VmRSS"] - before
+        for conn in conns:
+            conn.close()
+        return {"hosts": hosts, "fake_hosts_mib": grown / 1024}
 
 
 def run_status_failing(hosts: int) -> dict[str, Any]:
@@ -153,12 +176,18 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000", help="host counts, comma-separated")
     parser.add_argument("--guests", type=int, default=20, help="guests per host")
     parser.add_argument("--cycles", type=int, default=120, help="collect cycles after the first")
+    parser.add_argument(
+        "--interval", type=float, default=30.0, help="daemon clock step per cycle (s)"
+    )
     parser.add_argument("--failing", type=int, default=1000, help="refused hosts for status")
-    parser.add_argument("--child", choices=("collect", "status"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("collect", "fake", "status"), help=argparse.SUPPRESS)
     parser.add_argument("--hosts", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "collect":
-        print(json.dumps(run_collect(args.hosts, args.guests, args.cycles)))
+        print(json.dumps(run_collect(args.hosts, args.guests, args.cycles, args.interval)))
+        return
+    if args.child == "fake":
+        print(json.dumps(run_fake_hosts(args.hosts, args.guests)))
         return
     if args.child == "status":
         print(json.dumps(run_status_failing(args.hosts)))
@@ -166,10 +195,14 @@ def main() -> None:
     print(command_line())
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        size = ["--hosts", str(n), "--guests", str(args.guests), "--cycles", str(args.cycles)]
-        r = child(["collect", *size])
-        if "error" in r:
-            rows.append([f"{n} x {args.guests}", f"error: {r['error']}", *[""] * 8])
+        size = ["--hosts", str(n), "--guests", str(args.guests)]
+        r = child(
+            ["collect", *size, "--cycles", str(args.cycles), "--interval", str(args.interval)]
+        )
+        fake = child(["fake", *size])
+        if "error" in r or "error" in fake:
+            rows.append([f"{n} x {args.guests}", f"error: {r.get('error', fake.get('error'))}"])
+            rows[-1] += [""] * 9
             continue
         rows.append(
             [
@@ -181,13 +214,16 @@ def main() -> None:
                 f"{r['rss_start_mib']:.0f}",
                 f"{r['rss_first_mib']:.0f}",
                 f"{r['rss_end_mib']:.0f}",
-                f"{r['peak_mib']:.0f}",
+                f"{fake['fake_hosts_mib']:.0f}",
+                f"{r['rss_end_mib'] - fake['fake_hosts_mib']:.0f}",
                 str(r["threads"]),
             ]
         )
     print_table(
-        f"daemon collect job over test:/// hosts, {args.cycles} cycles after the first "
-        "(s per cycle; RSS MiB at start / after cycle 1 / after the last; OS threads at the end)",
+        f"daemon collect job over test:/// hosts, {args.cycles} cycles after the first, "
+        f"daemon clock +{args.interval:g} s per cycle (s per cycle; RSS MiB at start, after "
+        "cycle 1 and after the last; fake hosts: the test driver's in-process hosts alone; "
+        "OS threads at the end)",
         [
             "hosts x guests",
             "up, guests",
@@ -197,7 +233,8 @@ def main() -> None:
             "RSS start",
             "RSS 1st",
             "RSS end",
-            "peak",
+            "fake hosts",
+            "RSS end - fake",
             "threads",
         ],
         rows,
