@@ -15,7 +15,7 @@ from balancerd.speed import speed_factors
 # --- raw samples, as read from a hypervisor (counters, not rates) ---------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 20,000 a sample at 1,000 hosts
 class VmSample:
     """One guest as libvirt reports it at one instant."""
 
@@ -59,7 +59,7 @@ class HostSample:
 # --- the collected snapshot: rates, smoothed ------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 20,000 a sample at 1,000 hosts
 class Vm:
     name: str
     uuid: str

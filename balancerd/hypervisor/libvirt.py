@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -704,8 +705,9 @@ def _read_host(conn: Any) -> dict[str, Any]:
             cpu_ns = dinfo[4] if cpu_ns is None else cpu_ns
         vms.append(
             VmSample(
-                name=dom.name(),
-                uuid=dom.UUIDString(),
+                # interned: the same name and UUID in every sample the history keeps
+                name=sys.intern(dom.name()),
+                uuid=sys.intern(dom.UUIDString()),
                 state=_STATE_NAMES.get(state, "other"),
                 vcpus=int(vcpus),
                 mem_bytes=int(mem_kib) * 1024,
