@@ -13,6 +13,7 @@ from balancerd.collect import build_snapshot
 from balancerd.config import HostConfig
 from balancerd.hypervisor.libvirt import SAMPLE_WORKERS, LibvirtHypervisor
 from balancerd.units import GIB, MIB
+from benchmarks.bench_collect import run_collect
 from benchmarks.testdriver import write_nodes
 
 
@@ -81,3 +82,10 @@ def test_hung_hosts_do_not_hold_up_the_others(tmp_path: Path) -> None:
     healthy = [samples["h0000"], samples["h0001"]]
     assert all(s.up for s in healthy)
     assert max(s.sampled_at_s for s in healthy) < min(s.sampled_at_s for s in down)
+
+
+def test_bench_collect_smoke() -> None:
+    """The benchmark's measurement, tiny: a daemon config of test:/// hosts loads and the
+    daemon's collect job sees every host and guest."""
+    out = run_collect(hosts=2, guests=2, cycles=2, interval_s=30.0)
+    assert (out["up"], out["up_end"], out["guests"]) == (2, 2, 4)
