@@ -465,11 +465,11 @@ class LibvirtHypervisor:
 
 class _SampleRound:
     """One ``sample_all``: a fixed number of workers take hosts from a queue (two threads
-    per host cost 1,150+ OS threads at 1,000 hosts, contending for the GIL). A read still running after
-    ``SAMPLE_SLOW_S`` stops counting against that number and another worker starts, so a
-    host that hangs costs one thread while it hangs (as before) and never holds up the
-    others; a host whose read passes its time limit is reported down and its connection
-    dropped, its late answer ignored."""
+    per host cost 1,150+ OS threads at 1,000 hosts, contending for the GIL). A read still
+    running after ``SAMPLE_SLOW_S`` stops counting against that number and another worker
+    starts, so a host that hangs costs one thread while it hangs (as before) and never
+    holds up the others; a host whose read passes its time limit is reported down and its
+    connection dropped, its late answer ignored."""
 
     def __init__(self, hv: LibvirtHypervisor, hosts: list[str]) -> None:
         self._hv = hv
