@@ -693,15 +693,15 @@ def _read_host(conn: Any) -> dict[str, Any]:
     for dom, s in stats:
         state = s.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
         reason = s.get("state.reason", 0)
-        mem_kib = s.get("balloon.current") or s.get("balloon.maximum")
+        mem_kib = s.get("balloon.current") or s.get("balloon.maximum") or dom.maxMemory()
         vcpus = s.get("vcpu.current")
         cpu_ns = s.get("cpu.time")
-        if not mem_kib or not vcpus or cpu_ns is None:
-            # Stats without them (inactive guests; the test driver has state only): one
-            # info() call has all three: [state, max KiB, current KiB, vCPUs, CPU time ns].
+        if not vcpus:
+            # No vCPU stats (inactive guests; the test driver has state only): info() is
+            # [state, max KiB, current KiB, vCPUs, CPU time ns]. Not called otherwise: on a
+            # guest in a migration job it waits for the job (the lab saw samples time out).
             dinfo = dom.info()
-            mem_kib = mem_kib or dinfo[1]
-            vcpus = vcpus or dinfo[3]
+            vcpus = dinfo[3]
             cpu_ns = dinfo[4] if cpu_ns is None else cpu_ns
         vms.append(
             VmSample(
@@ -711,7 +711,7 @@ def _read_host(conn: Any) -> dict[str, Any]:
                 state=_STATE_NAMES.get(state, "other"),
                 vcpus=int(vcpus),
                 mem_bytes=int(mem_kib) * 1024,
-                cpu_time_ns=int(cpu_ns),
+                cpu_time_ns=int(cpu_ns or 0),
                 incoming=state == libvirt.VIR_DOMAIN_PAUSED and reason in _INCOMING_PAUSE_REASONS,
             )
         )
