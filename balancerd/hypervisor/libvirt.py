@@ -173,12 +173,15 @@ class LibvirtHypervisor:
 
     def _run(self, st: _HostConn, operation: str, fn: Callable[[Any], T]) -> T:
         """``fn(conn)`` on this thread, connecting first; every libvirt failure mapped."""
+        conn = self._connect(st)
         try:
-            return fn(self._connect(st))
+            return fn(conn)
         except libvirt.libvirtError as exc:
             # A restarted libvirtd leaves the old connection dead with an *internal* error
             # ("client socket is closed"): ask the connection itself, not only the code.
-            if _connection_lost(exc) or not _alive(st.conn):
+            # Only if it is still the host's connection: a late error of a call that timed
+            # out (its connection already dropped) must not drop the one opened since.
+            if st.conn is conn and (_connection_lost(exc) or not _alive(conn)):
                 self._mark_failed(st, f"{operation}: {exc}")
             raise HypervisorError(st.cfg.name, operation, str(exc)) from _bare(exc)
 
