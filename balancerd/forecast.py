@@ -9,7 +9,7 @@ holds through a guest's busy minutes, not only its average. The rule is the poli
 from __future__ import annotations
 
 import math
-from collections import deque
+from array import array
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -29,28 +29,49 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 class DemandHistory:
-    """Recent CPU readings per guest (by UUID, so a renamed guest keeps its history)."""
+    """Recent CPU readings per guest (by UUID, so a renamed guest keeps its history).
+
+    Compact: the time of each ``record`` once, and per guest one float per recorded time
+    (NaN where the guest was absent): 8 bytes a reading, where a deque of (time, value)
+    tuples cost ~100 (1,000 hosts x 20 guests over an hour of 30 s intervals: 19 MB, not
+    ~250 MB)."""
 
     def __init__(self, keep_s: float) -> None:
         self.keep_s = keep_s
-        self._readings: dict[str, deque[tuple[float, float]]] = {}
+        self._times: array[float] = array("d")  # oldest first
+        self._readings: dict[str, array[float]] = {}  # aligned with _times
+        self._last_seen: dict[str, int] = {}  # guest -> record number it was last seen in
+        self._first = 0  # record number of _times[0]
 
     def record(self, snapshot: Snapshot, now_s: float) -> None:
-        seen = set()
+        number = self._first + len(self._times)
+        self._times.append(now_s)
+        for series in self._readings.values():
+            series.append(math.nan)
         for vm in snapshot.vms:
             key = vm.uuid or vm.name
-            seen.add(key)
-            self._readings.setdefault(key, deque()).append((now_s, vm.cpu_util))
+            if key not in self._readings:
+                self._readings[key] = array("d", [math.nan]) * len(self._times)
+            self._readings[key][-1] = vm.cpu_util
+            self._last_seen[key] = number
         horizon_s = now_s - self.keep_s
-        for key in list(self._readings):
-            readings = self._readings[key]
-            while readings and readings[0][0] < horizon_s:
-                readings.popleft()
-            if not readings and key not in seen:
-                del self._readings[key]
+        old = 0
+        while old < len(self._times) and self._times[old] < horizon_s:
+            old += 1
+        if old:
+            del self._times[:old]
+            for series in self._readings.values():
+                del series[:old]
+            self._first += old
+        for key in [k for k, n in self._last_seen.items() if n < self._first]:
+            del self._readings[key], self._last_seen[key]  # no reading left in the window
 
     def readings(self, key: str, since_s: float) -> list[float]:
-        return [u for t, u in self._readings.get(key, ()) if t >= since_s]
+        series = self._readings.get(key)
+        if series is None:
+            return []
+        pairs = zip(self._times, series, strict=True)
+        return [u for t, u in pairs if t >= since_s and not math.isnan(u)]
 
     def planning_snapshot(
         self, snapshot: Snapshot, forecast: DemandForecast, now_s: float

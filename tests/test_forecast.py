@@ -50,3 +50,41 @@ def test_history_forgets_readings_older_than_it_keeps_and_gone_guests() -> None:
 def test_a_guest_without_readings_keeps_its_snapshot_value() -> None:
     out = DemandHistory(keep_s=60.0).planning_snapshot(snap(0.42), DemandForecast(), 0.0)
     assert out.vms[0].cpu_util == 0.42
+
+
+def guests_snap(utils: dict[str, float]) -> Snapshot:
+    vms = tuple(
+        Vm(name=k, uuid=k, host="h1", state="running", vcpus=1, mem_bytes=2**30, cpu_util=u)
+        for k, u in utils.items()
+    )
+    return Snapshot(taken_at_s=0.0, hosts=(Host(name="h1", uri="x", up=True, cpus=4),), vms=vms)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.5, 40.0),  # seconds since the previous record
+            st.dictionaries(st.sampled_from("abc"), st.floats(0, 1)),  # who is there
+        ),
+        max_size=30,
+    ),
+    st.floats(5.0, 100.0),
+)
+def test_compact_history_keeps_what_a_list_per_guest_keeps(
+    steps: list[tuple[float, dict[str, float]]], keep_s: float
+) -> None:
+    """Guests come and go (gaps in their readings): the aligned arrays answer as a plain
+    list of (time, reading) per guest, pruned to the window, would."""
+    history = DemandHistory(keep_s=keep_s)
+    model: dict[str, list[tuple[float, float]]] = {}
+    now_s = 0.0
+    for gap_s, utils in steps:
+        now_s += gap_s
+        history.record(guests_snap(utils), now_s)
+        for key, u in utils.items():
+            model.setdefault(key, []).append((now_s, u))
+        for key in list(model):
+            model[key] = [(t, u) for t, u in model[key] if t >= now_s - keep_s]
+        for key in "abc":
+            expected = [u for t, u in model.get(key, []) if t >= now_s - keep_s / 2]
+            assert history.readings(key, since_s=now_s - keep_s / 2) == expected

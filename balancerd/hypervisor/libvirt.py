@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import sys
 import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -65,6 +67,10 @@ BACKOFF_MAX_S = 60.0
 TAGS_NS_URI = "https://balancerd.dev/xmlns/1"
 TAGS_NS_KEY = "balancerd"
 MAX_TAGS = 64  # per guest; more are ignored (a selector needs a handful)
+# Hosts sampled at once (a fixed pool; see _SampleRound), and how long a read may run before
+# it stops counting against that number (a hung host must not hold up the others).
+SAMPLE_WORKERS = 32
+SAMPLE_SLOW_S = 0.25
 
 _STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "other",
@@ -161,7 +167,7 @@ class LibvirtHypervisor:
                 )
         try:
             conn = libvirt.open(connect_uri(st.cfg))
-            conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+            _set_keepalive(conn)
         except libvirt.libvirtError as exc:
             self._mark_failed(st, f"connect to {st.cfg.uri}: {exc}")
             raise HypervisorError(st.cfg.name, "connect", f"{st.cfg.uri}: {exc}") from _bare(exc)
@@ -195,29 +201,40 @@ class LibvirtHypervisor:
             # Closing may block on a hung peer: do it off the caller's thread.
             self._pool.submit(_close_quietly, old)
 
+    def _run(self, st: _HostConn, operation: str, fn: Callable[[Any], T]) -> T:
+        """``fn(conn)`` on this thread, connecting first; every libvirt failure mapped."""
+        conn = self._connect(st)
+        try:
+            return fn(conn)
+        except libvirt.libvirtError as exc:
+            # A restarted libvirtd leaves the old connection dead with an *internal* error
+            # ("client socket is closed"): ask the connection itself, not only the code.
+            # Only if it is still the host's connection: a late error of a call that timed
+            # out (its connection already dropped) must not drop the one opened since.
+            if st.conn is conn and (_connection_lost(exc) or not _alive(conn)):
+                self._mark_failed(st, f"{operation}: {exc}")
+            raise HypervisorError(st.cfg.name, operation, str(exc)) from _bare(exc)
+
+    def _limit_s(self, st: _HostConn, timeout_s: float | None = None) -> float:
+        """A call's time limit. Until the capabilities were read on a connection a call gets
+        three: a freshly started libvirtd probes the host on its first getCapabilities
+        (4-8 s seen in the lab)."""
+        limit_s = timeout_s if timeout_s is not None else self._timeout_s
+        return limit_s * 3 if st.conn is None or not st.caps_read else limit_s
+
     def _call(
         self, host: str, operation: str, fn: Callable[[Any], T], timeout_s: float | None = None
     ) -> T:
         """Run ``fn(conn)`` for ``host`` on a worker with a timeout; map every failure."""
         st = self._state(host)
         # Connecting happens on the worker too, so a host that never answers costs one timeout.
-        # Until the capabilities were read on a connection a call gets three: a freshly
-        # started libvirtd probes the host on its first getCapabilities (4-8 s in the lab).
-        limit_s = timeout_s if timeout_s is not None else self._timeout_s
-        if st.conn is None or not st.caps_read:
-            limit_s *= 3
-        future = self._pool.submit(lambda: fn(self._connect(st)))
+        limit_s = self._limit_s(st, timeout_s)
+        future = self._pool.submit(self._run, st, operation, fn)
         try:
             return future.result(timeout=limit_s)
         except FutureTimeout:
             self._mark_failed(st, f"{operation} timed out")
             raise HypervisorError(host, operation, f"no answer within {limit_s:.1f} s") from None
-        except libvirt.libvirtError as exc:
-            # A restarted libvirtd leaves the old connection dead with an *internal* error
-            # ("client socket is closed"): ask the connection itself, not only the code.
-            if _connection_lost(exc) or not _alive(st.conn):
-                self._mark_failed(st, f"{operation}: {exc}")
-            raise HypervisorError(host, operation, str(exc)) from _bare(exc)
 
     def close(self) -> None:
         # Domain objects still referenced somewhere keep their connection open; free them
@@ -235,40 +252,45 @@ class LibvirtHypervisor:
     # --- sampling ---------------------------------------------------------------------
 
     def sample_all(self) -> tuple[HostSample, ...]:
-        """All hosts in parallel; each gets at most the timeout, failures come back down."""
-        futures = {name: self._pool.submit(self.sample_host, name) for name in self._hosts}
-        first = any(not st.caps_read for st in self._hosts.values())
-        deadline = time.monotonic() + self._timeout_s * (3 if first else 1) + 1.0
-        samples = []
-        for name, future in futures.items():
-            cfg = self._hosts[name].cfg
-            try:
-                samples.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
-            except (HypervisorError, FutureTimeout) as exc:
-                detail = str(exc) or "no answer within the timeout"
-                samples.append(
-                    HostSample(
-                        name=name,
-                        uri=cfg.uri,
-                        up=False,
-                        sampled_at_s=time.monotonic(),
-                        error=detail,
-                        labels=cfg.labels,
-                    )
-                )
-        return tuple(samples)
+        """Every host, at most ``SAMPLE_WORKERS`` at once (see _SampleRound); each gets
+        the timeout from when its read starts; failures come back as hosts that are down."""
+        return _SampleRound(self, list(self._hosts)).run()
 
     def sample_host(self, host: str) -> HostSample:
         st = self._state(host)
-        cache = self._blocker_cache[host]
+        return self._host_sample(st, self._call(host, "sample", self._sample_reader(st)))
+
+    def _sample_reader(self, st: _HostConn) -> Callable[[Any], dict[str, Any]]:
+        """A host's sample read: capabilities once per connection, blockers from the cache."""
+        cache = self._blocker_cache[st.cfg.name]
 
         def read(conn: Any) -> dict[str, Any]:
             self._read_caps(st, conn)
             return _read_host(conn, cache)
 
-        raw = self._call(host, "sample", read)  # connects lazily on the worker
+        return read
+
+    def _sample_now(self, host: str) -> HostSample:
+        """One host's sample read on this thread; a failure is a sample of a host down."""
+        st = self._hosts[host]
+        try:
+            return self._host_sample(st, self._run(st, "sample", self._sample_reader(st)))
+        except HypervisorError as exc:
+            return _down_sample(st.cfg, str(exc))
+        except Exception as exc:  # a driver answering nonsense: that host is down, not the round
+            log.exception("sample failed host=%s", host)
+            return _down_sample(st.cfg, f"{host}: sample failed: {exc!r}")
+
+    def _sample_timed_out(self, host: str, limit_s: float) -> HostSample:
+        st = self._hosts[host]
+        self._mark_failed(st, "sample timed out")
+        return _down_sample(
+            st.cfg, str(HypervisorError(host, "sample", f"no answer within {limit_s:.1f} s"))
+        )
+
+    def _host_sample(self, st: _HostConn, raw: dict[str, Any]) -> HostSample:
         return HostSample(
-            name=host,
+            name=st.cfg.name,
             uri=st.cfg.uri,
             up=True,
             sampled_at_s=raw["at_s"],
@@ -314,8 +336,11 @@ class LibvirtHypervisor:
     def _host_facts(self, st: _HostConn, conn: Any) -> HostFacts:
         self._read_caps(st, conn)
         host = st.cfg.name
-        mem = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
-        free_kib = mem.get("free", 0) + mem.get("buffers", 0) + mem.get("cached", 0)
+        mem = _node_memory_kib(conn)
+        if mem is None:  # the test driver: derived from the guests, as in sampling
+            free_kib = _read_host(conn)["mem_free_bytes"] // 1024
+        else:
+            free_kib = mem.get("free", 0) + mem.get("buffers", 0) + mem.get("cached", 0)
         lib_version, qemu_version = conn.getLibVersion(), conn.getVersion()
         return HostFacts(
             name=host,
@@ -512,6 +537,68 @@ class LibvirtHypervisor:
         self._call(host, f"destroy {vm}", kill)
 
 
+class _SampleRound:
+    """One ``sample_all``: a fixed number of workers take hosts from a queue (two threads
+    per host cost 1,150+ OS threads at 1,000 hosts, contending for the GIL). A read still
+    running after ``SAMPLE_SLOW_S`` stops counting against that number and another worker
+    starts, so a host that hangs costs one thread while it hangs (as before) and never
+    holds up the others; a host whose read passes its time limit is reported down and its
+    connection dropped, its late answer ignored."""
+
+    def __init__(self, hv: LibvirtHypervisor, hosts: list[str]) -> None:
+        self._hv = hv
+        self._hosts = hosts
+        self._queue = deque(hosts)
+        self._cond = threading.Condition()
+        self._running: dict[str, tuple[float, float]] = {}  # host -> (started, limit_s)
+        self._done: dict[str, HostSample] = {}
+        self._threads = 0  # workers alive, slow ones included
+
+    def run(self) -> tuple[HostSample, ...]:
+        with self._cond:
+            while len(self._done) < len(self._hosts):
+                now = time.monotonic()
+                slow = 0
+                wake_s = SAMPLE_SLOW_S
+                for host, (start, limit_s) in list(self._running.items()):
+                    age_s = now - start
+                    if host not in self._done and age_s >= limit_s:
+                        self._done[host] = self._hv._sample_timed_out(host, limit_s)
+                    elif host not in self._done:
+                        wake_s = min(wake_s, limit_s - age_s)
+                    if age_s >= SAMPLE_SLOW_S:
+                        slow += 1
+                    else:
+                        wake_s = min(wake_s, SAMPLE_SLOW_S - age_s)
+                while self._queue and self._threads - slow < SAMPLE_WORKERS:
+                    self._threads += 1
+                    threading.Thread(target=self._work, name="lv-sample", daemon=True).start()
+                if len(self._done) < len(self._hosts):
+                    self._cond.wait(timeout=max(0.001, wake_s))
+        return tuple(self._done[h] for h in self._hosts)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._threads -= 1
+                    return
+                host = self._queue.popleft()
+                st = self._hv._hosts[host]
+                self._running[host] = (time.monotonic(), self._hv._limit_s(st))
+            sample = self._hv._sample_now(host)
+            with self._cond:
+                del self._running[host]
+                self._done.setdefault(host, sample)  # not after a timeout: that one stays
+                self._cond.notify()
+
+
+def _down_sample(cfg: HostConfig, error: str) -> HostSample:
+    return HostSample(
+        name=cfg.name, uri=cfg.uri, up=False, sampled_at_s=time.monotonic(), error=error
+    )
+
+
 # --- helpers (run on worker threads) --------------------------------------------------
 
 
@@ -692,11 +779,37 @@ class BlockerCache:
                 del self._seen[gone]
 
 
+def _unsupported(exc: Any) -> bool:
+    """The driver has no such call (libvirt's test driver: keepalive, node memory stats)."""
+    return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT)
+
+
+def _set_keepalive(conn: Any) -> None:
+    """Keepalive where the driver has it; a local driver without one (test:///) has no
+    peer that can vanish, so it goes without."""
+    try:
+        conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+    except libvirt.libvirtError as exc:
+        if not _unsupported(exc):
+            raise
+        log.debug("no keepalive uri=%s: %s", conn.getURI(), exc)
+
+
+def _node_memory_kib(conn: Any) -> dict[str, int] | None:
+    """Node memory counters (KiB), or None where the driver has none (test driver)."""
+    try:
+        return dict(conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS))
+    except libvirt.libvirtError as exc:
+        if not _unsupported(exc):
+            raise
+        return None
+
+
 def _read_host(conn: Any, cache: BlockerCache | None = None) -> dict[str, Any]:
     """One consistent read of a host: node counters, memory, and every domain's stats."""
     info = conn.getInfo()  # [model, memory MiB, cpus, MHz, nodes, sockets, cores, threads]
     cpu = conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS)
-    mem = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+    mem = _node_memory_kib(conn)
     at_s = time.monotonic()
     busy_ns = cpu.get("kernel", 0) + cpu.get("user", 0)
     total_ns = busy_ns + cpu.get("idle", 0) + cpu.get("iowait", 0)
@@ -715,14 +828,24 @@ def _read_host(conn: Any, cache: BlockerCache | None = None) -> dict[str, Any]:
         mem_kib = s.get("balloon.current") or s.get("balloon.maximum") or dom.maxMemory()
         blockers = cache.blockers(dom, state) if cache is not None else ()
         dirty_mib_s, dirty_id, dirty_s = _dirty_rate(s)
+        vcpus = s.get("vcpu.current")
+        cpu_ns = s.get("cpu.time")
+        if not vcpus:
+            # No vCPU stats (inactive guests; the test driver has state only): info() is
+            # [state, max KiB, current KiB, vCPUs, CPU time ns]. Not called otherwise: on a
+            # guest in a migration job it waits for the job (the lab saw samples time out).
+            dinfo = dom.info()
+            vcpus = dinfo[3]
+            cpu_ns = dinfo[4] if cpu_ns is None else cpu_ns
         vms.append(
             VmSample(
-                name=dom.name(),
-                uuid=dom.UUIDString(),
+                # interned: the same name and UUID in every sample the history keeps
+                name=sys.intern(dom.name()),
+                uuid=sys.intern(dom.UUIDString()),
                 state=_STATE_NAMES.get(state, "other"),
-                vcpus=int(s.get("vcpu.current") or dom.info()[3]),
+                vcpus=int(vcpus),
                 mem_bytes=int(mem_kib) * 1024,
-                cpu_time_ns=int(s.get("cpu.time", 0)),
+                cpu_time_ns=int(cpu_ns or 0),
                 incoming=state == libvirt.VIR_DOMAIN_PAUSED and reason in _INCOMING_PAUSE_REASONS,
                 tags=_tags(dom),
                 blockers=blockers,
@@ -733,14 +856,22 @@ def _read_host(conn: Any, cache: BlockerCache | None = None) -> dict[str, Any]:
         )
     if cache is not None:
         cache.keep_only({v.uuid for v in vms})
+    mem_total_kib = int(info[1]) * 1024
+    if mem is None:
+        # No node memory counters: free is what the running guests leave of the total.
+        mem_free_kib = max(
+            0, mem_total_kib - sum(v.mem_bytes for v in vms if v.state != "shutoff") // 1024
+        )
+    else:
+        mem_total_kib = int(mem.get("total", mem_total_kib))
+        mem_free_kib = int(mem.get("free", 0) + mem.get("buffers", 0) + mem.get("cached", 0))
     return {
         "at_s": at_s,
         "hostname": conn.getHostname(),
         "cpus": int(info[2]),
         "mhz": int(info[3]),
-        "mem_total_bytes": int(mem.get("total", info[1] * 1024)) * 1024,
-        "mem_free_bytes": int(mem.get("free", 0) + mem.get("buffers", 0) + mem.get("cached", 0))
-        * 1024,
+        "mem_total_bytes": mem_total_kib * 1024,
+        "mem_free_bytes": mem_free_kib * 1024,
         "cpu_busy_ns": int(busy_ns),
         "cpu_total_ns": int(total_ns),
         "libvirt_version": int(conn.getLibVersion()),
