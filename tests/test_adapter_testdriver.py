@@ -11,6 +11,7 @@ import pytest
 
 from balancerd.collect import build_snapshot
 from balancerd.config import HostConfig
+from balancerd.errors import HypervisorError
 from balancerd.hypervisor.libvirt import SAMPLE_WORKERS, LibvirtHypervisor
 from balancerd.units import GIB, MIB
 from benchmarks.bench_collect import run_collect
@@ -45,6 +46,16 @@ def test_snapshot_from_test_driver(hypervisor: LibvirtHypervisor) -> None:
     assert sorted(v.name for v in snap.vms_on("h0001")) == [f"h0001-g{i:02d}" for i in range(3)]
     facts = hypervisor.host_facts("h0000")
     assert facts.mem_free_bytes == 256 * GIB - 3 * 4096 * MIB
+
+
+def test_a_call_on_a_closed_adapter_is_a_hypervisor_error(tmp_path: Path) -> None:
+    """A job that still holds an adapter a reload closed gets the adapter's own error (the
+    daemon logs it per host), not a RuntimeError traceback from the closed pool."""
+    hosts = [HostConfig(name, uri) for name, uri in write_nodes(tmp_path, hosts=1, guests=1)]
+    hv = LibvirtHypervisor(hosts, timeout_s=5.0)
+    hv.close()
+    with pytest.raises(HypervisorError, match="the adapter is closed"):
+        hv.start_dirty_rate("h0000", "h0000-g00", 1)
 
 
 def test_many_hosts_through_the_fixed_pool(tmp_path: Path) -> None:

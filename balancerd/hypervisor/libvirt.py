@@ -229,7 +229,10 @@ class LibvirtHypervisor:
         st = self._state(host)
         # Connecting happens on the worker too, so a host that never answers costs one timeout.
         limit_s = self._limit_s(st, timeout_s)
-        future = self._pool.submit(self._run, st, operation, fn)
+        try:
+            future = self._pool.submit(self._run, st, operation, fn)
+        except RuntimeError:  # closed (a reload swapped this adapter out while a job held it)
+            raise HypervisorError(host, operation, "the adapter is closed") from None
         try:
             return future.result(timeout=limit_s)
         except FutureTimeout:
