@@ -422,6 +422,17 @@ def test_no_dirty_rate_calculation_starts_on_a_guest_being_moved(harness: Harnes
     assert harness.hv.hosts["h1"].vms["vm0"].dirty_measured is None
 
 
+def test_a_standby_starts_no_dirty_rate_calculation(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader may be moving any guest (HA lab: a standby's calculation on the leader's
+    migrating guest waited past the host timeout and dropped its connection)."""
+    monkeypatch.setattr(harness.daemon.coord, "not_leading", lambda: "standby: node-a leads")
+    harness.collect(1)
+    harness.daemon.collect_once()
+    assert harness.hv.dirty_calcs == 0
+
+
 def test_collect_measures_dirty_rates_and_metrics_show_them(harness: Harness) -> None:
     harness.hv.hosts["h1"].vms["vm0"].dirty_rate_bytes_s = 40.0 * 2**20
     harness.collect(1)  # starts calculations on two guests; the next collect reads them

@@ -508,6 +508,8 @@ class Daemon:
     def _sample_dirty_rates(self, hv: Hypervisor, history: SampleHistory) -> None:
         """Start the dirty-rate calculations due (a few guests per collect); the next
         samples carry their results. A failure only leaves that guest unmeasured."""
+        if self.coord.not_leading():
+            return  # a standby does not measure: the leader may be moving these guests
         # never a guest being moved: its domain job lock makes the call wait past the timeout
         moving = {m["vm"] for m in self.stats.summary()["in_flight"]}
         for vm, (host, seconds) in history.due_for_dirty_rate().items():

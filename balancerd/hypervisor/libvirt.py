@@ -502,11 +502,17 @@ class LibvirtHypervisor:
         # Page sampling (512 pages per GiB: coarse on small guests over 1 s, hence the
         # long calculation after it). Not dirty-bitmap mode: QEMU 7.2 under TCG crashed on
         # it in the lab ("shutting down, reason=crashed").
-        self._call(
-            host,
-            f"start dirty-rate calculation of {vm}",
-            lambda conn: conn.lookupByName(vm).startDirtyRateCalc(max(1, seconds), 0),
-        )
+        def start(conn: Any) -> None:
+            dom = conn.lookupByName(vm)
+            # Not during a job (a migration started by anyone since the last sample): the
+            # calculation would wait on the domain's job lock past the timeout.
+            if dom.jobStats(0).get("type", libvirt.VIR_DOMAIN_JOB_NONE) != (
+                libvirt.VIR_DOMAIN_JOB_NONE
+            ):
+                raise HypervisorError(host, "start dirty-rate calculation", f"{vm} is in a job")
+            dom.startDirtyRateCalc(max(1, seconds), 0)
+
+        self._call(host, f"start dirty-rate calculation of {vm}", start)
 
     def suspend(self, host: str, vm: str) -> None:
         self._call(host, f"suspend {vm}", lambda conn: conn.lookupByName(vm).suspend())
