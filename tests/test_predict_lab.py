@@ -110,7 +110,8 @@ def test_the_plan_moves_the_quiet_guest_and_the_engine_moves_it(ctx: Ctx) -> Non
     rate = {v.name: v.dirty_rate_bytes_s for v in snap.vms}
     print(f"\ndirty rates MiB/s: { {k: None if r is None else r / MIB for k, r in rate.items()} }")
     assert rate["busy"] is not None and rate["busy"] > 8 * MIB, rate
-    assert rate["quiet"] is not None and rate["quiet"] < 2 * MIB, rate
+    # page sampling counts 512 pages per GiB: a quiet guest's kernel reads 0-2 MiB/s
+    assert rate["quiet"] is not None and rate["quiet"] <= 4 * MIB < rate["busy"], rate
     plan = decide(snap, POLICY, capacity=capacity_from_config(ctx.config.hosts))
     print("plan:", [(m.vm, m.dst, round(m.expected_s, 1)) for m in plan.moves])
     assert [(m.vm, m.dst) for m in plan.moves] == [("quiet", "host2")]
