@@ -6,6 +6,7 @@ pipeline lives in collect/decide/plan.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 
@@ -53,6 +54,17 @@ def sample_snapshot(
     return build_snapshot(
         history.samples(), window=history.window, capacity=capacity_from_config(config.hosts)
     )
+
+
+def add_snapshot_arguments(parser: argparse.ArgumentParser) -> None:
+    """--samples / --interval of the commands that read the cluster (plan, status)."""
+    parser.add_argument(
+        "--samples",
+        type=int,
+        help="sample the hosts this many times (>= 2) and smooth; default: the running "
+        "daemon's latest snapshot, else one read of every host (a one-shot sample)",
+    )
+    parser.add_argument("--interval", type=float, help="seconds between samples (default 1)")
 
 
 def cluster_snapshot(

@@ -28,20 +28,14 @@ from balancerd.rationale import MoveWhy, explain_moves, score_name
 from balancerd.saved_plan import plan_document
 from balancerd.selectors import resolve_policy
 from balancerd.statefiles import atomic_write
-from balancerd.wiring import cluster_snapshot
+from balancerd.wiring import add_snapshot_arguments, cluster_snapshot
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="daemon config file (YAML)")
     parser.add_argument("--policy", help="policy file (default: the config's policy)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument(
-        "--samples",
-        type=int,
-        help="sample the hosts this many times (>= 2) and smooth; default: the running "
-        "daemon's latest snapshot, else one read of every host (a one-shot sample)",
-    )
-    parser.add_argument("--interval", type=float, help="seconds between samples (default 1)")
+    add_snapshot_arguments(parser)
     parser.add_argument(
         "--save",
         metavar="FILE",

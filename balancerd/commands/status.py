@@ -10,19 +10,13 @@ from balancerd.config import load_config
 from balancerd.daemon_state import read_daemon_status
 from balancerd.model import Snapshot, Vm, blockers_text
 from balancerd.units import GIB, MIB
-from balancerd.wiring import cluster_snapshot
+from balancerd.wiring import add_snapshot_arguments, cluster_snapshot
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="daemon config file (YAML)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument(
-        "--samples",
-        type=int,
-        help="sample the hosts this many times (>= 2) and smooth; default: the running "
-        "daemon's latest snapshot, else one read of every host (a one-shot sample)",
-    )
-    parser.add_argument("--interval", type=float, help="seconds between samples (default 1)")
+    add_snapshot_arguments(parser)
 
 
 def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
