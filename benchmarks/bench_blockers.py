@@ -1,5 +1,5 @@
 """Blocker detection cost per host sample: reading every domain's XML each sample against the
-cache (hypervisor/libvirt.py BlockerCache), side by side in one run, through libvirt's own
+cache (hypervisor/libvirt.py GuestXmlCache), side by side in one run, through libvirt's own
 test driver (test:///default: real libvirt-python calls, no network).
 
     .venv/bin/python benchmarks/bench_blockers.py [--domains 20] [--samples 200]
@@ -14,7 +14,7 @@ from typing import Any
 
 import libvirt
 
-from balancerd.hypervisor.libvirt import BlockerCache, migration_blockers
+from balancerd.hypervisor.libvirt import GuestXmlCache, migration_blockers
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--domains", type=int, default=20, help="domains besides the driver's own")
@@ -47,7 +47,7 @@ stats_only = per_sample(lambda dom, st: ())
 every = per_sample(
     lambda dom, st: migration_blockers(ET.fromstring(dom.XMLDesc(0)), ("/srv",))  # noqa: S314 (the test driver's own XML)
 )
-cache = BlockerCache(("/srv",))
+cache = GuestXmlCache(("/srv",))
 cached = per_sample(cache.blockers)
 print(
     f"domains={len(conn.listAllDomains(0))} samples={N} per-sample ms: stats only "

@@ -4,6 +4,7 @@ calls, no libvirtd, no root. The driver has no keepalive and no node memory stat
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,3 +101,70 @@ def test_bench_collect_smoke() -> None:
     daemon's collect job sees every host and guest."""
     out = run_collect(hosts=2, guests=2, cycles=2, interval_s=30.0)
     assert (out["up"], out["up_end"], out["guests"]) == (2, 2, 4)
+
+
+def test_a_tag_set_later_reaches_the_next_sample_through_libvirts_event(
+    hypervisor: LibvirtHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tags come from the cached domain XML (no metadata call per guest per sample); a
+    metadata change makes libvirt send an event that has that guest's XML read again."""
+    import libvirt
+
+    from balancerd.hypervisor.libvirt import TAGS_NS_KEY, TAGS_NS_URI, GuestXmlCache
+
+    monkeypatch.setattr(GuestXmlCache, "REFRESH_SAMPLES", 10_000)  # no backstop re-read
+
+    def tags_of(name: str) -> tuple[str, ...]:
+        return next(v.tags for v in hypervisor.sample_host("h0000").vms if v.name == name)
+
+    assert tags_of("h0000-g01") == ()
+    reads = hypervisor._xml_cache["h0000"].reads
+    assert tags_of("h0000-g01") == () and hypervisor._xml_cache["h0000"].reads == reads
+    # the test driver's state lives in the adapter's connection: set the tag through it
+    dom = hypervisor._hosts["h0000"].conn.lookupByName("h0000-g01")
+    dom.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        "<tags><tag>db</tag></tags>",
+        TAGS_NS_KEY,
+        TAGS_NS_URI,
+        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+    )
+    deadline = time.monotonic() + 5.0
+    while tags_of("h0000-g01") != ("db",) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the event arrives on libvirt's event-loop thread
+    assert tags_of("h0000-g01") == ("db",)
+    assert hypervisor._xml_cache["h0000"].reads == reads + 1  # that guest only
+
+
+def test_reads_that_keep_the_interpreter_busy_run_fewer_at_once(tmp_path: Path) -> None:
+    """In-process test-driver reads only contend for the GIL when many run at once: the
+    rounds settle at fewer workers than the most (32 took 4x as long as 1 at 1,000 hosts)."""
+    nodes = write_nodes(tmp_path, hosts=200, guests=5)
+    hv = LibvirtHypervisor([HostConfig(name, uri) for name, uri in nodes], timeout_s=5.0)
+    try:
+        for _ in range(6):
+            assert all(s.up for s in hv.sample_all())
+        assert hv._sample_concurrency.workers <= SAMPLE_WORKERS // 4
+    finally:
+        hv.close()
+
+
+def test_sample_concurrency_follows_how_busy_the_reads_kept_the_interpreter() -> None:
+    from balancerd.hypervisor.libvirt import SampleConcurrency
+
+    c = SampleConcurrency(most=32)
+    c.after_round(32, cpu_s=1.5, wall_s=1.0)  # busy 1.5: contention
+    assert c.workers == 16
+    c.after_round(16, cpu_s=0.5, wall_s=1.0)  # busy 0.5: between the bounds, held
+    assert c.workers == 16
+    c.after_round(16, cpu_s=0.1, wall_s=1.0)  # mostly waiting on the network
+    assert c.workers == 32
+    c.after_round(32, cpu_s=0.0, wall_s=1.0)
+    assert c.workers == 32  # never above the most
+    for _ in range(8):
+        c.after_round(c.workers, cpu_s=2.0, wall_s=1.0)
+    assert c.workers == 1  # never below one
+    # mid-round: slow reads double it at once; too early (under SAMPLE_SLOW_S) or busy: kept
+    assert c.grown(1, cpu_s=0.01, elapsed_s=0.5) == 2
+    assert c.grown(1, cpu_s=0.0, elapsed_s=0.1) == 1
+    assert c.grown(4, cpu_s=0.45, elapsed_s=0.5) == 4

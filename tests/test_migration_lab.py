@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -363,16 +364,37 @@ def hosts_answer(c: Ctx, timeout_s: float = 120.0) -> None:
                 time.sleep(1.0)
 
 
+# The side-by-side's link: host1's veth squeezed with tc tbf (netem is not in this kernel).
+# The libvirt bandwidth cap alone is no link: QEMU's final stop-and-copy stage ignores it,
+# so pause-and-complete's last pass ran at loopback speed (56-83 ms) and the comparison
+# with post-copy came out either way. A real slow link limits both.
+SLOW_LINK = ("tbf", "rate", "400mbit", "burst", "256kb", "latency", "20ms")
+
+
+@contextmanager
+def slow_link(c: Ctx, host: str) -> Iterator[None]:
+    """``host``'s outgoing traffic (the migration stream from it) through SLOW_LINK."""
+    tc = ["ip", "netns", "exec", f"{c.lab.name}-{host}", "tc", "qdisc"]
+    subprocess.run([*tc, "replace", "dev", "eth0", "root", *SLOW_LINK], check=True, timeout=30)
+    try:
+        yield
+    finally:
+        subprocess.run([*tc, "del", "dev", "eth0", "root"], check=False, timeout=30)
+
+
 def test_non_converging_guest_via_postcopy_and_via_pause_side_by_side(ctx: Ctx) -> None:
-    """Two fresh non-converging guests of the same size, in the same run, each host1 -> host2:
-    one by pause-and-complete, one by post-copy (stopped only for the switch). Fresh guests,
-    not one guest there and back: a TCG guest that came out of a long precopy sometimes stops
-    dirtying (see guest_health), and a quiet guest converges without ever needing post-copy."""
+    """Two fresh non-converging guests of the same size, in the same run, each host1 -> host2
+    over the same slow link (SLOW_LINK, 50 MB/s): one by pause-and-complete (stopped while
+    its remaining dirty memory crosses the link), one by post-copy (stopped only for the
+    switch). Fresh guests, not one guest there and back: a TCG guest that came out of a long
+    precopy sometimes stops dirtying (see guest_health), and a quiet guest converges without
+    ever needing post-copy."""
     hosts_answer(ctx)
     health: list[str] = []
     start_dirty_guest(ctx, "pcpause")
     try:
-        paused = run_move(engine(ctx, STALLING), Move("pcpause", "host1", "host2", 0, 0.0))
+        with slow_link(ctx, "host1"):
+            paused = run_move(engine(ctx, STALLING), Move("pcpause", "host1", "host2", 0, 0.0))
         print(f"\npause-and-complete: {paused.line()}")
         assert paused.outcome == MIGRATED, paused.reason
         assert paused.mode == "paused-fallback"
@@ -382,23 +404,23 @@ def test_non_converging_guest_via_postcopy_and_via_pause_side_by_side(ctx: Ctx) 
     start_dirty_guest(ctx, "pcdirty")
     try:
         postcopy = replace(STALLING, on_stall=OnStall.POSTCOPY)
-        pc = run_move(engine(ctx, postcopy), Move("pcdirty", "host1", "host2", 0, 0.0))
+        with slow_link(ctx, "host1"):
+            pc = run_move(engine(ctx, postcopy), Move("pcdirty", "host1", "host2", 0, 0.0))
         print(f"post-copy: {pc.line()}")
         assert pc.outcome == MIGRATED, pc.reason
         assert pc.mode == "postcopy", pc
         assert active_hosts(ctx, "pcdirty") == {"host2": "running"}
-        assert paused.downtime_ms is not None
         # libvirt 9.0 reports no downtime for a post-copy job: the engine's own upper bound
-        # (source last seen running -> destination seen running) stands in. In this lab the
-        # two are of the same order (pause-and-complete's last pass runs unthrottled over
-        # loopback): seen 56 vs 74 ms and 83 vs 59 ms, so the comparison is printed, and
-        # only what holds every time is asserted: a bound, and a short one.
+        # (source last seen running -> destination seen running) stands in; for
+        # pause-and-complete libvirt's figure is QEMU's own stop -> resume.
+        assert paused.downtime_ms is not None
         assert pc.downtime_ms is not None and pc.paused_ms == pc.downtime_ms
         print(
-            f"downtime pause-and-complete {paused.downtime_ms:.0f} ms (libvirt) vs post-copy "
-            f"<= {pc.downtime_ms:.0f} ms (source last running -> running on host2)"
+            f"downtime over the same link: pause-and-complete {paused.downtime_ms:.0f} ms "
+            f"(libvirt) vs post-copy <= {pc.downtime_ms:.0f} ms (source last running -> "
+            "running on host2)"
         )
-        assert pc.downtime_ms < 1000.0
+        assert pc.downtime_ms < paused.downtime_ms
         (entry, *_) = Journal(ctx.config.state_dir).entries()
         assert (entry.vm, entry.outcome, entry.mode) == ("pcdirty", "migrated", "postcopy")
         health.append(guest_health(ctx, "pcdirty"))

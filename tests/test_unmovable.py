@@ -265,18 +265,18 @@ def test_the_blocker_cache_reads_xml_only_when_needed() -> None:
     changes or after REFRESH_SAMPLES samples, and a gone guest is forgotten."""
     import libvirt
 
-    from balancerd.hypervisor.libvirt import BlockerCache
+    from balancerd.hypervisor.libvirt import GuestXmlCache
 
     conn = libvirt.open("test:///default")
     try:
         dom = conn.lookupByName("test")
-        cache = BlockerCache(("/guest",))  # where the test driver's disk is
+        cache = GuestXmlCache(("/guest",))  # where the test driver's disk is
         for _ in range(5):
             assert cache.blockers(dom, libvirt.VIR_DOMAIN_RUNNING) == ()
         assert cache.reads == 1
         cache.blockers(dom, libvirt.VIR_DOMAIN_PAUSED)
         assert cache.reads == 2
-        for _ in range(BlockerCache.REFRESH_SAMPLES):
+        for _ in range(GuestXmlCache.REFRESH_SAMPLES):
             cache.blockers(dom, libvirt.VIR_DOMAIN_PAUSED)
         assert cache.reads == 3
         cache.keep_only(set())
