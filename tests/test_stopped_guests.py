@@ -224,3 +224,22 @@ def test_a_stale_stopped_copy_of_a_running_guest_is_not_moved_but_named() -> Non
     plan = decide(s, policy(maintenance=("a",)))
     assert not [m for m in plan.moves if m.offline]
     assert any("stopped guest web on host a is not moved" in n for n in plan.notes), plan.notes
+
+
+def test_migrate_finds_a_stopped_guest_and_moves_it_cold(tmp_path: Path) -> None:
+    """``balancerd migrate`` of a guest that is defined but stopped on one host: a cold
+    move (its definition only), not "not running on any configured host"."""
+    from balancerd.commands.migrate import find_guest
+    from balancerd.errors import MigrationError
+    from balancerd.execute.executor import execute
+
+    hv = sim()
+    assert find_guest(hv, "off") == ("a", True)
+    (r,) = execute([Move("off", "a", "b", 0, 0.0, offline=True)], engine(hv, tmp_path))
+    assert (r.outcome, r.mode) == (MoveOutcome.MIGRATED, MigrationMode.DEFINITION)
+    assert where(hv) == {"b": "shutoff"}
+    hv.add_vm("c", SimVm("off", 1, GIB, state="shutoff"))  # a second definition elsewhere
+    with pytest.raises(MigrationError, match="defined, stopped, on b, c"):
+        find_guest(hv, "off")
+    with pytest.raises(MigrationError, match="not running or defined on any"):
+        find_guest(hv, "nosuch")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TextIO
 
+from balancerd.collect import STOPPED_STATES
 from balancerd.config import Config, load_config
 from balancerd.errors import ConfigError, HypervisorError, MigrationError
 from balancerd.execute.converge import describe_progress
@@ -87,12 +88,15 @@ def _state_or_error(hv: Hypervisor, host: str, vm: str) -> str | HypervisorError
         return exc
 
 
-def find_guest(hv: Hypervisor, vm: str) -> str:
-    """The host where ``vm`` runs (or is paused); raises MigrationError if none. The hosts
-    are asked in parallel: each first contact opens a connection (seconds on a libvirtd
-    that just started), and N hosts must not cost N of them in a row."""
+def find_guest(hv: Hypervisor, vm: str) -> tuple[str, bool]:
+    """(host, stopped): where ``vm`` runs (or is paused), else the one host where it is
+    defined but stopped (a cold move: its definition only); raises MigrationError if
+    neither. The hosts are asked in parallel: each first contact opens a connection
+    (seconds on a libvirtd that just started), and N hosts must not cost N of them in a
+    row."""
     hosts = list(hv.host_names())
     found = []
+    stopped = []
     unreachable = []
     with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
         states = pool.map(lambda h: _state_or_error(hv, h, vm), hosts)
@@ -102,12 +106,21 @@ def find_guest(hv: Hypervisor, vm: str) -> str:
             unreachable.append(f"{host} ({state.detail})")
         elif state in ("running", "paused", "blocked"):
             found.append(host)
+        elif state in STOPPED_STATES:
+            stopped.append(host)
     if len(found) == 1:
-        return found[0]
+        return found[0], False
     if found:
         raise MigrationError(f"{vm} is active on several hosts: {', '.join(found)}")
     more = f"; hosts not answering: {', '.join(unreachable)}" if unreachable else ""
-    raise MigrationError(f"{vm} is not running on any configured host{more}")
+    if len(stopped) == 1 and not unreachable:
+        return stopped[0], True
+    if stopped:
+        # defined on several (or one, while a host that may run it does not answer)
+        raise MigrationError(
+            f"{vm} is not running; it is defined, stopped, on {', '.join(stopped)}{more}"
+        )
+    raise MigrationError(f"{vm} is not running or defined on any configured host{more}")
 
 
 def print_results(results: list[MoveResult], as_json: bool, out: TextIO) -> None:
@@ -133,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
     journal = Journal(config.state_dir)
     try:
         report_reconciliations(reconcile(hv, journal), sys.stderr)
-        src = find_guest(hv, args.vm)
-        move = Move(vm=args.vm, src=src, dst=args.host, mem_bytes=0, expected_s=0.0)
+        src, stopped = find_guest(hv, args.vm)
+        move = Move(args.vm, src, args.host, mem_bytes=0, expected_s=0.0, offline=stopped)
         engine = build_engine(config, policy, hv, journal, progress_printer(sys.stderr))
         if src == args.host:
             results = [
