@@ -47,6 +47,7 @@ from balancerd.solve.heuristic import (
     consolidate,
     limit_caps,
     moves_and_bytes,
+    quieter,
     repair,
 )
 from balancerd.solve.ilp import (
@@ -364,6 +365,12 @@ def _greedy_stage(
     for c in cands:
         ranked.append((measure(p, c.host_of, lb), c.label, c.host_of))
     ranked.sort(key=lambda t: t[0].objective)
+    if p.objective == "balance":
+        # the best, with guests that dirty memory swapped for equally good quiet ones
+        quiet = quieter(p, units, ranked[0][2], lb)
+        if quiet is not None:
+            ranked.append((measure(p, quiet, lb), ranked[0][1] + "+quieter", quiet))
+            ranked.sort(key=lambda t: t[0].objective)
     return _prefer_fewer_moves(p, ranked)
 
 

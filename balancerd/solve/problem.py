@@ -11,7 +11,7 @@ objective is ``max over hosts and resources of weight_r * util_r``. Limits
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from balancerd.model import Capacity, Snapshot, blockers_text
 from balancerd.policy.model import Policy
@@ -54,6 +54,8 @@ class Problem:
     # What moving each guest costs, in bytes at the policy's bandwidth: its predicted
     # migration time (predict.py), plus the downtime of one that does not converge.
     move_cost: list[float] = field(default_factory=list)
+    # what its dirtying adds to move_cost (0 for a quiet or unmeasured guest)
+    move_extra: list[float] = field(default_factory=list)
     move_s: list[float] = field(default_factory=list)  # predicted seconds
     converges: list[bool] = field(default_factory=list)  # pre-copy alone finishes
     host_index: dict[str, int] = field(default_factory=dict)
@@ -152,7 +154,7 @@ def build_problem(
     movable, must_move = _movability(
         snapshot, policy, hosts, guests, rules.allowed, last_moved_s or {}, now_s
     )
-    cost, secs, converges = _predicted(snapshot, policy, guests)
+    cost, extra, secs, converges = _predicted(snapshot, policy, guests)
     _hold_non_converging(policy, hosts, guests, converges, movable, must_move)
     c = policy.constraints
     return Problem(
@@ -181,6 +183,7 @@ def build_problem(
         objective=policy.objective,
         policy=policy,
         move_cost=cost,
+        move_extra=extra,
         move_s=secs,
         converges=converges,
         host_index=hosts.index,
@@ -392,24 +395,32 @@ def _movability(
 
 def _predicted(
     snapshot: Snapshot, policy: Policy, guests: _Guests
-) -> tuple[list[float], list[float], list[bool]]:
-    """(cost in bytes at the bandwidth, seconds, converges) per guest (predict.py)."""
+) -> tuple[list[float], list[float], list[float], list[bool]]:
+    """(cost in bytes at the bandwidth, what dirtying adds to it, seconds, converges) per
+    guest (predict.py)."""
     mig = policy.migration
     bw = max(mig.bandwidth_mib_s, 1e-3) * MIB
     vm_of = {v.name: v for v in snapshot.vms}
     no_pause = set(mig.no_pause_vms)
     seen: dict[tuple[int, float | None, float | None, bool], Estimate] = {}  # same inputs
-    cost, secs, conv = [], [], []
+    cost, extra, secs, conv = [], [], [], []
     for name in guests.names:
         v = vm_of[name]
         key = (v.mem_bytes, v.dirty_rate_bytes_s, v.dirty_working_set_bytes, name in no_pause)
         e = seen.get(key)
         if e is None:
             e = seen[key] = predict_vm(v, mig)
+        quiet_key = (v.mem_bytes, None, None, name in no_pause)
+        quiet = seen.get(quiet_key)
+        if quiet is None:
+            quiet = seen[quiet_key] = predict_vm(
+                replace(v, dirty_rate_bytes_s=None, dirty_working_set_bytes=None), mig
+            )
         cost.append(e.cost_s * bw)
+        extra.append(max(0.0, e.cost_s - quiet.cost_s) * bw)
         secs.append(e.seconds)
         conv.append(e.converges)
-    return cost, secs, conv
+    return cost, extra, secs, conv
 
 
 def _hold_non_converging(
