@@ -1131,13 +1131,13 @@ def quieter(  # noqa: C901 (one swap search, a check per rule it must keep)
 ) -> list[int] | None:
     """``host_of`` with each moved unit that dirties memory (move_extra > 0) swapped, where
     one fits, for a unit still on its source host that moves in less time (move_cost):
-    that one moves instead and the dirtying one stays. A swap must leave both hosts within their caps (or no further
-    over), neither above the fuller of the two before in any weighted resource and no more
-    above the balanced level ``lb`` together: the balance is the same or better and the
-    migrations are shorter. The walk's fewest-units and best-fit choices look only at
-    size, so of two guests that balance equally they take the smaller even when it is
-    the one that will not converge. None when no swap applies (always without measured
-    dirty rates)."""
+    that one moves instead and the dirtying one stays. A swap must leave both hosts within
+    their caps (or no further over), neither above the fuller of the two before in any
+    weighted resource and no more above the balanced level ``lb`` together: the balance
+    is the same or better and the migrations are shorter. The walk's fewest-units and
+    best-fit choices look only at size, so of two guests that balance equally they take
+    the smaller even when it is the one that will not converge. None when no swap applies
+    (always without measured dirty rates)."""
     moved = [
         i
         for i, u in enumerate(units)
@@ -1354,6 +1354,24 @@ class _Walk:
                 dm = reached[1]
             if (dc, dm) == reached:
                 break
+        return self.polish(reached, resolution)
+
+    def polish(
+        self, reached: tuple[float, float] | None, resolution: float
+    ) -> tuple[float, float] | None:
+        """After the walk: each resource alone a little further down (halving its slack,
+        the other held where it is), from the last level reached, until a level fails.
+        The joint walk stops where both cannot come down together, often with one of
+        them (memory, on crowded heterogeneous hosts) well above where it alone could go."""
+        if reached is None:
+            return None
+        for r in (1, 0):
+            while reached[r] >= resolution:
+                trial = (reached[0], reached[1] / 2) if r else (reached[0] / 2, reached[1])
+                start = next(c.host_of for c in reversed(self.out) if c.complete)
+                if not self.level(*trial, start, "polish").complete:
+                    break
+                reached = trial
         return reached
 
     def finish(self, reached: tuple[float, float] | None) -> None:
