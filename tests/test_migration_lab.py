@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -364,22 +363,11 @@ def hosts_answer(c: Ctx, timeout_s: float = 120.0) -> None:
                 time.sleep(1.0)
 
 
-# The side-by-side's link: host1's veth squeezed with tc tbf (netem is not in this kernel).
-# The libvirt bandwidth cap alone is no link: QEMU's final stop-and-copy stage ignores it,
-# so pause-and-complete's last pass ran at loopback speed (56-83 ms) and the comparison
-# with post-copy came out either way. A real slow link limits both.
-SLOW_LINK = ("tbf", "rate", "400mbit", "burst", "256kb", "latency", "20ms")
-
-
-@contextmanager
-def slow_link(c: Ctx, host: str) -> Iterator[None]:
-    """``host``'s outgoing traffic (the migration stream from it) through SLOW_LINK."""
-    tc = ["ip", "netns", "exec", f"{c.lab.name}-{host}", "tc", "qdisc"]
-    subprocess.run([*tc, "replace", "dev", "eth0", "root", *SLOW_LINK], check=True, timeout=30)
-    try:
-        yield
-    finally:
-        subprocess.run([*tc, "del", "dev", "eth0", "root"], check=False, timeout=30)
+# The side-by-side's link: host1's veth squeezed to 400 Mbit/s (Lab.squeezed_link). The
+# libvirt bandwidth cap alone is no link: QEMU's final stop-and-copy stage ignores it, so
+# pause-and-complete's last pass ran at loopback speed (56-83 ms) and the comparison with
+# post-copy came out either way. A real slow link limits both.
+SLOW_LINK = {"rate": "400mbit", "burst": "256kb", "latency": "20ms"}
 
 
 def test_non_converging_guest_via_postcopy_and_via_pause_side_by_side(ctx: Ctx) -> None:
@@ -393,7 +381,7 @@ def test_non_converging_guest_via_postcopy_and_via_pause_side_by_side(ctx: Ctx) 
     health: list[str] = []
     start_dirty_guest(ctx, "pcpause")
     try:
-        with slow_link(ctx, "host1"):
+        with ctx.lab.squeezed_link("host1", **SLOW_LINK):
             paused = run_move(engine(ctx, STALLING), Move("pcpause", "host1", "host2", 0, 0.0))
         print(f"\npause-and-complete: {paused.line()}")
         assert paused.outcome == MIGRATED, paused.reason
@@ -404,7 +392,7 @@ def test_non_converging_guest_via_postcopy_and_via_pause_side_by_side(ctx: Ctx) 
     start_dirty_guest(ctx, "pcdirty")
     try:
         postcopy = replace(STALLING, on_stall=OnStall.POSTCOPY)
-        with slow_link(ctx, "host1"):
+        with ctx.lab.squeezed_link("host1", **SLOW_LINK):
             pc = run_move(engine(ctx, postcopy), Move("pcdirty", "host1", "host2", 0, 0.0))
         print(f"post-copy: {pc.line()}")
         assert pc.outcome == MIGRATED, pc.reason

@@ -554,13 +554,13 @@ class LibvirtHypervisor:
 
 class SampleConcurrency:
     """How many hosts a round reads at once, set from the last round: the interpreter's
-        share of it (the reads' CPU time over its wall time). Reads that mostly wait on the
-        network (remote libvirtd) leave the interpreter idle: more at once. Reads that keep it
-        busy (a fast local driver, many guests per host) only contend for the GIL when more run
-        at once: 1,000 test-driver hosts took 0.6 s with one worker and 2.4 s with 32. Halved
-        above HIGH, doubled below LOW, held between (so it settles instead of swinging). Within
-    a round it only grows: reads that turn slow (a network hiccup) get more at once right away,
-    not one round later."""
+    share of it (the reads' CPU time over its wall time). Reads that mostly wait on the
+    network (remote libvirtd) leave the interpreter idle: more at once. Reads that keep it
+    busy (a fast local driver, many guests per host) only contend for the GIL when more run
+    at once: 1,000 test-driver hosts took 0.6 s with one worker and 2.4 s with 32. Halved
+    above HIGH, doubled below LOW, held between (so it settles instead of swinging). Within
+    a round it only grows: reads that turn slow (a network hiccup) get more at once right
+    away, not one round later."""
 
     HIGH = 0.75
     LOW = 0.35
@@ -587,7 +587,7 @@ class SampleConcurrency:
 
 
 class _SampleRound:
-    """One ``sample_all``: a fixed number of workers take hosts from a queue (two threads
+    """One ``sample_all``: a bounded number of workers take hosts from a queue (two threads
     per host cost 1,150+ OS threads at 1,000 hosts, contending for the GIL). A read still
     running after ``SAMPLE_SLOW_S`` stops counting against that number and another worker
     starts, so a host that hangs costs one thread while it hangs (as before) and never
@@ -611,14 +611,14 @@ class _SampleRound:
 
     def run(self) -> tuple[HostSample, ...]:
         start_s = time.monotonic()
-        samples = self._run()
+        samples = self._run(start_s)
         with self._cond:
             wall_s = time.monotonic() - start_s
             self._concurrency.after_round(self._workers, self._cpu_s, wall_s)
         return samples
 
-    def _run(self) -> tuple[HostSample, ...]:
-        start_s = grown_at_s = time.monotonic()
+    def _run(self, start_s: float) -> tuple[HostSample, ...]:
+        grown_at_s = start_s
         with self._cond:
             while len(self._done) < len(self._hosts):
                 now = time.monotonic()
@@ -841,14 +841,10 @@ class GuestXmlCache:
         root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 (XML from our own authenticated libvirtd; expat refuses entity expansion bombs)
         blockers = migration_blockers(root, self.shared_storage)
         tags = _tags_in_domain(root)
-        # the first backstop re-read is spread over REFRESH_SAMPLES samples (by UUID), so a
-        # host's guests are not all re-read in the same sample
+        # a guest's first backstop re-read is spread over REFRESH_SAMPLES samples (by its
+        # UUID's first digits), so a host's guests are not all re-read in the same sample
         left = (
-            self.REFRESH_SAMPLES - 1
-            if hit is not None
-            else int(uuid_[:8], 16) % self.REFRESH_SAMPLES
-            if _is_hex(uuid_[:8])
-            else self.REFRESH_SAMPLES - 1
+            int(uuid_[:8], 16) % self.REFRESH_SAMPLES if hit is None else self.REFRESH_SAMPLES - 1
         )
         with self._lock:
             self._seen[uuid_] = (state, left, blockers, tags)
@@ -868,10 +864,6 @@ class GuestXmlCache:
         with self._lock:
             for gone in set(self._seen) - uuids:
                 del self._seen[gone]
-
-
-def _is_hex(text: str) -> bool:
-    return bool(text) and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def watch_changes(conn: Any, cache: GuestXmlCache) -> None:

@@ -33,7 +33,9 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +208,18 @@ class Lab:
             LabHost(self.name, self.root, i, self.subnet, tls=tls)
             for i in range(1, self._host_count() + 1)
         ]
+
+    @contextmanager
+    def squeezed_link(self, host: str, rate: str, *, burst: str, latency: str) -> Iterator[None]:
+        """``host``'s outgoing traffic (a migration stream from it) through a token bucket
+        (``tc tbf``; netem is missing from this kind of kernel) while the block runs."""
+        tc = ["ip", "netns", "exec", self._host(host).netns, "tc", "qdisc"]
+        bucket = ["tbf", "rate", rate, "burst", burst, "latency", latency]
+        run([*tc, "replace", "dev", "eth0", "root", *bucket])
+        try:
+            yield
+        finally:
+            run([*tc, "del", "dev", "eth0", "root"], check=False)
 
     def _host(self, host: str) -> LabHost:
         for candidate in self._hosts():

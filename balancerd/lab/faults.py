@@ -546,18 +546,13 @@ def row_link_cut(env: Env) -> RowResult:
 
 
 def row_link_squeezed(env: Env) -> RowResult:
-    ns = f"{env.lab.name}-host1"
     env.boot(DIRTY)
     before = env.domains()
-    squeeze = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "40mbit"]
-    run(["ip", "netns", "exec", ns, *squeeze, "burst", "64kb", "latency", "200ms"])
-    try:
+    with env.lab.squeezed_link("host1", "40mbit", burst="64kb", latency="200ms"):
         policy = drain_policy(stall_samples=3, bandwidth=200, max_time_s=200)
         d = env.start(env.write_config(env.write_policy(policy)))
         d.wait_ready()
         line = wait_until(lambda: result_line(d, "dirty"), 260, "the move's result", step_s=1)
-    finally:
-        run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
     r = RowResult(
         "link-squeezed",
         "migration link squeezed to 40 Mbit/s (tc tbf)",

@@ -83,7 +83,7 @@ def build_units(p: Problem) -> tuple[list[Unit], list[int]]:  # noqa: C901 (grou
                     anti=[(gid, 1) for gid in anti_of[g]] if g in anti_of else [],
                     avoid=p.soft[g][0] if p.soft[g][1] > 0 else no_avoid,
                     move_cost=p.move_cost[g],
-                    move_extra=p.move_extra[g] if p.move_extra else 0.0,
+                    move_extra=p.move_extra[g],
                 )
             )
             continue
@@ -118,7 +118,7 @@ def build_units(p: Problem) -> tuple[list[Unit], list[int]]:  # noqa: C901 (grou
                 anti=sorted(anti_count.items()),
                 avoid=frozenset().union(*(p.soft[g][0] for g in members if p.soft[g][1] > 0)),
                 move_cost=sum(p.move_cost[g] for g in members),
-                move_extra=sum(p.move_extra[g] for g in members) if p.move_extra else 0.0,
+                move_extra=sum(p.move_extra[g] for g in members),
             )
         )
         for g in members:
@@ -683,13 +683,12 @@ def _movers(
         if u.movable and i not in frozen and host_of[u.members[0]] == h:
             c = u.cpu if u.cpu < ec else ec
             m = u.mem if u.mem < em else em
-            # Of equal ones the quieter goes: ties are broken by what dirtying adds to the
-            # cost, not by the cost itself, which made the walk prefer small guests and pack
-            # worse (bench_balance hetero-cpu130 at 1,000 hosts: memory +10 pts over the
-            # bound); with no dirty rates measured the order is as without a tie-break.
-            scored.append((-(c / tc + m / tm), u.move_extra, i))
+            # no cost tie-break here: it made the walk prefer small guests and pack worse
+            # (bench_balance hetero-cpu130 at 1,000 hosts: memory +10 pts over the bound);
+            # quieter() swaps dirtying guests for quicker ones on the walk's result instead
+            scored.append((-(c / tc + m / tm), i))
     scored.sort()
-    return [i for *_, i in scored[:k]]
+    return [i for _, i in scored[:k]]
 
 
 def _move_unit(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from balancerd.model import Capacity, Snapshot, blockers_text
+from balancerd.model import Capacity, Snapshot, Vm, blockers_text
 from balancerd.policy.model import Policy
 from balancerd.predict import Estimate, fallback, predict_vm
 from balancerd.speed import demand_per_vcpu, speed_factors, too_slow, uniform
@@ -403,19 +403,24 @@ def _predicted(
     vm_of = {v.name: v for v in snapshot.vms}
     no_pause = set(mig.no_pause_vms)
     seen: dict[tuple[int, float | None, float | None, bool], Estimate] = {}  # same inputs
-    cost, extra, secs, conv = [], [], [], []
-    for name in guests.names:
-        v = vm_of[name]
-        key = (v.mem_bytes, v.dirty_rate_bytes_s, v.dirty_working_set_bytes, name in no_pause)
+
+    def estimate(v: Vm) -> Estimate:
+        key = (v.mem_bytes, v.dirty_rate_bytes_s, v.dirty_working_set_bytes, v.name in no_pause)
         e = seen.get(key)
         if e is None:
             e = seen[key] = predict_vm(v, mig)
-        quiet_key = (v.mem_bytes, None, None, name in no_pause)
-        quiet = seen.get(quiet_key)
-        if quiet is None:
-            quiet = seen[quiet_key] = predict_vm(
-                replace(v, dirty_rate_bytes_s=None, dirty_working_set_bytes=None), mig
-            )
+        return e
+
+    cost, extra, secs, conv = [], [], [], []
+    for name in guests.names:
+        v = vm_of[name]
+        e = estimate(v)
+        unmeasured = v.dirty_rate_bytes_s is None and v.dirty_working_set_bytes is None
+        quiet = (
+            e
+            if unmeasured
+            else estimate(replace(v, dirty_rate_bytes_s=None, dirty_working_set_bytes=None))
+        )
         cost.append(e.cost_s * bw)
         extra.append(max(0.0, e.cost_s - quiet.cost_s) * bw)
         secs.append(e.seconds)
